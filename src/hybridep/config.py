@@ -1,0 +1,352 @@
+"""Configuration: one YAML file plus ``--set key=value`` overrides -> validated pydantic models.
+
+Units are parsed here only (see :mod:`hybridep.units`); every field that leaves this module
+carries its unit in its name: ``bandwidth_bps`` (bits/s), ``latency_s`` (seconds),
+``dispatch_bytes`` (bytes), ``flops`` (FLOP/s).
+
+Any invalid input -- unknown keys, bad types, unparseable units, non-positive counts, experts
+not divisible by the number of devices, ``top_k`` larger than ``experts`` ... -- raises one
+:class:`ConfigError` whose message names the key, the value and what is allowed. Nothing else
+escapes :func:`load_config` / :func:`config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from hybridep.units import UnitError, parse_bandwidth, parse_bytes, parse_flops, parse_time
+
+MAX_COUNT = 1_000_000
+"""Largest allowed worker count of one topology level."""
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``problems`` lists ``(key, value, what is allowed)``."""
+
+    def __init__(self, problems: Sequence[tuple[str, Any, str]]):
+        self.problems = list(problems)
+        lines = [f"{key}: got {_short(value)} -- {allowed}" for key, value, allowed in self.problems]
+        super().__init__("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+class _FieldError(ValueError):
+    """Raised by cross-field validators: names the exact key, its value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}: {allowed}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive(parser):
+    """Wrap a unit parser so that it also rejects values <= 0."""
+
+    def parse(value: object) -> float:
+        x = parser(value)
+        if not x > 0:
+            raise UnitError(f"must be > 0, got {value!r}")
+        return x
+
+    return parse
+
+
+def _non_negative(parser):
+    def parse(value: object) -> float:
+        x = parser(value)
+        if x < 0:
+            raise UnitError(f"must be >= 0, got {value!r}")
+        return x
+
+    return parse
+
+
+BandwidthBps = Annotated[float, BeforeValidator(_positive(parse_bandwidth))]
+TimeS = Annotated[float, BeforeValidator(_non_negative(parse_time))]
+PositiveTimeS = Annotated[float, BeforeValidator(_positive(parse_time))]
+Bytes = Annotated[float, BeforeValidator(_non_negative(parse_bytes))]
+PositiveBytes = Annotated[float, BeforeValidator(_positive(parse_bytes))]
+Flops = Annotated[float, BeforeValidator(_positive(parse_flops))]
+Count = Annotated[StrictInt, Field(ge=1, le=MAX_COUNT)]
+NonNegInt = Annotated[StrictInt, Field(ge=0, le=10**9)]
+PositiveInt = Annotated[StrictInt, Field(ge=1, le=10**9)]
+
+
+def _finite_non_negative(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    try:
+        x = float(value)
+    except OverflowError:
+        raise ValueError("must be a finite number") from None
+    if not math.isfinite(x) or x < 0:
+        raise ValueError("must be a finite number >= 0")
+    return x
+
+
+NonNegFloat = Annotated[float, BeforeValidator(_finite_non_negative)]
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class LevelConfig(_Strict):
+    """One topology level: ``count`` workers under each worker of the level above."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+    count: Count
+    bandwidth_bps: BandwidthBps = Field(alias="bandwidth")
+    """Per-direction rate (bits/s) of the port through which a worker of this level reaches
+    its siblings: shared by all ranks inside that worker."""
+    latency_s: TimeS = Field(default=0.0, alias="latency")
+    """One-way message latency (seconds) between two workers that differ at this level."""
+
+
+class TopologyConfig(_Strict):
+    """Levels outermost first (e.g. dc, node, gpu). World size = product of the counts."""
+
+    levels: Annotated[list[LevelConfig], Field(min_length=1, max_length=8)]
+    dc_bandwidth: list[list[BandwidthBps]] | None = None
+    """Optional full matrix (bits/s) of pairwise links between the top-level workers; replaces
+    the top level's shared port by one link per pair (uneven WANs). Diagonal is ignored."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TopologyConfig:
+        names = [lv.name for lv in self.levels]
+        if len(set(names)) != len(names):
+            raise _FieldError("topology.levels", names, "level names must be unique")
+        world = math.prod(lv.count for lv in self.levels)
+        if world > 10**7:
+            raise _FieldError("topology.levels", world, "world size at most 10000000 ranks")
+        if self.dc_bandwidth is not None:
+            n = self.levels[0].count
+            if len(self.dc_bandwidth) != n or any(len(row) != n for row in self.dc_bandwidth):
+                raise _FieldError("topology.dc_bandwidth", self.dc_bandwidth,
+                               f"a {n}x{n} matrix (top level count {n})")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(lv.count for lv in self.levels)
+
+
+class MoEConfig(_Strict):
+    """Model dimensions of the MoE part of the network, per MoE layer."""
+
+    hidden: PositiveInt = 512
+    ffn: PositiveInt = 1024
+    """Hidden size of one expert's FFN (and of the dense FFN blocks)."""
+    experts: PositiveInt = 8
+    """Total experts per MoE layer; must be divisible by the world size."""
+    top_k: PositiveInt = 2
+    layers: PositiveInt = 2
+    """Number of MoE layers."""
+    blocks_before_moe: NonNegInt = 1
+    """The paper's m: dense transformer blocks before each MoE block."""
+    tokens_per_gpu: NonNegInt = 4096
+    """Tokens of one micro-batch on one device."""
+    seq_len: PositiveInt = 256
+    micro_batches: PositiveInt = 1
+    dtype: Literal["float64", "float32", "bfloat16", "float16"] = "float32"
+    expert_kind: Literal["gelu", "swiglu"] = "gelu"
+    capacity_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """None = dropless."""
+    expert_load: list[NonNegFloat] | None = None
+    """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.top_k > self.experts:
+            raise _FieldError("moe.top_k", self.top_k, f"at most moe.experts; allowed: 1..{self.experts}")
+        if self.expert_load is not None:
+            if len(self.expert_load) != self.experts:
+                raise _FieldError("moe.expert_load", self.expert_load,
+                               f"one entry per expert ({self.experts} entries)")
+            if not sum(self.expert_load) > 0:
+                raise _FieldError("moe.expert_load", self.expert_load, "must have a positive sum")
+        return self
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+class WorkloadConfig(_Strict):
+    """Direct mode for published cases: the paper's D, P_E and Lat_PE per device and MoE layer."""
+
+    dispatch_bytes: PositiveBytes
+    """D: bytes of token data one device dispatches in one MoE layer (its own share included)."""
+    expert_bytes: Bytes
+    """P_E: bytes of one device's experts."""
+    pre_expert_s: TimeS
+    """Lat_PE: compute time before the experts (attention + dense blocks)."""
+    expert_s: TimeS = 0.0
+    """Expert compute time per layer on one device (uniform routing)."""
+    layers: PositiveInt = 1
+
+
+class ComputeConfig(_Strict):
+    flops: Flops | None = None
+    """Achieved FLOP/s of one device; None = measure with a short matmul probe (cached)."""
+
+
+class CostTerms(_Strict):
+    """Terms the ``full`` cost model adds to the paper's forward model; all off = ``paper``."""
+
+    backward: StrictBool = True
+    latency: StrictBool = True
+    expert_compute: StrictBool = True
+    grad_sync: StrictBool = True
+
+
+class Config(_Strict):
+    cost_model: Literal["paper", "full"] = "full"
+    topology: TopologyConfig
+    moe: MoEConfig | None = None
+    workload: WorkloadConfig | None = None
+    compute: ComputeConfig = ComputeConfig()
+    cost_terms: CostTerms = CostTerms()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if (self.moe is None) == (self.workload is None):
+            raise _FieldError("moe/workload", None, "give exactly one of them (model dimensions, or "
+                           "the direct paper workload)")
+        if self.moe is not None and self.moe.experts % self.topology.world_size:
+            g = self.topology.world_size
+            raise _FieldError("moe.experts", self.moe.experts,
+                           f"must be divisible by the number of devices; allowed: a multiple of {g}")
+        return self
+
+    @property
+    def terms(self) -> CostTerms:
+        """The cost terms in force: all off in ``paper`` mode."""
+        if self.cost_model == "paper":
+            return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False)
+        return self.cost_terms
+
+
+def _problems(err: ValidationError) -> list[tuple[str, Any, str]]:
+    out = []
+    for e in err.errors(include_url=False):
+        problem = e.get("ctx", {}).get("error")
+        if isinstance(problem, _FieldError):
+            out.append((problem.key, problem.value, problem.allowed))
+            continue
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append((key, e.get("input"), msg))
+    return out
+
+
+def config_from_dict(data: object) -> Config:
+    """Validate a plain mapping (as loaded from YAML) into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError([("(config)", data, "the top level must be a mapping")])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_problems(err)) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:  # defensive: odd inputs
+        raise ConfigError([("(config)", data, str(err))]) from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Apply ``key.sub.0.name=value`` overrides (value parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([("--set", item, "expected key=value, e.g. moe.top_k=2")])
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError([("--set", item, "empty key component")])
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError([(where, part, f"list index 0..{len(node) - 1}")])
+                if last:
+                    node[int(part)] = _parse_scalar(raw)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse_scalar(raw)
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError([(where, node, "cannot set a key inside a scalar")])
+    return data
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (YAML)."""
+    return resources.files("hybridep").joinpath("defaults/default.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML file (or the embedded default when ``path`` is None) and apply overrides."""
+    if path is None:
+        text, source = default_config_text(), "(embedded default)"
+    else:
+        try:
+            text, source = Path(path).read_text(), str(path)
+        except OSError as err:
+            raise ConfigError([("--config", str(path), f"cannot read file: {err.strerror}")]) from None
+    return config_from_text(text, overrides, source)
+
+
+def config_from_text(text: str, overrides: Iterable[str] = (), source: str = "(text)") -> Config:
+    """Parse YAML text, apply overrides and validate."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError([(source, text[:60], f"not valid YAML: {err}")]) from None
+    except (ValueError, RecursionError) as err:
+        raise ConfigError([(source, text[:60], f"not valid YAML: {err}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([(source, data, "the top level must be a mapping")])
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A JSON-friendly dict of the validated configuration (SI units, field names)."""
+    return cfg.model_dump(mode="json", by_alias=False)

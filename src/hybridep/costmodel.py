@@ -1,0 +1,299 @@
+"""The stream-based cost model: bytes per link and seconds per stream for one training iteration.
+
+Written once, used by the planner (and later the simulator and the benchmark's predictions).
+
+Network model (``port`` model, per level): every worker of level l (a DC, a node, a GPU) has one
+egress and one ingress port of rate ``B_l`` (bytes/s = bandwidth_bps / 8) through which all
+traffic to its siblings at level l passes; the port is shared by all ranks inside that worker.
+Traffic between two ranks is charged to the port of the coarsest level at which they differ
+(the slowest hop). Ports of different levels work concurrently, so one collective phase takes
+``max_l (alpha_l + max_port_bytes_l / B_l)``: all transfers of a phase are issued at once, so
+the message latency ``alpha_l`` is paid once per phase and level. With ``dc_bandwidth`` given,
+the top level uses one link per DC pair instead of one port per DC.
+
+Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
+
+* forward:  ``max(Lat_PE, Lat_AG) + 2 * Lat_A2A (+ Lat_E)`` -- the expert all-gather overlaps
+  the pre-expert compute (parameters are known early); dispatch and combine cannot overlap.
+  The all-gather happens once per iteration (first micro-batch); A2A every micro-batch.
+* backward (``full``): ``2 * Lat_A2A + 2 * Lat_E + 2 * Lat_PE``; the reduce-scatter of the
+  gathered experts' gradients back to their owners overlaps the layer's pre-expert backward of
+  the last micro-batch: ``max(2 * Lat_PE, Lat_RS)``.
+* gradient sync of non-expert parameters (``full``): a ring all-reduce overlapping the whole
+  backward compute; only the part longer than the backward compute is exposed.
+
+``paper`` mode = the same code with backward, latency, expert compute and gradient sync off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hybridep.config import Config, CostTerms
+from hybridep.topology import Domains, Topology
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Per-device quantities of one MoE layer and one micro-batch, in bytes and seconds."""
+
+    dispatch_bytes: float
+    """D: token bytes one device dispatches (own share included)."""
+    expert_bytes: float
+    """P_E: bytes of one device's own experts."""
+    pre_expert_s: float
+    """Lat_PE: forward compute before the experts."""
+    expert_s: float = 0.0
+    """Forward expert compute under uniform routing (each device processes T*k token copies)."""
+    layers: int = 1
+    micro_batches: int = 1
+    dense_grad_bytes: float = 0.0
+    """Bytes of non-expert gradients one device all-reduces per iteration (DDP)."""
+    experts: int = 0
+    """Total experts per layer (0 = unknown: routing taken as uniform)."""
+    expert_load: tuple[float, ...] | None = None
+    """Share of routed tokens per expert (sums to 1); None = uniform."""
+
+
+def flops_per_layer(cfg: Config) -> dict[str, float]:
+    """Forward FLOPs of one device for one MoE layer and micro-batch, by part."""
+    m = cfg.moe
+    assert m is not None
+    t, h, f = m.tokens_per_gpu, m.hidden, m.ffn
+    mats = 3 if m.expert_kind == "swiglu" else 2
+    attn = 8 * t * h * h + 4 * t * min(m.seq_len, max(t, 1)) * h
+    ffn = 2 * mats * t * h * f
+    router = 2 * t * h * m.experts
+    return {
+        "pre_expert": (m.blocks_before_moe + 1) * attn + m.blocks_before_moe * ffn + router,
+        "expert": 2 * mats * t * m.top_k * h * f,
+    }
+
+
+def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
+    """Derive the workload from model dimensions (or take the direct ``workload`` section)."""
+    if cfg.workload is not None:
+        w = cfg.workload
+        return Workload(dispatch_bytes=w.dispatch_bytes, expert_bytes=w.expert_bytes,
+                        pre_expert_s=w.pre_expert_s, expert_s=w.expert_s, layers=w.layers)
+    m = cfg.moe
+    assert m is not None
+    if flops is None:
+        flops = cfg.compute.flops
+    if flops is None:
+        raise ValueError("compute.flops is not set: measure it with hybridep.probe first")
+    g = cfg.topology.world_size
+    mats = 3 if m.expert_kind == "swiglu" else 2
+    fl = flops_per_layer(cfg)
+    dense_params = ((m.blocks_before_moe + 1) * 4 * m.hidden**2
+                    + m.blocks_before_moe * mats * m.hidden * m.ffn + m.hidden * m.experts)
+    load = None
+    if m.expert_load is not None:
+        total = sum(m.expert_load)
+        load = tuple(x / total for x in m.expert_load)
+    return Workload(
+        dispatch_bytes=m.tokens_per_gpu * m.top_k * m.hidden * m.dtype_bytes,
+        expert_bytes=(m.experts // g) * mats * m.hidden * m.ffn * m.dtype_bytes,
+        pre_expert_s=fl["pre_expert"] / flops,
+        expert_s=fl["expert"] / flops,
+        layers=m.layers,
+        micro_batches=m.micro_batches,
+        dense_grad_bytes=m.layers * dense_params * m.dtype_bytes,
+        experts=m.experts,
+        expert_load=load,
+    )
+
+
+@dataclass(frozen=True)
+class Network:
+    """Per-level port rates and latencies, derived from the configuration."""
+
+    topology: Topology
+    port_bytes_per_s: tuple[float, ...]
+    latency_s: tuple[float, ...]
+    dc_link_bytes_per_s: np.ndarray | None = None
+    """Optional (SF_0 x SF_0) matrix of pairwise top-level link rates (bytes/s)."""
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Network:
+        lv = cfg.topology.levels
+        topo = Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
+        matrix = None
+        if cfg.topology.dc_bandwidth is not None:
+            matrix = np.asarray(cfg.topology.dc_bandwidth, dtype=float) / 8.0
+        return cls(topo, tuple(x.bandwidth_bps / 8.0 for x in lv), tuple(x.latency_s for x in lv), matrix)
+
+
+@dataclass
+class Prediction:
+    """Predicted iteration of one candidate. Times in seconds, bytes per iteration."""
+
+    domain_sizes: tuple[int, ...]
+    iteration_s: float
+    compute_s: float
+    a2a_s: float
+    ag_s: float
+    rs_s: float
+    grad_sync_s: float
+    exposed_ag_s: float
+    exposed_rs_s: float
+    exposed_grad_sync_s: float
+    a2a_phase_s: float
+    """One dispatch (or combine) all-to-all of one layer and micro-batch."""
+    ag_phase_s: float
+    """One layer's expert all-gather."""
+    bytes_by_level: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total}}."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["domain_sizes"] = list(self.domain_sizes)
+        return d
+
+
+def _domain_load_grid(dom: Domains, w: Workload) -> np.ndarray:
+    """Share of routed tokens per expert domain, as an array of shape (R_0, ..., R_{L-1})."""
+    g = dom.topology.world_size
+    if w.expert_load is None or w.experts == 0:
+        per_rank = np.full(g, 1.0 / g)
+    else:
+        per_rank = np.asarray(w.expert_load, dtype=float).reshape(g, -1).sum(axis=1)
+    shape = []
+    for r, s in zip(dom.rail_factors, dom.sizes, strict=True):
+        shape += [r, s]
+    grid = per_rank.reshape(shape)
+    return grid.sum(axis=tuple(range(1, 2 * dom.topology.num_levels, 2)))
+
+
+def _a2a_level_bytes(dom: Domains, w: Workload, load: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Egress and ingress bytes of every level-``level`` worker's port for one dispatch A2A.
+
+    Returned arrays are indexed by the worker's domain ids (d_0..d_level).
+    """
+    n_l = dom.topology.ranks_per_worker(level)
+    r_l = dom.rail_factors[level]
+    a_next = load.sum(axis=tuple(range(level + 1, load.ndim)))  # shape (R_0..R_level)
+    a_this = a_next.sum(axis=level, keepdims=True)
+    egress = n_l * w.dispatch_bytes * (a_this - a_next)
+    ingress = (r_l - 1) * n_l * w.dispatch_bytes * a_next
+    return egress, ingress
+
+
+def _phase_time(bytes_per_port: list[float], net: Network, latency: bool) -> float:
+    """max over levels of (alpha_l + bytes_l / B_l) for the levels that carry traffic."""
+    t = 0.0
+    for lv, b in enumerate(bytes_per_port):
+        if b > 0:
+            t = max(t, (net.latency_s[lv] if latency else 0.0) + b / net.port_bytes_per_s[lv])
+    return t
+
+
+def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.ndarray) -> float:
+    """With a DC-to-DC matrix: the slowest pairwise top-level transfer (seconds)."""
+    assert net.dc_link_bytes_per_s is not None
+    if not mask.any():
+        return 0.0
+    return float((pair_bytes[mask] / net.dc_link_bytes_per_s[mask]).max())
+
+
+def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
+    """Evaluate the cost model for one partition (per-level domain sizes)."""
+    topo = dom.topology
+    names = topo.names
+    L = topo.num_levels
+    load = _domain_load_grid(dom, w)
+
+    # --- one dispatch A2A (combine is its mirror: same port loads, directions swapped) ---
+    a2a_port, a2a_total = [], []
+    for lv in range(L):
+        eg, ing = _a2a_level_bytes(dom, w, load, lv)
+        a2a_port.append(float(max(eg.max(), ing.max())))
+        a2a_total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
+    # --- one layer's all-gather (and its mirror, the gradient reduce-scatter) ---
+    ag_peers = dom.peers_by_level("ag")
+    ag_port = [topo.ranks_per_worker(lv) * ag_peers[lv] * w.expert_bytes for lv in range(L)]
+    ag_total = [topo.world_size * ag_peers[lv] * w.expert_bytes for lv in range(L)]
+
+    a2a_t = _phase_time(a2a_port, net, terms.latency)
+    ag_t = _phase_time(ag_port, net, terms.latency)
+    if net.dc_link_bytes_per_s is not None:
+        c0 = topo.counts[0]
+        d0 = np.arange(c0) // dom.sizes[0]
+        o0 = np.arange(c0) % dom.sizes[0]
+        n0 = topo.ranks_per_worker(0)
+        a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
+        same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
+        same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
+        a2a_pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
+        ag_pair = np.full((c0, c0), n0 * math.prod(dom.sizes[1:]) * w.expert_bytes)
+        lat = net.latency_s[0] if terms.latency else 0.0
+        t0 = _top_link_time(dom, net, np.maximum(a2a_pair, a2a_pair.T), same_off)
+        inner = _phase_time([0.0, *a2a_port[1:]], net, terms.latency)
+        a2a_t = max(inner, t0 + lat if t0 > 0 else 0.0)
+        t0 = _top_link_time(dom, net, ag_pair, same_dom)
+        inner = _phase_time([0.0, *ag_port[1:]], net, terms.latency)
+        ag_t = max(inner, t0 + lat if t0 > 0 else 0.0)
+
+    # --- compute per layer and micro-batch ---
+    pe = w.pre_expert_s
+    # Expert compute scales with the busiest domain: rail_size * its load share (1 when uniform).
+    e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
+    mb, layers = w.micro_batches, w.layers
+    rs_t = ag_t  # same bytes, reverse direction
+
+    fwd_first = max(pe, ag_t) + 2 * a2a_t + e
+    fwd_other = pe + 2 * a2a_t + e
+    iteration = layers * (fwd_first + (mb - 1) * fwd_other)
+    compute = layers * mb * (pe + e)
+    a2a_sum = layers * mb * 2 * a2a_t
+    exposed_ag = layers * max(0.0, ag_t - pe)
+    exposed_rs = 0.0
+    grad_sync = exposed_gs = 0.0
+    if terms.backward:
+        bwd_compute = layers * mb * (2 * pe + 2 * e)
+        bwd = layers * (mb * (2 * a2a_t + 2 * e + 2 * pe) - 2 * pe + max(2 * pe, rs_t))
+        exposed_rs = layers * max(0.0, rs_t - 2 * pe)
+        iteration += bwd
+        compute += bwd_compute
+        a2a_sum *= 2
+        if terms.grad_sync and w.dense_grad_bytes > 0 and topo.world_size > 1:
+            g = topo.world_size
+            ring_bytes = 2.0 * w.dense_grad_bytes * (g - 1) / g
+            grad_sync = max(ring_bytes / b for b in net.port_bytes_per_s)
+            if terms.latency:
+                grad_sync += 2 * math.ceil(math.log2(g)) * max(net.latency_s)
+            exposed_gs = max(0.0, grad_sync - bwd_compute)
+            iteration += exposed_gs
+
+    directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
+    by_level = {}
+    for lv, name in enumerate(names):
+        a2a_b = a2a_total[lv] * directions * mb * layers
+        ag_b = ag_total[lv] * layers
+        rs_b = ag_b if terms.backward else 0.0
+        by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
+    return Prediction(
+        domain_sizes=dom.sizes, iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
+        ag_s=layers * ag_t, rs_s=layers * rs_t if terms.backward else 0.0, grad_sync_s=grad_sync,
+        exposed_ag_s=exposed_ag, exposed_rs_s=exposed_rs, exposed_grad_sync_s=exposed_gs,
+        a2a_phase_s=a2a_t, ag_phase_s=ag_t, bytes_by_level=by_level)
+
+
+def paper_closed_form_p(dispatch_bytes: float, expert_bytes: float, pre_expert_s: float,
+                        world: int, bytes_per_s: float) -> float:
+    """The paper's closed-form optimum p* (volume convention, see Domains.p_volume), in [0, 1].
+
+    If 2D < G*P_E: p* = 1 - B*Lat_PE / (P_E*(G-1)) clamped to [0, 1] (mixed AG + A2A);
+    otherwise p* = 0 (pure AG).
+    """
+    if world <= 1:
+        return 1.0
+    if expert_bytes <= 0:
+        return 0.0
+    if 2 * dispatch_bytes < world * expert_bytes:
+        p = 1.0 - bytes_per_s * pre_expert_s / (expert_bytes * (world - 1))
+        return min(1.0, max(0.0, p))
+    return 0.0

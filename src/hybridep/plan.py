@@ -1,0 +1,59 @@
+"""The Plan: a small serialisable value that everything downstream of the planner consumes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridep.topology import Domains, Topology
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which strategy to run and with which per-level expert-domain sizes.
+
+    ``strategy`` is ``"ep"`` (all sizes 1) or ``"hybridep"``.
+    """
+
+    strategy: str
+    level_names: tuple[str, ...]
+    level_counts: tuple[int, ...]
+    domain_sizes: tuple[int, ...]
+    predicted_iteration_s: float | None = None
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.level_names, self.level_counts)
+
+    @property
+    def domains(self) -> Domains:
+        return Domains(self.topology, self.domain_sizes)
+
+    @classmethod
+    def for_sizes(cls, topology: Topology, sizes: tuple[int, ...],
+                  predicted_iteration_s: float | None = None) -> Plan:
+        strategy = "ep" if all(s == 1 for s in sizes) else "hybridep"
+        return cls(strategy, topology.names, topology.counts, tuple(sizes), predicted_iteration_s)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "levels": [{"name": n, "count": c} for n, c in zip(self.level_names, self.level_counts,
+                                                                strict=True)],
+            "domain_sizes": dict(zip(self.level_names, self.domain_sizes, strict=True)),
+            "predicted_iteration_s": self.predicted_iteration_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        names = tuple(x["name"] for x in d["levels"])
+        return cls(d["strategy"], names, tuple(int(x["count"]) for x in d["levels"]),
+                   tuple(int(d["domain_sizes"][n]) for n in names), d.get("predicted_iteration_s"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,130 @@
+"""The planner: evaluate the cost model for every feasible partition and pick the fastest.
+
+Candidates are all combinations of per-level domain sizes (divisors of each level's count).
+Plain EP (all sizes 1) is always among them, so the choice is never predicted slower than EP.
+Ties (within 1e-9 relative) go to the smaller expert domain (less memory, closer to EP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybridep.config import Config, CostTerms
+from hybridep.costmodel import (
+    Network,
+    Prediction,
+    Workload,
+    paper_closed_form_p,
+    predict,
+    workload_from_config,
+)
+from hybridep.plan import Plan
+from hybridep.topology import Domains, Topology, divisors
+
+
+@dataclass
+class Candidate:
+    domains: Domains
+    prediction: Prediction
+
+    def to_dict(self) -> dict:
+        names = self.domains.topology.names
+        pred = self.prediction
+        return {
+            "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
+            "p": self.domains.p,
+            "p_volume": self.domains.p_volume,
+            "predicted_iteration_s": pred.iteration_s,
+            "breakdown_s": {
+                "compute": pred.compute_s, "a2a": pred.a2a_s, "ag": pred.ag_s, "rs": pred.rs_s,
+                "grad_sync": pred.grad_sync_s, "exposed_ag": pred.exposed_ag_s,
+                "exposed_rs": pred.exposed_rs_s, "exposed_grad_sync": pred.exposed_grad_sync_s,
+            },
+            "a2a_pairs": self.domains.a2a_pairs(),
+            "ag_pairs": self.domains.ag_pairs(),
+            "bytes_by_level": pred.bytes_by_level,
+        }
+
+
+@dataclass
+class PlanResult:
+    candidates: list[Candidate]
+    choice: Candidate
+    ep: Candidate
+    closed_form: dict
+
+    @property
+    def plan(self) -> Plan:
+        return Plan.for_sizes(self.choice.domains.topology, self.choice.domains.sizes,
+                              self.choice.prediction.iteration_s)
+
+    @property
+    def speedup_over_ep(self) -> float:
+        return self.ep.prediction.iteration_s / self.choice.prediction.iteration_s
+
+    def to_dict(self) -> dict:
+        names = self.choice.domains.topology.names
+        return {
+            "choice": {
+                "domain_sizes": dict(zip(names, self.choice.domains.sizes, strict=True)),
+                "p": self.choice.domains.p,
+                "predicted_iteration_s": self.choice.prediction.iteration_s,
+            },
+            "ep_predicted_iteration_s": self.ep.prediction.iteration_s,
+            "speedup_over_ep": self.speedup_over_ep,
+            "closed_form": self.closed_form,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+
+def closed_form(topology: Topology, w: Workload, net: Network) -> dict:
+    """The paper's closed-form p*, on the flattened topology (G = world size, B = slowest port).
+
+    Exact for one level. The snapped domain size is the better of the two feasible one-level
+    domain sizes that bracket p*: the paper's Lat_all(p) is convex, so that is the discrete optimum.
+    """
+    g = topology.world_size
+    b = min(net.port_bytes_per_s)
+    p_vol = paper_closed_form_p(w.dispatch_bytes, w.expert_bytes, w.pre_expert_s, g, b)
+    size = g - p_vol * (g - 1)
+    out = {"p_volume": p_vol, "p": 1.0 - size / g, "domain_size": size, "exact": topology.num_levels == 1}
+    if topology.num_levels == 1:
+        feas = divisors(g)
+        lower = max(s for s in feas if s <= size + 1e-9)
+        upper = min(s for s in feas if s >= size - 1e-9)
+        flat = Topology(topology.names, (g,))
+        best = min((lower, upper), key=lambda s: (paper_latency(w, g, b, s), s))
+        out["snapped_domain_size"] = best
+        out["snapped_p"] = Domains(flat, (best,)).p
+    return out
+
+
+def paper_latency(w: Workload, g: int, bytes_per_s: float, size: int) -> float:
+    """The paper's forward Lat_all for one level of g devices and domain size ``size`` (seconds).
+
+    Lat_all = max(Lat_PE, V_AG / B) + 2 * V_A2A / B with V_AG = P_E (S - 1), V_A2A = D/R (R - 1).
+    An independent restatement of section 3, used to check the general model.
+    """
+    r = g // size
+    v_ag = w.expert_bytes * (size - 1)
+    v_a2a = w.dispatch_bytes / r * (r - 1)
+    return max(w.pre_expert_s, v_ag / bytes_per_s) + 2 * v_a2a / bytes_per_s
+
+
+def plan(cfg: Config, flops: float | None = None) -> PlanResult:
+    """Evaluate every feasible partition of ``cfg``'s topology and choose the fastest."""
+    net = Network.from_config(cfg)
+    w = workload_from_config(cfg, flops)
+    return plan_workload(net, w, cfg.terms)
+
+
+def plan_workload(net: Network, w: Workload, terms: CostTerms) -> PlanResult:
+    """Planner core on an explicit network and workload."""
+    topo = net.topology
+    cands = [Candidate(Domains(topo, sizes), predict(Domains(topo, sizes), w, net, terms))
+             for sizes in topo.feasible_domain_sizes()]
+    ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes))
+    best_t = min(c.prediction.iteration_s for c in cands)
+    tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
+    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes))
+    return PlanResult(cands, choice, ep, closed_form(topo, w, net))

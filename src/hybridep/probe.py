@@ -1,0 +1,52 @@
+"""Compute probe: measure the achieved FLOP/s of this device with a short matmul, cached on disk.
+
+The cache is a small JSON file keyed by torch version, device and thread count, in
+``~/.cache/hybridep/compute_probe.json`` (or a path given by the caller).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+DEFAULT_CACHE = Path.home() / ".cache" / "hybridep" / "compute_probe.json"
+
+
+def measure_flops(size: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Best-of-``repeats`` float32 matmul throughput (FLOP/s) of a size x size product."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def probe_flops(cache: Path | None = DEFAULT_CACHE, device: str = "cpu") -> float:
+    """Return the cached measurement for this machine, measuring (and caching) it if absent."""
+    import torch
+
+    key = f"torch={torch.__version__};device={device};threads={torch.get_num_threads()}"
+    data: dict = {}
+    if cache is not None and cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if isinstance(data, dict) and isinstance(data.get(key), float):
+            return data[key]
+    flops = measure_flops(device=device)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            data = data if isinstance(data, dict) else {}
+            data[key] = flops
+            cache.write_text(json.dumps(data, indent=2))
+        except OSError:
+            pass
+    return flops

@@ -1,0 +1,128 @@
+import copy
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybridep.config import (
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_from_text,
+    default_config_text,
+    load_config,
+)
+
+VALID = yaml.safe_load(default_config_text())
+
+
+def test_default_loads_with_si_units():
+    cfg = load_config()
+    assert cfg.topology.world_size == 4
+    assert cfg.topology.levels[0].bandwidth_bps == pytest.approx(100e6)
+    assert cfg.topology.levels[0].latency_s == pytest.approx(0.02)
+    assert cfg.compute.flops == pytest.approx(50e9)
+
+
+def test_overrides_apply_and_validate():
+    cfg = load_config(None, ["moe.top_k=1", "topology.levels.0.bandwidth=1Gbit/s", "cost_model=paper"])
+    assert cfg.moe.top_k == 1
+    assert cfg.topology.levels[0].bandwidth_bps == pytest.approx(1e9)
+    assert cfg.cost_model == "paper" and not cfg.terms.backward
+
+
+def _err(data, **kw):
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(data)
+    return str(ei.value)
+
+
+def _with(path, value):
+    d = copy.deepcopy(VALID)
+    node = d
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize("path,value,key,allowed", [
+    (("moe", "tokens"), 5, "moe.tokens", "unknown key"),
+    (("topology", "levels", 0, "count"), -2, "topology.levels.0.count", "greater than or equal to 1"),
+    (("topology", "levels", 0, "count"), 0, "topology.levels.0.count", "greater than or equal to 1"),
+    (("topology", "levels", 0, "count"), 2.5, "topology.levels.0.count", "integer"),
+    (("topology", "levels", 0, "bandwidth"), "fast", "topology.levels.0.bandwidth", "allowed"),
+    (("topology", "levels", 0, "bandwidth"), "-5Gbit/s", "topology.levels.0.bandwidth", "allowed"),
+    (("topology", "levels", 1, "latency"), "5 parsecs", "topology.levels.1.latency", "allowed"),
+    (("moe", "experts"), 6, "moe.experts", "multiple of 4"),
+    (("moe", "top_k"), 9, "moe.top_k", "1..8"),
+    (("moe", "dtype"), "int8", "moe.dtype", "float64"),
+    (("moe", "expert_load"), [1.0, 2.0], "moe.expert_load", "one entry per expert"),
+    (("cost_model"), "magic", "cost_model", "paper"),
+])
+def test_errors_name_key_value_and_allowed(path, value, key, allowed):
+    path = path if isinstance(path, tuple) else (path,)
+    msg = _err(_with(path, value))
+    assert key in msg and allowed in msg and repr(value)[:20] in msg
+
+
+def test_yaml_syntax_and_top_level_errors():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_from_text("topology: [")
+    with pytest.raises(ConfigError, match="mapping"):
+        config_from_text("- 1\n- 2")
+    with pytest.raises(ConfigError, match="--config"):
+        load_config("/nonexistent/file.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match="exactly one"):
+        config_from_dict({"topology": VALID["topology"]})
+
+
+def _paths(d, prefix=()):
+    out = [prefix] if prefix else []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+PATHS = _paths(VALID)
+junk = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**30, max_value=10**30), st.floats(),
+              st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(PATHS), junk), min_size=1, max_size=4))
+def test_random_bad_inputs_raise_only_config_error(mutations):
+    data = copy.deepcopy(VALID)
+    for path, value in mutations:
+        node = data
+        try:
+            for p in path[:-1]:
+                node = node[p]
+            node[path[-1]] = value
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as err:
+        assert err.problems and all(isinstance(k, str) for k, _, _ in err.problems)
+    else:
+        assert cfg.topology.world_size >= 1
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=200))
+def test_random_yaml_text_raises_only_config_error(text):
+    try:
+        config_from_text(text)
+    except ConfigError:
+        pass

@@ -1,0 +1,155 @@
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridep.config import CostTerms, load_config
+from hybridep.costmodel import Network, Workload, _a2a_level_bytes, _domain_load_grid, predict
+from hybridep.planner import paper_latency, plan, plan_workload
+from hybridep.topology import Domains, Topology, divisors
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+OFF = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False)
+ALL = CostTerms()
+
+
+@pytest.mark.parametrize("name,p", [("mix1", 0.75), ("mix2", 0.5), ("agonly1", 0.0), ("agonly2", 0.0)])
+def test_table_iv_paper_mode(name, p):
+    result = plan(load_config(CONFIGS / f"paper_table4_{name}.yaml"))
+    assert result.choice.domains.p == pytest.approx(p)
+    assert result.choice.prediction.iteration_s <= result.ep.prediction.iteration_s
+
+
+def _net(counts, bps, lat=None):
+    topo = Topology(tuple(f"l{i}" for i in range(len(counts))), tuple(counts))
+    return Network(topo, tuple(b / 8 for b in bps), tuple(lat or [0.0] * len(counts)))
+
+
+workloads = st.builds(
+    Workload,
+    dispatch_bytes=st.floats(1e3, 1e9), expert_bytes=st.floats(1e2, 1e9), pre_expert_s=st.floats(1e-6, 1.0))
+
+
+@settings(max_examples=300)
+@given(workloads, st.sampled_from([2, 4, 6, 8, 12, 16, 32]), st.floats(1e8, 1e12))
+def test_closed_form_snapped_agrees_with_exhaustive_search(w, g, bps):
+    net = _net([g], [bps])
+    result = plan_workload(net, w, OFF)
+    snapped = result.closed_form["snapped_domain_size"]
+    best = min(c.prediction.iteration_s for c in result.candidates)
+    assert paper_latency(w, g, bps / 8, snapped) == pytest.approx(best, rel=1e-9)
+
+
+@settings(max_examples=200)
+@given(workloads, st.sampled_from([2, 4, 8, 12, 16]), st.floats(1e8, 1e12), st.data())
+def test_full_mode_with_extra_terms_off_is_the_paper_model(w, g, bps, data):
+    size = data.draw(st.sampled_from(divisors(g)))
+    pred = predict(Domains(_net([g], [bps]).topology, (size,)), w, _net([g], [bps], [0.01]), OFF)
+    assert pred.iteration_s == pytest.approx(paper_latency(w, g, bps / 8, size), rel=1e-12)
+    # switching any term on can only add time
+    for term in ("backward", "latency", "expert_compute"):
+        on = OFF.model_copy(update={term: True})
+        w2 = Workload(w.dispatch_bytes, w.expert_bytes, w.pre_expert_s, expert_s=0.001)
+        assert predict(Domains(_net([g], [bps]).topology, (size,)), w2, _net([g], [bps], [0.01]), on
+                       ).iteration_s >= pred.iteration_s
+
+
+@st.composite
+def loaded_partitions(draw):
+    levels = draw(st.integers(1, 3))
+    counts = tuple(draw(st.sampled_from([1, 2, 3, 4])) for _ in range(levels))
+    sizes = tuple(draw(st.sampled_from(divisors(c))) for c in counts)
+    g = math.prod(counts)
+    per = draw(st.integers(1, 2))
+    load = draw(st.lists(st.floats(0.0, 10.0), min_size=g * per, max_size=g * per).filter(lambda x: sum(x) > 0))
+    total = sum(load)
+    w = Workload(dispatch_bytes=1000.0, expert_bytes=10.0, pre_expert_s=0.0, experts=g * per,
+                 expert_load=tuple(x / total for x in load))
+    return Domains(Topology(tuple(f"l{i}" for i in range(levels)), counts), sizes), w
+
+
+@settings(max_examples=150)
+@given(loaded_partitions())
+def test_a2a_port_bytes_match_brute_force(case):
+    """Charge every rank pair's dispatch bytes to the port of its coarsest differing level."""
+    dom, w = case
+    topo = dom.topology
+    g = topo.world_size
+    per_rank_load = np.asarray(w.expert_load).reshape(g, -1).sum(axis=1)
+    doms = {r: grp for grp in dom.domain_groups() for r in grp}
+    egress = [dict() for _ in range(topo.num_levels)]
+    ingress = [dict() for _ in range(topo.num_levels)]
+    for r, q in itertools.product(range(g), repeat=2):
+        if dom.pair_kind(r, q) != "a2a":
+            continue
+        lv = topo.level_of_pair(r, q)
+        b = w.dispatch_bytes * per_rank_load[doms[q]].sum()
+        src, dst = topo.coords(r)[: lv + 1], topo.coords(q)[: lv + 1]
+        egress[lv][src] = egress[lv].get(src, 0.0) + b
+        ingress[lv][dst] = ingress[lv].get(dst, 0.0) + b
+    grid = _domain_load_grid(dom, w)
+    for lv in range(topo.num_levels):
+        eg, ing = _a2a_level_bytes(dom, w, grid, lv)
+        assert max(egress[lv].values(), default=0.0) == pytest.approx(float(eg.max()), abs=1e-6)
+        assert max(ingress[lv].values(), default=0.0) == pytest.approx(float(ing.max()), abs=1e-6)
+        total = sum(egress[lv].values())
+        pred = predict(dom, w, Network(topo, (1.0,) * topo.num_levels, (0.0,) * topo.num_levels), OFF)
+        assert pred.bytes_by_level[topo.names[lv]]["a2a"] == pytest.approx(2 * total, abs=1e-6)
+
+
+def test_ag_bytes_and_rs_in_full_mode():
+    net = _net([2, 4], [1e8, 1e10])
+    w = Workload(dispatch_bytes=1e6, expert_bytes=3e5, pre_expert_s=0.0, layers=3)
+    pred = predict(Domains(net.topology, (2, 2)), w, net, ALL)
+    # every rank gathers from (2*2 - 1) domain peers: 2 across the top level, 1 inside
+    assert pred.bytes_by_level["l0"]["ag"] == pytest.approx(8 * 2 * 3e5 * 3)
+    assert pred.bytes_by_level["l1"]["ag"] == pytest.approx(8 * 1 * 3e5 * 3)
+    assert pred.bytes_by_level["l0"]["rs"] == pred.bytes_by_level["l0"]["ag"]
+    # the top port carries 4 ranks x 2 peers x P_E
+    assert pred.ag_phase_s == pytest.approx(4 * 2 * 3e5 / (1e8 / 8))
+
+
+def test_hot_expert_slows_all_to_all_and_experts():
+    net = _net([4], [1e9])
+    uniform = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8)
+    hot = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, expert_load=(0.65,) + (0.05,) * 7)
+    d = Domains(net.topology, (1,))
+    assert predict(d, hot, net, ALL).a2a_phase_s > predict(d, uniform, net, ALL).a2a_phase_s
+    assert predict(d, hot, net, ALL).compute_s > predict(d, uniform, net, ALL).compute_s
+
+
+def test_latency_is_paid_per_phase():
+    w = Workload(1e6, 1e4, 0.0)
+    d = Domains(Topology(("dc",), (4,)), (1,))
+    slow = predict(d, w, _net([4], [1e9], [0.02]), OFF.model_copy(update={"latency": True}))
+    fast = predict(d, w, _net([4], [1e9], [0.02]), OFF)
+    assert slow.iteration_s - fast.iteration_s == pytest.approx(2 * 0.02)
+
+
+def test_dc_matrix_slow_pair_dominates():
+    topo = Topology(("dc", "gpu"), (3, 2))
+    w = Workload(1e6, 1e4, 0.0)
+    d = Domains(topo, (1, 1))
+    even = Network(topo, (1e9, 1e10), (0.0, 0.0), np.full((3, 3), 1e9))
+    uneven_m = np.full((3, 3), 1e9)
+    uneven_m[0, 2] = uneven_m[2, 0] = 1e8
+    uneven = Network(topo, (1e9, 1e10), (0.0, 0.0), uneven_m)
+    assert predict(d, w, uneven, OFF).a2a_phase_s == pytest.approx(10 * predict(d, w, even, OFF).a2a_phase_s)
+
+
+@settings(max_examples=50)
+@given(st.sampled_from([(2, 2), (4, 2), (2, 4), (8,), (3, 2, 2)]), workloads)
+def test_plan_never_slower_than_ep(counts, w):
+    net = _net(list(counts), [1e8] + [1e10] * (len(counts) - 1), [0.02] + [1e-5] * (len(counts) - 1))
+    result = plan_workload(net, w, ALL)
+    assert result.choice.prediction.iteration_s <= result.ep.prediction.iteration_s
+
+
+def test_default_config_prefers_hybrid_over_ep_on_slow_wan():
+    result = plan(load_config())
+    assert result.speedup_over_ep > 1.0
+    assert result.choice.domains.sizes != (1, 1)
