@@ -81,6 +81,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from hybridep.launch import RankFailedError, init_from_torchrun, run_local
+    from hybridep.topology import Topology
+    from hybridep.verify import default_topology, summarize, verify_worker
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in ("ep", "hybridep")]
+    if bad or not strategies:
+        raise ConfigError([("--strategies", args.strategies, "a comma-separated list of: ep, hybridep")])
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("float64", "float32") for d in dtypes):
+        raise ConfigError([("--dtypes", args.dtypes, "a comma-separated list of: float64, float32")])
+    in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if in_torchrun else args.world_size
+    if world is None or world < 1:
+        raise ConfigError([("--world-size", world, "a positive number of processes (or run under torchrun)")])
+    if args.config or args.overrides:
+        cfg = load_config(args.config, args.overrides)
+        lv = cfg.topology.levels
+        topo = Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
+        if topo.world_size != world:
+            raise ConfigError([("topology.levels", [x.count for x in lv],
+                                f"counts whose product equals the world size {world}")])
+    else:
+        topo = default_topology(world)
+    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout)
+    if in_torchrun:
+        rank, _ = init_from_torchrun(args.backend, args.timeout)
+        results = verify_worker(rank, world, *worker_args)
+        if rank != 0:
+            return 0 if all(r["passed"] for r in results) else 1
+    else:
+        console.print(f"verify: {world} local processes ({args.backend}), topology "
+                      + " x ".join(f"{c} {n}" for n, c in zip(topo.names, topo.counts, strict=True)))
+        try:
+            results = run_local(verify_worker, world, worker_args, timeout_s=args.timeout,
+                                backend=args.backend)[0]
+        except RankFailedError as err:
+            console.print(f"[red]verify failed:[/red] {err}", highlight=False)
+            return 1
+    summary = summarize(results)
+    table = Table(title="hybridep verify: distributed vs single-process reference")
+    for col in ("strategy", "domain sizes", "dtype", "prefetch", "top-k", "tokens per rank", "capacity",
+                "max abs err", "max rel err", "result"):
+        table.add_column(col)
+    for r in results:
+        sc = r["scenario"]
+        table.add_row(r["strategy"], "x".join(str(v) for v in r["domain_sizes"].values()), r["dtype"],
+                      "yes" if r["prefetch"] else "no", str(sc["top_k"]), str(sc["tokens"]),
+                      str(sc["capacity_factor"] or "dropless") + (" skewed" if sc["skew"] else ""),
+                      f"{r['max_abs_err']:.2e}", f"{r['max_rel_err']:.2e}",
+                      "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]")
+    console.print(table)
+    n_pass = sum(r["passed"] for r in results)
+    console.print(f"{n_pass}/{len(results)} cases passed")
+    _write_json(args.json, summary)
+    return 0 if summary["all_passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--top", type=int, default=12, help="candidates to show (default 12)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("verify", help="check every strategy against the single-process reference")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=4, help="local processes to start (default 4)")
+    p.add_argument("--strategies", default="ep,hybridep", help="comma-separated: ep, hybridep")
+    p.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stalled run fails")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -1,0 +1,141 @@
+"""Run a function on N local processes joined by torch.distributed, with failure propagation.
+
+:func:`run_local` starts one process per rank (gloo on 127.0.0.1, or NCCL when asked), collects
+each rank's return value, and if any rank raises, dies or the whole run exceeds ``timeout_s``,
+stops all the others and raises :class:`RankFailedError` naming the rank and its error.
+Inside an existing ``torchrun`` job use :func:`init_from_torchrun` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a local run failed; ``rank`` is the first rank that failed (None for a timeout)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, backend, timeout_s, args, out) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        result = fn(rank, world, *args)
+        out.put((rank, True, result))
+    except BaseException as err:  # report everything, including KeyboardInterrupt
+        out.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        out.close()
+        out.join_thread()  # deliver the message before leaving
+        os._exit(1)  # do not wait for peers that may be blocked
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def _root_cause(errors: dict[int, str]) -> RankFailedError:
+    """The failure to report: a rank that failed on its own, not one whose collective broke."""
+    def secondary(msg: str) -> bool:
+        return "CommunicationError" in msg or msg.startswith("died with exit code")
+
+    rank = min(errors, key=lambda r: (secondary(errors[r]), r))
+    others = ", ".join(f"rank {r}" for r in sorted(errors) if r != rank)
+    tail = f" (then also failed: {others})" if others else ""
+    return RankFailedError(f"rank {rank} failed: {errors[rank]}{tail}", rank)
+
+
+def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0,
+              backend: str = "gloo", collective_timeout_s: float | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the results by rank.
+
+    ``fn`` must be importable (a module-level function). ``collective_timeout_s`` is the
+    process-group timeout of each rank (default: ``timeout_s``).
+    """
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    ct = collective_timeout_s or timeout_s
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, backend, ct, args, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    failure: RankFailedError | None = None
+    try:
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, payload = out.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors[dead[0]] = f"died with exit code {procs[dead[0]].exitcode}"
+                elif time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in results]
+                    failure = RankFailedError(f"local run timed out after {timeout_s:.0f} s; ranks {missing} "
+                                          "did not finish")
+                    break
+                continue
+            if ok:
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+        if errors:
+            # collect the other ranks' reports for a moment: the root cause may arrive second
+            grace = time.monotonic() + 3.0
+            while time.monotonic() < grace and len(errors) + len(results) < world_size:
+                try:
+                    rank, ok, payload = out.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if ok:
+                    results[rank] = payload
+                else:
+                    errors[rank] = payload
+            failure = _root_cause(errors)
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if failure else 10.0)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+    if failure is not None:
+        raise failure
+    return [results[r] for r in range(world_size)]
+
+
+def init_from_torchrun(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialise torch.distributed from the variables torchrun sets; returns (rank, world size)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"not inside a torchrun job: {', '.join(missing)} not set")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()

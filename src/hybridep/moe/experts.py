@@ -1,0 +1,63 @@
+"""Experts stored as stacked tensors per layer, and the grouped expert computation.
+
+``GELU`` experts: ``y = gelu(x @ w1[e]) @ w2[e]``; ``SwiGLU``: ``y = (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]``.
+Shapes: ``w1``, ``w3``: [E, hidden, ffn]; ``w2``: [E, ffn, hidden]. No biases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+WEIGHT_NAMES = {"gelu": ("w1", "w2"), "swiglu": ("w1", "w2", "w3")}
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` FFN experts of one layer as stacked parameters."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, kind: str = "gelu"):
+        super().__init__()
+        if kind not in WEIGHT_NAMES:
+            raise ValueError(f"expert kind must be one of {sorted(WEIGHT_NAMES)}, got {kind!r}")
+        self.kind, self.hidden, self.ffn = kind, hidden, ffn
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn, hidden))
+        if kind == "swiglu":
+            self.w3 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name in self.weight_names:
+            w = getattr(self, name)
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return WEIGHT_NAMES[self.kind]
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.weight_names}
+
+    def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Run expert i on the i-th block of ``counts[i]`` rows of ``x`` (rows sorted by expert).
+
+        The result always depends on ``x`` and on every weight (through a zero term), so that in
+        backward every rank reaches the same collectives even when it computed no token.
+        """
+        outs = []
+        for i, chunk in enumerate(torch.split(x, counts)):
+            if chunk.shape[0] == 0:
+                continue
+            h = chunk @ weights["w1"][i]
+            h = torch.nn.functional.silu(h) * (chunk @ weights["w3"][i]) if self.kind == "swiglu" \
+                else torch.nn.functional.gelu(h)
+            outs.append(h @ weights["w2"][i])
+        y = torch.cat(outs) if outs else x * 0.0
+        anchor = x.sum() * 0.0 + sum(w.sum() for w in weights.values()) * 0.0
+        return y + anchor

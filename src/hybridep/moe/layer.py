@@ -1,0 +1,82 @@
+"""The MoE layer: routing + experts + a token dispatcher. Knows nothing about ranks.
+
+A *dispatcher* moves routed tokens to the experts and back. The default, :class:`LocalDispatcher`,
+runs everything in this process; a parallel strategy (``hybridep.parallel``) replaces it, the way
+torchtitan applies ``ExpertParallel`` to an MoE module as a ``ParallelStyle``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from hybridep.moe.experts import GroupedExperts
+from hybridep.moe.router import Routing, TopKRouter
+
+
+@dataclass
+class Permuted:
+    """Token copies sorted by a per-expert key: rows of ``x``, their token ids, weights, keys."""
+
+    x: torch.Tensor
+    token_idx: torch.Tensor
+    weights: torch.Tensor
+    keys: torch.Tensor
+
+
+def permute(x: torch.Tensor, routing: Routing, key_of_expert: torch.Tensor) -> Permuted:
+    """Copy each token once per kept assignment and sort the copies by ``key_of_expert[e]`` (stable)."""
+    t, k = routing.expert_idx.shape
+    token_idx = torch.arange(t, device=x.device).repeat_interleave(k)
+    experts = routing.expert_idx.reshape(-1)
+    kept = routing.kept.reshape(-1)
+    token_idx, experts = token_idx[kept], experts[kept]
+    weights = routing.weights.reshape(-1)[kept]
+    keys = key_of_expert[experts]
+    order = torch.argsort(keys, stable=True)
+    return Permuted(x[token_idx[order]], token_idx[order], weights[order], keys[order])
+
+
+def unpermute(y: torch.Tensor, p: Permuted, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of the expert outputs back onto their tokens: [num_tokens, hidden]."""
+    out = y.new_zeros(num_tokens, y.shape[-1])
+    return out.index_add(0, p.token_idx, y * p.weights.unsqueeze(-1).to(y.dtype))
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """Single-process dispatch: permute by expert, run every expert, unpermute."""
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+        e = experts.num_experts
+        p = permute(x, routing, torch.arange(e, device=x.device))
+        counts = torch.bincount(p.keys, minlength=e).tolist()
+        return unpermute(experts.compute(experts.weights(), p.x, counts), p, x.shape[0])
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN: ``y = sum_k w_k * expert_{e_k}(x)`` for each token of ``x`` [..., hidden].
+
+    After a forward pass ``self.aux_loss`` holds the router's load-balancing loss.
+    """
+
+    def __init__(self, hidden: int, ffn: int, experts: int, top_k: int, kind: str = "gelu",
+                 normalize_top_k: bool | None = None, capacity_factor: float | None = None):
+        super().__init__()
+        self.router = TopKRouter(hidden, experts, top_k, normalize_top_k, capacity_factor)
+        self.experts = GroupedExperts(experts, hidden, ffn, kind)
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.router(flat)
+        self.aux_loss = routing.aux_loss
+        return self.dispatcher(flat, routing, self.experts).reshape(shape)

@@ -1,0 +1,162 @@
+"""The one place where the runtime issues collectives.
+
+Every collective goes through :class:`Communicator`, which
+
+* builds the process groups once, from the topology's group lists, each with the configured
+  timeout (so a rank that stalls while alive becomes a named error, not a hang);
+* counts the payload bytes each rank sends to each peer, per operation and per topology level
+  (the coarsest level at which the two ranks differ -- the port the cost model charges), and
+  the wall time of each operation (seconds);
+* turns a failed collective into a :class:`CommunicationError` that names rank, operation and group.
+
+Byte counts are *logical* payload: for an all-to-all the rows sent to each other member; for an
+all-gather one shard to each other member; for a reduce-scatter each other member's shard. Split
+size exchanges are counted under the operation ``"meta"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from hybridep.topology import Topology
+
+
+class CommunicationError(RuntimeError):
+    """A collective failed or timed out; the message names the rank, the operation and the group."""
+
+
+@dataclass
+class Traffic:
+    """Counters of one rank. Bytes are payload bytes sent; seconds are wall time."""
+
+    bytes_by_op_level: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    bytes_by_peer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    seconds_by_op: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def reset(self) -> None:
+        for d in (self.bytes_by_op_level, self.bytes_by_peer, self.seconds_by_op, self.calls_by_op):
+            d.clear()
+
+    def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for (op, level), b in self.bytes_by_op_level.items():
+            if ops is None or op in ops:
+                out[level] += b
+        return dict(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "bytes_by_op_level": {f"{op}/{lv}": b for (op, lv), b in self.bytes_by_op_level.items()},
+            "bytes_by_peer": {str(k): v for k, v in self.bytes_by_peer.items()},
+            "seconds_by_op": dict(self.seconds_by_op),
+            "calls_by_op": dict(self.calls_by_op),
+        }
+
+
+def op_kind(op: str) -> str:
+    """Operation family for accounting: 'a2a', 'ag', 'rs', 'meta', ... (suffixes like '_bwd' dropped)."""
+    return op.split("_", 1)[0]
+
+
+class Communicator:
+    """Process groups of one topology and counted, timed, error-wrapped collectives."""
+
+    def __init__(self, topology: Topology, timeout_s: float = 300.0):
+        if not dist.is_initialized():
+            raise CommunicationError("torch.distributed is not initialised: call init_process_group first")
+        self.topology = topology
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if self.world_size != topology.world_size:
+            raise CommunicationError(f"the topology has {topology.world_size} ranks but the job has "
+                                     f"{self.world_size}")
+        self.timeout = timedelta(seconds=timeout_s)
+        self.traffic = Traffic()
+        self._groups: dict[tuple[int, ...], object] = {}
+        self._level_name = [topology.names[topology.level_of_pair(self.rank, p)] if p != self.rank else "self"
+                            for p in range(self.world_size)]
+
+    def create_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        """Create process groups for a partition of the ranks. Every rank must call this with the
+        same lists in the same order (torch.distributed requires it)."""
+        for ranks in groups:
+            key = tuple(sorted(ranks))
+            if len(key) > 1 and key not in self._groups:
+                self._groups[key] = dist.new_group(list(key), timeout=self.timeout)
+
+    def group(self, ranks: Sequence[int]):
+        key = tuple(ranks)
+        if len(key) == 1:
+            return None
+        try:
+            return self._groups[key]
+        except KeyError:
+            raise CommunicationError(f"rank {self.rank}: no process group for ranks {list(key)}; "
+                                     "create_groups was not called for it") from None
+
+    def _record(self, op: str, ranks: Sequence[int], bytes_to_each: Sequence[int], seconds: float) -> None:
+        tr = self.traffic
+        kind = op_kind(op)
+        for peer, b in zip(ranks, bytes_to_each, strict=True):
+            if peer == self.rank or b == 0:
+                continue
+            tr.bytes_by_op_level[(kind, self._level_name[peer])] += b
+            tr.bytes_by_peer[peer] += b
+        tr.seconds_by_op[kind] += seconds
+        tr.calls_by_op[kind] += 1
+
+    def _run(self, op: str, ranks: Sequence[int], fn):
+        start = time.perf_counter()
+        try:
+            work = fn()
+        except Exception as err:  # gloo/NCCL raise RuntimeError subclasses; keep the cause
+            raise CommunicationError(
+                f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
+                "Another rank probably failed or stalled; see its output.") from err
+        return work, time.perf_counter() - start
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   ranks: Sequence[int], op: str = "a2a") -> None:
+        """Uneven all-to-all of rows within ``ranks`` (sorted); splits are row counts per member."""
+        if len(ranks) == 1:
+            out.copy_(inp)
+            return
+        row = inp.shape[1:].numel() * inp.element_size()
+        _, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
+            out, inp, out_splits, in_splits, group=self.group(ranks)))
+        self._record(op, ranks, [s * row for s in in_splits], secs)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
+                   async_op: bool = False):
+        """All-gather of equal shards into ``out`` (member order); returns a work handle if async."""
+        if len(ranks) == 1:
+            out.copy_(inp)
+            return None
+        work, secs = self._run(op, ranks, lambda: dist.all_gather_single(
+            out, inp, group=self.group(ranks), async_op=async_op))
+        self._record(op, ranks, [inp.numel() * inp.element_size()] * len(ranks), secs)
+        return work
+
+    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "rs") -> None:
+        """Sum-reduce-scatter of ``inp`` (member-major) into this member's shard ``out``."""
+        if len(ranks) == 1:
+            out.copy_(inp)
+            return
+        _, secs = self._run(op, ranks, lambda: dist.reduce_scatter_single(
+            out, inp, op=dist.ReduceOp.SUM, group=self.group(ranks)))
+        self._record(op, ranks, [out.numel() * out.element_size()] * len(ranks), secs)
+
+    def wait(self, work, op: str, ranks: Sequence[int]) -> None:
+        """Wait for an asynchronous collective, timing the wait."""
+        if work is None:
+            return
+        _, secs = self._run(op, ranks, lambda: work.wait())
+        self.traffic.seconds_by_op[op_kind(op)] += secs

@@ -1,0 +1,153 @@
+"""Expert-parallel strategies applied to parallelism-agnostic MoE modules from a plan.
+
+One class serves EP and HybridEP, because EP *is* HybridEP with every domain size 1:
+
+* each rank owns ``n = E / G`` experts (rank r owns experts ``r*n .. r*n+n-1``) and its optimizer
+  updates only those;
+* inside the rank's expert domain the members' experts are all-gathered before use (the gather can
+  be issued early: :meth:`ExpertParallelStyle.prefetch`), and the gradients of the gathered copies
+  are reduce-scattered back to their owners in backward (autograd dual of the gather);
+* tokens travel only inside the rank's rail: a token for an expert goes to the rail member that
+  lies in the owner's domain (same offsets as the source at every level). Split sizes are
+  exchanged first, so uneven and empty token counts need no padding and no agreement;
+* with domain size 1 the gather disappears (plain EP); with the whole world as one domain the
+  rail is the rank alone and no all-to-all is issued at all.
+
+Gradient scale: the training loss is the mean of the ranks' losses (DDP semantics), so expert
+gradients -- which arrive summed over all ranks' tokens -- are scaled by 1/G by a hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hybridep.moe.experts import GroupedExperts
+from hybridep.moe.layer import MoE, permute, unpermute
+from hybridep.moe.router import Routing
+from hybridep.parallel.comm import Communicator
+from hybridep.parallel.functional import AllToAll, GatherExperts, PendingGather
+from hybridep.topology import Domains
+
+
+class ExpertParallelStyle:
+    """The dispatcher of one MoE layer under a partition into expert domains."""
+
+    def __init__(self, comm: Communicator, domains: Domains, num_experts: int):
+        g = comm.world_size
+        if num_experts % g:
+            raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
+        self.comm, self.domains = comm, domains
+        self.n_local = num_experts // g
+        rank = comm.rank
+        self.rail = domains.rail_groups()[domains.offset_index(rank)]
+        self.domain = domains.domain_groups()[domains.domain_index(rank)]
+        comm.create_groups(domains.domain_groups())
+        comm.create_groups(domains.rail_groups())
+        s, n = len(self.domain), self.n_local
+        key = []
+        for e in range(num_experts):
+            owner = e // n
+            owner_domain = domains.domain_of(owner)
+            key.append(domains.domain_index(owner) * s * n + owner_domain.index(owner) * n + e % n)
+        self.key_of_expert = torch.tensor(key)
+        self._pending: PendingGather | None = None
+
+    @property
+    def name(self) -> str:
+        return "ep" if len(self.domain) == 1 else "hybridep"
+
+    # --- experts -------------------------------------------------------------------------
+    def shard(self, experts: GroupedExperts) -> None:
+        """Keep only this rank's experts as parameters; scale their gradients by 1/G."""
+        lo = self.comm.rank * self.n_local
+        scale = 1.0 / self.comm.world_size
+        for name in experts.weight_names:
+            full = getattr(experts, name)
+            local = nn.Parameter(full.detach()[lo: lo + self.n_local].clone())
+            local.register_hook(lambda g: g * scale)
+            setattr(experts, name, local)
+
+    def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
+        return torch.cat([w.reshape(-1) for w in experts.weights().values()])
+
+    def prefetch(self, experts: GroupedExperts) -> None:
+        """Issue this layer's expert all-gather now (asynchronously); the forward pass waits for it."""
+        if len(self.domain) > 1:
+            self._pending = PendingGather(self.comm, self._local_flat(experts).detach(), self.domain)
+
+    def expert_weights(self, experts: GroupedExperts) -> dict[str, torch.Tensor]:
+        """All experts of this rank's domain, in domain order: {name: [S*n, ...]}."""
+        own = experts.weights()
+        s = len(self.domain)
+        if s == 1:
+            return own
+        pending, self._pending = self._pending, None
+        flat = GatherExperts.apply(self._local_flat(experts), self.comm, self.domain, pending).view(s, -1)
+        out, col = {}, 0
+        for name, w in own.items():
+            block = flat[:, col: col + w.numel()]
+            out[name] = block.reshape(s * w.shape[0], *w.shape[1:])
+            col += w.numel()
+        return out
+
+    # --- tokens --------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+        comm, rail = self.comm, self.rail
+        r, per_dest = len(rail), len(self.domain) * self.n_local
+        p = permute(x, routing, self.key_of_expert.to(x.device))
+        counts = torch.bincount(p.keys, minlength=r * per_dest).view(r, per_dest)
+        recv_counts = torch.empty_like(counts)
+        comm.all_to_all(recv_counts, counts, [1] * r, [1] * r, rail, "meta")
+        send = counts.sum(1).tolist()
+        recv = recv_counts.sum(1).tolist()
+        weights = self.expert_weights(experts)
+
+        received = AllToAll.apply(p.x, comm, rail, send, recv, "a2a_dispatch")
+        # rows arrive grouped by source, then by expert: regroup by expert for the computation
+        label = torch.arange(per_dest, device=x.device).repeat(r).repeat_interleave(recv_counts.reshape(-1))
+        order = torch.argsort(label, stable=True)
+        y = experts.compute(weights, received[order], recv_counts.sum(0).tolist())
+        y = y[torch.argsort(order)]
+        back = AllToAll.apply(y, comm, rail, recv, send, "a2a_combine")
+        return unpermute(back, p, x.shape[0])
+
+
+def moe_layers(model: nn.Module) -> Iterator[MoE]:
+    return (m for m in model.modules() if isinstance(m, MoE))
+
+
+def parallelize(model: nn.Module, comm: Communicator, domains: Domains) -> list[ExpertParallelStyle]:
+    """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers."""
+    styles = []
+    for layer in moe_layers(model):
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts)
+        style.shard(layer.experts)
+        layer.dispatcher = style
+        styles.append(style)
+    return styles
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the expert parameters (owned per rank, not data-parallel)."""
+    out = []
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            out += [f"{mod_name}.{w}" if mod_name else w for w in mod.weight_names]
+    return out
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+    return DistributedDataParallel(model)
+
+
+def prefetch_all(styles: list[ExpertParallelStyle], model: nn.Module) -> None:
+    """Issue every layer's expert all-gather at once (call right after the optimizer step)."""
+    for style, layer in zip(styles, moe_layers(model), strict=True):
+        style.prefetch(layer.experts)

@@ -1,0 +1,190 @@
+"""``hybridep verify``: every strategy and domain size against the single-process reference.
+
+Each rank builds the same random model (same seed) and every rank's inputs. The reference is the
+same model without a strategy, run in this process on each rank's tokens in turn, with the
+training loss defined as the mean of the ranks' losses. The distributed run applies the strategy,
+wraps the model in DDP, and runs forward + backward on the rank's own tokens. Compared per case:
+outputs, input gradients, every parameter gradient (expert gradients against the owner's slice).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from hybridep.moe.stack import MoEStack
+from hybridep.parallel.comm import Communicator
+from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
+from hybridep.topology import Domains, Topology
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+AUX_COEF = 0.01
+
+
+@dataclass
+class Scenario:
+    """One random MoE problem: dimensions, routing regime, token counts per rank."""
+
+    top_k: int
+    hidden: int
+    ffn: int
+    kind: str
+    tokens: list[int]
+    capacity_factor: float | None = None
+    skew: bool = False
+    layers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class Case:
+    strategy: str
+    domain_sizes: tuple[int, ...]
+    dtype: str
+    scenario: Scenario
+    prefetch: bool = False
+    results: dict = field(default_factory=dict)
+
+
+def scenarios(world: int, experts: int, seed: int) -> list[Scenario]:
+    """Seeded sweep over the regimes that break other systems: top-k 1/2/4, uneven and zero token
+    counts, experts with no tokens, all tokens on one expert, odd hidden sizes, capacity factors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def counts(lo: int, hi: int, zero_rank: int | None = None) -> list[int]:
+        c = torch.randint(lo, hi + 1, (world,), generator=g).tolist()
+        if zero_rank is not None:
+            c[zero_rank % world] = 0
+        return c
+
+    out = [
+        Scenario(1, 24, 40, "gelu", counts(5, 30), seed=seed),
+        Scenario(2, 37, 20, "swiglu", counts(0, 25, zero_rank=1), capacity_factor=1.0, seed=seed + 1),
+        Scenario(min(4, experts), 50, 33, "gelu", counts(3, 20), skew=True, seed=seed + 2),
+        Scenario(1, 18, 12, "swiglu", counts(0, 12, zero_rank=0), capacity_factor=1.25, skew=True,
+                 seed=seed + 3),
+    ]
+    return out
+
+
+def _skew_router(model: MoEStack) -> None:
+    """Route every token of a block to the same expert(s): graded gate rows along one direction."""
+    for b in model.blocks:
+        w = b.moe.router.gate.weight
+        e = w.shape[0]
+        with torch.no_grad():
+            w.copy_(torch.arange(e, 0, -1, dtype=w.dtype)[:, None] * 0.5 * torch.ones_like(w[0]))
+
+
+def _compare(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[float, float]:
+    if a is None and b is None:
+        return 0.0, 0.0
+    if a is None:
+        a = torch.zeros_like(b)
+    if b is None:
+        b = torch.zeros_like(a)
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    scale = b.double().abs().max().item() if b.numel() else 0.0
+    return diff, diff / scale if scale > 0 else diff
+
+
+def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -> dict:
+    """Run one case on this rank; returns this rank's max errors and finiteness."""
+    sc = case.scenario
+    dtype = getattr(torch, case.dtype)
+    rank, world = comm.rank, comm.world_size
+    torch.manual_seed(sc.seed)
+    model = MoEStack(sc.layers, sc.hidden, sc.ffn, experts, sc.top_k, sc.kind, sc.capacity_factor).to(dtype)
+    if sc.skew:
+        _skew_router(model)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(sc.seed + 1000)
+    xs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype) for n in sc.tokens]
+    cs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype) for n in sc.tokens]
+
+    # reference: one process, each rank's tokens in turn, loss = mean over ranks
+    ref_x = [x.clone().requires_grad_() for x in xs]
+    ref_y = []
+    total = 0.0
+    for x, c in zip(ref_x, cs, strict=True):
+        y = ref(x)
+        ref_y.append(y.detach())
+        total = total + ((y * c).sum() + AUX_COEF * ref.aux_loss()) / world
+    total.backward()
+
+    # distributed
+    domains = Domains(topology, case.domain_sizes)
+    styles = parallelize(model, comm, domains)
+    ddp = data_parallel(model)
+    if case.prefetch:
+        prefetch_all(styles, model)
+    x = xs[rank].clone().requires_grad_()
+    y = ddp(x)
+    loss = (y * cs[rank]).sum() + AUX_COEF * model.aux_loss()
+    loss.backward()
+
+    errs = [_compare(y.detach(), ref_y[rank]), _compare(x.grad / world if x.grad is not None else None,
+                                                         ref_x[rank].grad)]
+    expert_names = set(expert_param_names(model))
+    ref_params = dict(ref.named_parameters())
+    n = experts // world
+    finite = bool(torch.isfinite(y).all()) and bool(torch.isfinite(loss))
+    for name, p in model.named_parameters():
+        r = ref_params[name].grad
+        if name in expert_names and r is not None:
+            r = r[rank * n: (rank + 1) * n]
+        errs.append(_compare(p.grad, r))
+        finite &= p.grad is None or bool(torch.isfinite(p.grad).all())
+    stats = torch.tensor([max(e[0] for e in errs), max(e[1] for e in errs), 0.0 if finite else 1.0],
+                         dtype=torch.float64)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    tol = TOLERANCE[case.dtype]
+    return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
+            "dtype": case.dtype, "prefetch": case.prefetch, "scenario": asdict(sc),
+            "max_abs_err": stats[0].item(), "max_rel_err": stats[1].item(),
+            "finite": stats[2].item() == 0.0,
+            "passed": stats[2].item() == 0.0 and stats[1].item() <= tol}
+
+
+def default_topology(world: int) -> Topology:
+    """2 DCs x (world/2) devices for even worlds >= 4, else one level."""
+    if world >= 4 and world % 2 == 0:
+        return Topology(("dc", "gpu"), (2, world // 2))
+    return Topology(("gpu",), (world,))
+
+
+def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int) -> list[Case]:
+    cases = []
+    for strategy in strategies:
+        if strategy == "ep":
+            partitions = [tuple(1 for _ in topology.counts)]
+        elif strategy == "hybridep":
+            partitions = [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
+        else:
+            raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: ep, hybridep")
+        for sizes in partitions:
+            for dtype in dtypes:
+                for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
+                    cases.append(Case(strategy, sizes, dtype, sc, prefetch=(strategy == "hybridep" and i % 2 == 1)))
+    return cases
+
+
+def verify_worker(rank: int, world: int, names: tuple[str, ...], counts: tuple[int, ...], strategies: list[str],
+                  dtypes: list[str], seed: int, timeout_s: float) -> list[dict]:
+    """Body of one rank (local spawn or torchrun): every case, results identical on all ranks."""
+    topology = Topology(names, counts)
+    comm = Communicator(topology, timeout_s)
+    experts = world * max(2, -(-4 // world))  # at least 4 experts, so that top-k 4 is covered
+    return [run_case(comm, topology, c, experts) for c in make_cases(topology, strategies, dtypes, experts, seed)]
+
+
+def summarize(results: list[dict]) -> dict:
+    return {"cases": results, "all_passed": all(r["passed"] for r in results) and bool(results)}
+
+
+def worst(results: list[dict]) -> float:
+    return max((r["max_rel_err"] for r in results), default=math.nan)

@@ -1,0 +1,65 @@
+"""Multi-process runtime tests on gloo: exactness, training equality, traffic, failures."""
+
+import re
+import time
+
+import pytest
+import workers
+
+from hybridep.launch import RankFailedError, run_local
+from hybridep.topology import Topology
+from hybridep.verify import TOLERANCE, verify_worker
+
+TOPOLOGIES = {1: (("gpu",), (1,)), 2: (("gpu",), (2,)), 4: (("dc", "gpu"), (2, 2))}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_strategy_and_domain_size_matches_reference(world):
+    names, counts = TOPOLOGIES[world]
+    results = run_local(verify_worker, world, (names, counts, ["ep", "hybridep"], ["float64", "float32"], 7, 60.0),
+                        timeout_s=240)[0]
+    expected = len(Topology(names, counts).feasible_domain_sizes()) * 2 * 4
+    assert len(results) == expected
+    for r in results:
+        assert r["finite"], r
+        assert r["max_rel_err"] <= TOLERANCE[r["dtype"]], r
+    scen = [r["scenario"] for r in results]
+    assert {s["top_k"] for s in scen} >= {1, 2, 4}
+    assert any(0 in s["tokens"] for s in scen) and any(s["capacity_factor"] for s in scen)
+    assert any(s["skew"] for s in scen) and any(s["hidden"] % 2 for s in scen)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_twenty_adam_steps_equal_single_process(sizes):
+    worst = run_local(workers.adam_steps, 4, (("dc", "gpu"), (2, 2), sizes, 20, 3), timeout_s=240)
+    assert max(worst) <= 1e-5
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_counted_bytes_per_level_equal_cost_model(sizes):
+    total, predicted = run_local(workers.traffic, 4, (("dc", "gpu"), (2, 2), sizes, 37, 12, 10, 2, 5),
+                                 timeout_s=240)[0]
+    for level in ("dc", "gpu"):
+        a2a = sum(v for k, v in total.items() if k.startswith("a2a/") and k.endswith("/" + level))
+        assert a2a == pytest.approx(predicted[level]["a2a"], rel=1e-12)
+        assert total.get(f"ag/{level}", 0) == pytest.approx(predicted[level]["ag"], rel=1e-12)
+        assert total.get(f"rs/{level}", 0) == pytest.approx(predicted[level]["rs"], rel=1e-12)
+    assert sum(predicted[lv]["total"] for lv in ("dc", "gpu")) > 0
+
+
+def test_rank_that_raises_stops_the_run_with_its_name():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as ei:
+        run_local(workers.raise_on_rank_one, 3, (False, 30.0), timeout_s=60, collective_timeout_s=30.0)
+    assert ei.value.rank == 1 and "injected failure" in str(ei.value)
+    assert time.monotonic() - start < 45
+
+
+def test_rank_that_stalls_becomes_a_named_timeout_error():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as ei:
+        run_local(workers.raise_on_rank_one, 3, (True, 4.0), timeout_s=60, collective_timeout_s=4.0)
+    msg = str(ei.value)
+    assert ei.value.rank in (0, 2)
+    assert re.search(r"a2a in group \[0, 1, 2\] failed", msg)
+    assert time.monotonic() - start < 40

@@ -1,0 +1,99 @@
+"""Rank bodies for the multi-process tests (module level, so that spawned processes can import them)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+
+from hybridep.config import CostTerms
+from hybridep.costmodel import Network, Workload, predict
+from hybridep.moe.stack import MoEStack
+from hybridep.parallel.comm import Communicator
+from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
+from hybridep.topology import Domains, Topology
+
+
+def adam_steps(rank, world, names, counts, sizes, steps, seed):
+    """Train the same model for ``steps`` Adam steps distributed and single-process; max rel. diff."""
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    experts = 2 * world
+    torch.manual_seed(seed)
+    model = MoEStack(2, 20, 24, experts, 2, "swiglu")
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    styles = parallelize(model, comm, Domains(topo, sizes))
+    ddp = data_parallel(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        xs = [torch.randn(int(n), 20, generator=g) for n in torch.randint(0, 16, (world,), generator=g)]
+        ref_opt.zero_grad()
+        losses = [(ref(x).square().mean() if len(x) else ref(x).sum()) + 0.01 * ref.aux_loss() for x in xs]
+        (sum(losses) / world).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        prefetch_all(styles, model)
+        x = xs[rank]
+        y = ddp(x)
+        ((y.square().mean() if len(x) else y.sum()) + 0.01 * model.aux_loss()).backward()
+        opt.step()
+    n = experts // world
+    worst = 0.0
+    ref_params = dict(ref.named_parameters())
+    expert_names = set(expert_param_names(model))
+    for name, p in model.named_parameters():
+        r = ref_params[name].detach()
+        if name in expert_names:
+            r = r[rank * n:(rank + 1) * n]
+        worst = max(worst, ((p.detach() - r).abs().max() / r.abs().max()).item())
+    return worst
+
+
+def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed):
+    """One forward+backward with identical tokens on every rank; counted vs predicted bytes per level."""
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    experts = 2 * world
+    torch.manual_seed(seed)
+    model = MoEStack(1, hidden, ffn, experts, top_k, "gelu").double()
+    parallelize(model, comm, Domains(topo, sizes))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    model(x).sum().backward()
+    routing = model.blocks[0].moe.router(model.blocks[0].dense(x).tanh() + x)
+    hist = torch.bincount(routing.expert_idx.reshape(-1), minlength=experts).double()
+    counted = {}
+    for (op, level), b in comm.traffic.bytes_by_op_level.items():
+        counted[f"{op}/{level}"] = b
+    gathered = [None] * world
+    dist.all_gather_object(gathered, counted)
+    total = {}
+    for d in gathered:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    w = Workload(dispatch_bytes=tokens * top_k * hidden * 8, expert_bytes=(experts // world) * 2 * hidden * ffn * 8,
+                 pre_expert_s=0.0, experts=experts, expert_load=tuple((hist / hist.sum()).tolist()))
+    net = Network(topo, (1.0,) * len(counts), (0.0,) * len(counts))
+    pred = predict(Domains(topo, sizes), w, net, CostTerms(latency=False, grad_sync=False))
+    return total, pred.bytes_by_level
+
+
+def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):
+    topo = Topology(("gpu",), (world,))
+    comm = Communicator(topo, timeout_s)
+    comm.create_groups([list(range(world))])
+    if rank == 1:
+        if stall:
+            time.sleep(timeout_s * 6)
+        raise RuntimeError("injected failure on rank 1")
+    t = torch.ones(world, 3)
+    out = torch.empty_like(t)
+    start = time.monotonic()
+    try:
+        comm.all_to_all(out, t, [1] * world, [1] * world, list(range(world)), "a2a")
+    except Exception as err:
+        raise RuntimeError(f"after {time.monotonic() - start:.1f}s: {err}") from err
+    return "no error"
