@@ -142,6 +142,171 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if summary["all_passed"] else 1
 
 
+def _topology(cfg: Config):
+    from hybridep.topology import Topology
+
+    lv = cfg.topology.levels
+    return Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
+
+
+def _probe_levels(cfg: Config) -> list[float]:
+    """Measured rank-0 point-to-point rate (bits/s) across each level of the testbed."""
+    from hybridep.testbed.probe import measure
+
+    topo = _topology(cfg)
+    rates = []
+    for level, lv in enumerate(cfg.topology.levels):
+        if lv.count == 1:
+            rates.append(lv.bandwidth_bps)
+            continue
+        rates.append(measure(0, topo.ranks_per_worker(level), seconds=1.0))
+    table = Table(title="testbed: measured point-to-point rate per level")
+    for col in ("level", "configured", "measured", "ratio"):
+        table.add_column(col, justify="right")
+    for lv, r in zip(cfg.topology.levels, rates, strict=True):
+        table.add_row(lv.name, fmt_bandwidth(lv.bandwidth_bps), fmt_bandwidth(r), f"{r / lv.bandwidth_bps:.2f}")
+    console.print(table)
+    return rates
+
+
+LATENCY_NOTE = ("latency is not emulated (this kernel has no netem); the cost model accounts for the "
+                "configured latencies instead")
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from hybridep.testbed import netns
+
+    if args.action == "down":
+        removed = netns.down()
+        console.print(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))
+        return 0
+    if args.action == "status":
+        st = netns.state()
+        names = netns.existing_namespaces()
+        if st is None:
+            console.print("testbed: down" + (f" (stray namespaces: {', '.join(names)})" if names else ""))
+        else:
+            console.print(f"testbed: up, levels {st['names']} x {st['counts']}, rates "
+                          + ", ".join(fmt_bandwidth(r) for r in st["rates_bps"]) + f"; {len(names)} namespaces")
+        console.print(LATENCY_NOTE)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    try:
+        netns.up(_topology(cfg), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
+    except netns.TestbedError as err:
+        console.print(f"[red]testbed up refused:[/red] {err}", highlight=False)
+        return 2
+    console.print(f"testbed up: {len(netns.existing_namespaces())} namespaces; {LATENCY_NOTE}")
+    rates = _probe_levels(cfg)
+    _write_json(args.json, {"levels": [lv.name for lv in cfg.topology.levels],
+                            "configured_bps": [lv.bandwidth_bps for lv in cfg.topology.levels],
+                            "measured_bps": rates})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hybridep import bench
+    from hybridep.launch import RankFailedError
+    from hybridep.planner import plan
+    from hybridep.testbed import netns
+    from hybridep.testbed.launcher import launch
+
+    cfg = load_config(args.config, args.overrides)
+    steps = args.steps or cfg.bench.steps
+    if steps < 2:
+        raise ConfigError([("--steps", steps, "at least 2")])
+    try:
+        bench.lm_config(cfg)
+    except bench.BenchError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
+    planned = plan(cfg, _flops(cfg))
+    choice = bench.strategy_name(planned.choice.domains.topology, planned.choice.domains.sizes)
+    console.print(f"planner's choice: {choice} (predicted {fmt_time(planned.choice.prediction.iteration_s)}, "
+                  f"{planned.speedup_over_ep:.2f}x over EP)")
+    peers, notes = bench.available_peers(cfg)
+    for n in notes:
+        console.print(f"[yellow]note:[/yellow] {n}")
+    shaped, rates, brought_up = False, None, False
+    if args.testbed != "off":
+        try:
+            netns.check_prerequisites()
+        except netns.TestbedError as err:
+            if args.testbed == "on":
+                console.print(f"[red]error:[/red] {err}", highlight=False)
+                return 2
+            console.print(f"[yellow]testbed unavailable:[/yellow] {err}. Running the unshaped comparison "
+                          "on loopback instead (no WAN emulation; predictions omitted).", highlight=False)
+        else:
+            st = netns.state()
+            want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
+            if not (args.testbed_is_up and st and (st["names"], st["counts"]) == want):
+                netns.up(_topology(cfg), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
+                brought_up = True
+            console.print(f"testbed up; {LATENCY_NOTE}")
+            rates = _probe_levels(cfg)
+            shaped = True
+    out = Path(args.out) if args.out else bench.default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    spec = bench.bench_spec(cfg, planned, peers, steps, shaped,
+                            rates or [lv.bandwidth_bps for lv in cfg.topology.levels])
+    (out / "spec.json").write_text(json.dumps(spec, indent=1))
+    argv = [sys.executable, "-m", "hybridep.bench_worker", str(out / "spec.json"), str(out)]
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("bench", total=len(spec["runs"]))
+
+            def on_line(line: str) -> None:
+                if line.startswith("[bench]"):
+                    progress.advance(task)
+                    progress.console.print(line, highlight=False)
+
+            launch(argv, _topology(cfg).world_size, out / "logs", shaped, cfg.bench.timeout_s, on_line)
+    except RankFailedError as err:
+        console.print(f"[red]bench failed:[/red] {err}", highlight=False)
+        return 1
+    finally:
+        if brought_up and not args.keep_testbed:
+            netns.down()
+    results = json.loads((out / "results.json").read_text())
+    report = bench.analyse(cfg, results, rates, choice)
+    report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
+                   "notes": notes, "steps": steps})
+    _print_bench(report)
+    plot_path = Path(args.plot) if args.plot else out / "bench.png"
+    bench.plot(report, plot_path)
+    console.print(f"plot: {plot_path}; logs: {out / 'logs'}")
+    _write_json(args.json, report)
+    return 0
+
+
+def _print_bench(report: dict) -> None:
+    table = Table(title="hybridep bench" + ("" if report["shaped"] else " (unshaped: loopback)"))
+    for col in ("strategy", "median", "p10-p90", "compute / a2a / ag / rs / other", "cross-DC bytes/iter",
+                "link util.", "predicted", "final loss", "vs EP"):
+        table.add_column(col, justify="right")
+    for name, v in report["strategies"].items():
+        bd = v["breakdown_s"]
+        parts = " / ".join(f"{bd.get(k, 0.0):.3f}" for k in ("compute", "a2a", "ag", "rs", "other")) if bd else "-"
+        if bd and "comm" in bd:
+            parts = f"{bd['compute']:.3f} / comm {bd['comm']:.3f} / {bd['other']:.3f}"
+        mark = " *" if name == report["planner_choice"] else ""
+        table.add_row(name + mark, fmt_time(v["median_iter_s"]),
+                      f"{fmt_time(v['p10_iter_s'])}-{fmt_time(v['p90_iter_s'])}", parts,
+                      fmt_bytes(v["cross_dc_bytes"]) if v["cross_dc_bytes"] is not None else "-",
+                      f"{v['link_utilisation']:.0%}" if v["link_utilisation"] is not None else "-",
+                      fmt_time(v["predicted_iter_s"]) if v["predicted_iter_s"] is not None else "-",
+                      f"{v['final_loss']:.3f}", f"{v['speedup_vs_ep']:.2f}x" if v["speedup_vs_ep"] else "-")
+    console.print(table)
+    console.print(f"planner's choice: {report['planner_choice']}; fastest measured: {report['fastest_measured']} "
+                  f"(choice / fastest = {report['choice_vs_fastest']:.3f})")
+    if report["median_model_error"] is not None:
+        console.print(f"cost model vs measurement: median |error| {report['median_model_error']:.1%}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stalled run fails")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("testbed", help="emulated multi-DC network: up | down | status")
+    p.add_argument("action", choices=["up", "down", "status"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_testbed)
+
+    p = sub.add_parser("bench", help="train every strategy and the peer side by side on the testbed")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, help="training steps per strategy (default: bench.steps)")
+    p.add_argument("--testbed", choices=["auto", "on", "off"], default="auto",
+                   help="auto: shape when root, else run unshaped; on: require it; off: loopback")
+    p.add_argument("--testbed-is-up", action="store_true", help="reuse a testbed already up for this topology")
+    p.add_argument("--keep-testbed", action="store_true", help="leave the testbed up afterwards")
+    p.add_argument("--out", metavar="DIR", help="folder for spec, logs, results, plot (default: a new temp folder)")
+    p.add_argument("--plot", metavar="PATH", help="PNG plot path (default: OUT/bench.png)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -222,6 +222,26 @@ class CostTerms(_Strict):
     grad_sync: StrictBool = True
 
 
+class BenchConfig(_Strict):
+    """Settings of ``hybridep bench`` (the language model uses ``moe`` for its MoE dimensions)."""
+
+    steps: Annotated[StrictInt, Field(ge=2, le=100_000)] = 20
+    warmup: Annotated[StrictInt, Field(ge=0, le=100_000)] = 3
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    heads: Annotated[StrictInt, Field(ge=1, le=1024)] = 4
+    seed: StrictInt = 0
+    peers: list[Literal["deepspeed"]] = ["deepspeed"]
+    all_domain_sizes: StrictBool = True
+    """Also run HybridEP at every feasible domain size besides the planner's choice."""
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1800.0
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
+        if self.warmup >= self.steps:
+            raise _FieldError("bench.warmup", self.warmup, f"fewer than bench.steps ({self.steps})")
+        return self
+
+
 class Config(_Strict):
     cost_model: Literal["paper", "full"] = "full"
     topology: TopologyConfig
@@ -229,6 +249,7 @@ class Config(_Strict):
     workload: WorkloadConfig | None = None
     compute: ComputeConfig = ComputeConfig()
     cost_terms: CostTerms = CostTerms()
+    bench: BenchConfig = BenchConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

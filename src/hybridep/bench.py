@@ -1,0 +1,199 @@
+"""``hybridep bench``: every strategy and the DeepSpeed-MoE peer, side by side, in one run.
+
+1. plan with the cost model (the planner's choice is marked);
+2. bring the emulated multi-DC testbed up (root), or say why not and run unshaped on loopback;
+3. launch one process per rank and train the same byte-level MoE language model from the same
+   seed under: a compute-only reference (no communication), ``ep``, ``hybridep`` at the planner's
+   choice and at every other feasible domain size, and ``deepspeed`` (``deepspeed.moe.layer.MoE``,
+   dropless) when installed (``pip install hybridep[peers]``);
+4. report per strategy: iteration time (median, p10, p90 after warm-up), breakdown, cross-DC bytes
+   (counted by the testbed's htb classes: an independent measurement, also for the peer), link
+   utilisation, the cost model's prediction (compute calibrated by the compute-only run, links by
+   the testbed probe) and the final loss; a rich table, a PNG plot and JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from hybridep.config import Config, config_to_dict
+from hybridep.costmodel import Network, predict, workload_from_config
+from hybridep.lm.model import LMConfig
+from hybridep.planner import PlanResult
+from hybridep.topology import Domains, Topology
+
+COMPUTE_ONLY = "compute-only"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run as configured; the message says why."""
+
+
+def lm_config(cfg: Config) -> tuple[LMConfig, int]:
+    """Language-model dimensions and per-rank batch size from the ``moe`` section."""
+    m = cfg.moe
+    if m is None:
+        raise BenchError("bench needs model dimensions: a `moe` section, not a direct `workload`")
+    if m.tokens_per_gpu < m.seq_len:
+        raise BenchError(f"moe.tokens_per_gpu ({m.tokens_per_gpu}) must be at least moe.seq_len ({m.seq_len})")
+    if m.hidden % cfg.bench.heads:
+        raise BenchError(f"moe.hidden ({m.hidden}) must be divisible by bench.heads ({cfg.bench.heads})")
+    lm = LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
+                  experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind)
+    return lm, m.tokens_per_gpu // m.seq_len
+
+
+def strategy_name(topology: Topology, sizes: tuple[int, ...]) -> str:
+    if all(s == 1 for s in sizes):
+        return "ep"
+    return "hybridep[" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + "]"
+
+
+def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list[dict]:
+    """The run list of the worker: compute-only first, then EP, the choice, the rest, the peers."""
+    topo = planned.choice.domains.topology
+    b = cfg.bench
+    base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed}
+    choice = planned.choice.domains.sizes
+    sizes = [tuple(1 for _ in topo.counts)]
+    if choice not in sizes:
+        sizes.append(choice)
+    if b.all_domain_sizes:
+        sizes += [s for s in topo.feasible_domain_sizes() if s not in sizes]
+    out = [{"name": COMPUTE_ONLY, "strategy": "local", **base}]
+    for s in sizes:
+        out.append({"name": strategy_name(topo, s), "strategy": "ep" if all(x == 1 for x in s) else "hybridep",
+                    "domain_sizes": list(s), **base})
+    for peer in peers:
+        out.append({"name": peer, "strategy": peer, **base})
+    return out
+
+
+def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
+    """Peers to run and notes on the ones that cannot run."""
+    ok, notes = [], []
+    for peer in cfg.bench.peers:
+        if importlib.util.find_spec(peer) is None:
+            notes.append(f"{peer} is not installed (pip install 'hybridep[peers]'); skipped")
+        else:
+            ok.append(peer)
+    return ok, notes
+
+
+def predictions(cfg: Config, results: dict, rates_bps: list[float] | None) -> dict[str, float | None]:
+    """The cost model's iteration time per strategy, compute calibrated by the compute-only run and
+    links set to the probed rates (None when the run was not shaped: loopback has no model)."""
+    if rates_bps is None or COMPUTE_ONLY not in results:
+        return {}
+    topo = Topology(tuple(lv.name for lv in cfg.topology.levels), tuple(lv.count for lv in cfg.topology.levels))
+    net0 = Network.from_config(cfg)
+    net = Network(topo, tuple(r / 8 for r in rates_bps), net0.latency_s, net0.dc_link_bytes_per_s)
+    terms = cfg.terms
+    unit = workload_from_config(cfg, flops=1.0)
+    ep = Domains(topo, tuple(1 for _ in topo.counts))
+    flops = predict(ep, unit, net, terms).compute_s / results[COMPUTE_ONLY]["median_iter_s"]
+    w = workload_from_config(cfg, flops=flops)
+    out = {}
+    for name in results:
+        if name == COMPUTE_ONLY:
+            out[name] = results[name]["median_iter_s"]
+            continue
+        sizes = tuple(1 for _ in topo.counts)
+        if name.startswith("hybridep["):
+            sizes = tuple(int(kv.split("=")[1]) for kv in name[len("hybridep["):-1].split(","))
+        out[name] = predict(Domains(topo, sizes), w, net, terms).iteration_s
+    return out
+
+
+def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, planner_choice: str) -> dict:
+    """Per-strategy figures for the report and JSON."""
+    preds = predictions(cfg, results, rates_bps)
+    compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
+    top = cfg.topology.levels[0]
+    n_uplinks = top.count
+    rate = (rates_bps or [top.bandwidth_bps])[0]
+    out = {}
+    for name, r in results.items():
+        comm = sum(r["comm_s"].values()) if r["comm_s"] else None
+        if comm is None and compute is not None and name != COMPUTE_ONLY:
+            comm = max(r["median_iter_s"] - compute, 1e-9)
+        cross = r["uplink_bytes"]
+        if cross is None:
+            cross = r["payload_bytes_by_level"].get(top.name)
+        util = None
+        if cross is not None and comm and rates_bps is not None and name != COMPUTE_ONLY:
+            util = cross / (n_uplinks * rate / 8 * comm)
+        breakdown = None
+        if compute is not None and name != COMPUTE_ONLY:
+            parts = {"compute": compute, **(r["comm_s"] or {"comm": r["median_iter_s"] - compute})}
+            parts["other"] = r["median_iter_s"] - sum(parts.values())
+            breakdown = parts
+        out[name] = {"median_iter_s": r["median_iter_s"], "p10_iter_s": r["p10_iter_s"], "p90_iter_s": r["p90_iter_s"],
+                     "cross_dc_bytes": cross, "payload_bytes_by_level": r["payload_bytes_by_level"],
+                     "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
+                     "losses": r["losses"], "breakdown_s": breakdown}
+    ep_t = out.get("ep", {}).get("median_iter_s")
+    for name, v in out.items():
+        v["speedup_vs_ep"] = ep_t / v["median_iter_s"] if ep_t else None
+    fastest = min((n for n in out if n != COMPUTE_ONLY and n not in cfg.bench.peers),
+                  key=lambda n: out[n]["median_iter_s"])
+    ratio = [abs(v["predicted_iter_s"] / v["median_iter_s"] - 1) for n, v in out.items()
+             if v["predicted_iter_s"] is not None and n != COMPUTE_ONLY]
+    return {"strategies": out, "planner_choice": planner_choice, "fastest_measured": fastest,
+            "choice_vs_fastest": out[planner_choice]["median_iter_s"] / out[fastest]["median_iter_s"],
+            "median_model_error": sorted(ratio)[len(ratio) // 2] if ratio else None}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(n, v) for n, v in report["strategies"].items()]
+    names = [n for n, _ in items]
+    med = [v["median_iter_s"] for _, v in items]
+    lo = [v["median_iter_s"] - v["p10_iter_s"] for _, v in items]
+    hi = [v["p90_iter_s"] - v["median_iter_s"] for _, v in items]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4.5))
+    colors = ["#4c72b0" if n != report["planner_choice"] else "#dd8452" for n in names]
+    ax.bar(range(len(names)), med, yerr=[lo, hi], color=colors, capsize=4, label="measured (median, p10-p90)")
+    pred = [(i, v["predicted_iter_s"]) for i, (_, v) in enumerate(items) if v["predicted_iter_s"] is not None]
+    if pred:
+        ax.scatter([i for i, _ in pred], [p for _, p in pred], color="black", marker="_", s=600, zorder=3,
+                   label="cost model")
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_ylabel("seconds per iteration")
+    ax.set_title("hybridep bench (orange: planner's choice)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_spec(cfg: Config, planned: PlanResult, peers: list[str], steps: int, shaped: bool,
+               rates_bps: list[float]) -> dict:
+    lm, batch_size = lm_config(cfg)
+    run_list = runs(cfg, planned, peers, steps)
+    for r in run_list:
+        r["batch_size"] = batch_size
+    return {"names": [lv.name for lv in cfg.topology.levels], "counts": [lv.count for lv in cfg.topology.levels],
+            "lm": asdict(lm), "runs": run_list, "shaped": shaped, "rates_bps": rates_bps,
+            "collective_timeout_s": min(cfg.bench.timeout_s, 600.0)}
+
+
+def default_out_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="hybridep-bench-"))
+
+
+def config_for_report(cfg: Config) -> dict:
+    return json.loads(json.dumps(config_to_dict(cfg)))
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

@@ -1,0 +1,1 @@
+"""The small MoE language model, its data (real text that ships with Python), the training loop."""

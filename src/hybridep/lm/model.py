@@ -1,0 +1,81 @@
+"""A small decoder-only byte-level language model with an MoE FFN in every block (nanoGPT-sized).
+
+The model is parallelism-agnostic: apply a strategy to its ``MoE`` layers from a plan. The MoE
+layer is pluggable (``moe_factory``) so that a peer's MoE layer can be measured in the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hybridep.moe.layer import MoE
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    vocab: int = 256
+    seq_len: int = 128
+    hidden: int = 128
+    heads: int = 4
+    layers: int = 2
+    ffn: int = 256
+    experts: int = 8
+    top_k: int = 2
+    expert_kind: str = "gelu"
+    aux_loss_coef: float = 0.01
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, moe: nn.Module):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
+        self.attn = Attention(cfg)
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.moe(self.ln2(x))
+
+
+def default_moe(cfg: LMConfig) -> nn.Module:
+    return MoE(cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k, cfg.expert_kind)
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: LMConfig, moe_factory: Callable[[LMConfig], nn.Module] = default_moe):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.pos = nn.Parameter(torch.zeros(cfg.seq_len, cfg.hidden))
+        self.blocks = nn.ModuleList(Block(cfg, moe_factory(cfg)) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-byte cross-entropy plus the weighted MoE balance losses."""
+        x = self.embed(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.ln_f(x) @ self.embed.weight.t()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        aux = sum(b.moe.aux_loss for b in self.blocks if getattr(b.moe, "aux_loss", None) is not None)
+        return loss + self.cfg.aux_loss_coef * aux

@@ -1,0 +1,143 @@
+"""The training loop of one rank under one strategy, with per-iteration timing and traffic.
+
+Strategies: ``ep`` / ``hybridep`` (ours, from per-level domain sizes), ``deepspeed`` (the peer:
+``deepspeed.moe.layer.MoE``, expert-parallel over all ranks, dropless), ``local`` (no
+communication at all: the compute-only reference that every rank runs on its own batch).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hybridep.lm.data import batch, load_corpus
+from hybridep.lm.model import LMConfig, MoELM
+from hybridep.parallel.comm import Communicator
+from hybridep.parallel.strategy import data_parallel, parallelize, prefetch_all
+from hybridep.topology import Domains
+
+
+@dataclass
+class RunSpec:
+    strategy: str
+    domain_sizes: tuple[int, ...] = ()
+    steps: int = 20
+    warmup: int = 3
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    prefetch: bool = True
+
+
+@dataclass
+class RunResult:
+    iter_s: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    comm_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per timed iteration spent in each collective family (rank mean)."""
+    payload_bytes_by_level: dict[str, float] = field(default_factory=dict)
+    """Payload bytes per timed iteration, all ranks together, by topology level."""
+    uplink_bytes: float | None = None
+    """Bytes per timed iteration through the top-level uplinks (testbed counters), if shaped."""
+
+    def summary(self) -> dict:
+        it = sorted(self.iter_s)
+        q = statistics.quantiles(it, n=10) if len(it) >= 2 else [it[0]] * 9
+        return {"median_iter_s": statistics.median(it), "p10_iter_s": q[0], "p90_iter_s": q[-1],
+                "iter_s": self.iter_s, "losses": self.losses, "final_loss": self.losses[-1],
+                "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
+                "uplink_bytes": self.uplink_bytes}
+
+
+class DeepSpeedMoE(nn.Module):
+    """The peer's MoE layer with our interface: ``forward(x) -> y`` and ``aux_loss``."""
+
+    def __init__(self, cfg: LMConfig, ep_size: int):
+        super().__init__()
+        from deepspeed.moe.layer import MoE as DSMoE
+
+        expert = nn.Sequential(nn.Linear(cfg.hidden, cfg.ffn, bias=False), nn.GELU(),
+                               nn.Linear(cfg.ffn, cfg.hidden, bias=False))
+        self.layer = DSMoE(hidden_size=cfg.hidden, expert=expert, num_experts=cfg.experts, ep_size=ep_size,
+                           k=cfg.top_k, drop_tokens=False, use_rts=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.aux_loss, _ = self.layer(x)
+        return y
+
+
+def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.Module, nn.Module, list]:
+    """The model for a strategy: (module to call, raw model, per-layer styles for prefetch)."""
+    torch.manual_seed(spec.seed)
+    if spec.strategy == "local" or comm is None:
+        model = MoELM(cfg)
+        return model, model, []
+    if spec.strategy == "deepspeed":
+        import deepspeed.comm as dscomm
+
+        dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+        model = MoELM(cfg, lambda c: DeepSpeedMoE(c, comm.world_size))
+        for b in model.blocks:
+            b.moe.layer.set_deepspeed_parallelism()
+        from torch.nn.parallel import DistributedDataParallel
+
+        ignore = [n for n, _ in model.named_parameters() if "deepspeed_experts" in n]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        return DistributedDataParallel(model), model, []
+    model = MoELM(cfg)
+    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes))
+    return data_parallel(model), model, styles
+
+
+def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=None) -> RunResult:
+    """Train ``spec.steps`` steps; time the ones after ``spec.warmup``."""
+    corpus = load_corpus()
+    rank = comm.rank if comm else 0
+    module, model, styles = build(cfg, spec, comm)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    result = RunResult()
+    distributed = comm is not None and spec.strategy != "local"
+    before = None
+    for step in range(spec.steps):
+        if step == spec.warmup:
+            if comm:
+                comm.traffic.reset()
+            if uplink_counter is not None:
+                dist.barrier()
+                before = uplink_counter()
+        x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank)
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = module(x, y)
+        loss.backward()
+        opt.step()
+        if styles and spec.prefetch:
+            prefetch_all(styles, model)
+        elapsed = time.perf_counter() - start
+        if step >= spec.warmup:
+            result.iter_s.append(elapsed)
+        result.losses.append(loss.item())
+    timed = max(1, spec.steps - spec.warmup)
+    if uplink_counter is not None and before is not None:
+        dist.barrier()
+        result.uplink_bytes = (uplink_counter() - before) / timed
+    if comm is not None and spec.strategy in ("ep", "hybridep"):
+        tr = comm.traffic
+        secs = torch.tensor([tr.seconds_by_op.get(k, 0.0) for k in ("a2a", "meta", "ag", "rs")], dtype=torch.float64)
+        levels = list(comm.topology.names)
+        by_level = tr.bytes_by_level(["a2a", "ag", "rs"])
+        b = torch.tensor([float(by_level.get(lv, 0)) for lv in levels], dtype=torch.float64)
+        dist.all_reduce(secs)
+        dist.all_reduce(b)
+        secs /= comm.world_size * timed
+        result.comm_s = {"a2a": float(secs[0] + secs[1]), "ag": float(secs[2]), "rs": float(secs[3])}
+        result.payload_bytes_by_level = {lv: float(v) / timed for lv, v in zip(levels, b, strict=True)}
+    return result

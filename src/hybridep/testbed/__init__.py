@@ -1,0 +1,1 @@
+"""Emulated multi-DC testbed: namespaces + shaped links (netns), rate probe, namespace launcher."""

@@ -1,0 +1,103 @@
+"""Start one process per rank (inside its testbed namespace, or locally) and supervise them.
+
+Each rank gets what torch.distributed needs in its environment -- RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT and, on the testbed, GLOO_SOCKET_IFNAME -- exactly like torchrun provides. Output of
+rank r goes to ``LOGDIR/rank{r}.log``. If a rank exits non-zero, the others are stopped and
+:class:`~hybridep.launch.RankFailedError` names it with the end of its log; Ctrl-C or the overall
+timeout stop all ranks too. No rank outlives :func:`launch`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from hybridep.launch import RankFailedError, free_port
+from hybridep.testbed.netns import IFACE, rank_ip, rank_ns
+
+
+def rank_command(rank: int, argv: list[str], namespaced: bool) -> list[str]:
+    """The command line of one rank (pure)."""
+    return (["ip", "netns", "exec", rank_ns(rank)] if namespaced else []) + argv
+
+
+def rank_env(rank: int, world: int, port: int, namespaced: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of one rank (pure)."""
+    env = dict(os.environ if base is None else base)
+    env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": rank_ip(0) if namespaced else "127.0.0.1", "MASTER_PORT": str(port),
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    if namespaced:
+        env["GLOO_SOCKET_IFNAME"] = IFACE
+    else:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
+
+
+def launch(argv: list[str], world: int, logdir: Path, namespaced: bool, timeout_s: float,
+           on_line=None) -> None:
+    """Run ``argv`` once per rank; return when all exit 0, raise RankFailedError otherwise.
+
+    ``on_line(text)`` is called with each new line of rank 0's log (progress display).
+    """
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs, logs = [], []
+    for r in range(world):
+        log = logdir / f"rank{r}.log"
+        logs.append(log)
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(rank_command(r, argv, namespaced), env=rank_env(r, world, port, namespaced),
+                                          stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            if on_line is not None:
+                lines = logs[0].read_text(errors="replace").splitlines() if logs[0].exists() else []
+                for line in lines[seen:]:
+                    on_line(line)
+                seen = len(lines)
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                time.sleep(1.0)  # let the first failure's peers report too, then pick the root cause
+                codes = [p.poll() for p in procs]
+                first = min(failed, key=lambda r: ("CommunicationError" in _tail(logs[r]), r))
+                _stop(procs)
+                raise RankFailedError(f"rank {first} exited with code {codes[first]}; end of its log "
+                                      f"({logs[first]}):\n{_tail(logs[first])}", first)
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                _stop(procs)
+                raise RankFailedError(f"run timed out after {timeout_s:.0f} s; logs in {logdir}")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+    finally:
+        _stop(procs)
