@@ -24,7 +24,7 @@ from pathlib import Path
 from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, predict, workload_from_config
 from hybridep.lm.model import LMConfig
-from hybridep.planner import PlanResult
+from hybridep.planner import PlanResult, plan_workload
 from hybridep.topology import Domains, Topology
 
 COMPUTE_ONLY = "compute-only"
@@ -51,7 +51,7 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
 def strategy_name(topology: Topology, sizes: tuple[int, ...]) -> str:
     if all(s == 1 for s in sizes):
         return "ep"
-    return "hybridep[" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + "]"
+    return "hybridep(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
 
 
 def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list[dict]:
@@ -85,34 +85,48 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def predictions(cfg: Config, results: dict, rates_bps: list[float] | None) -> dict[str, float | None]:
-    """The cost model's iteration time per strategy, compute calibrated by the compute-only run and
-    links set to the probed rates (None when the run was not shaped: loopback has no model)."""
-    if rates_bps is None or COMPUTE_ONLY not in results:
-        return {}
+def calibrated_plan(cfg: Config, results: dict, rates_bps: list[float],
+                    efficiency: list[float]) -> PlanResult | None:
+    """The planner on the cost model calibrated by microbenchmarks only -- compute by the compute-only
+    run, each level's links by its probed rate times the measured all-to-all efficiency."""
+    if COMPUTE_ONLY not in results:
+        return None
     topo = Topology(tuple(lv.name for lv in cfg.topology.levels), tuple(lv.count for lv in cfg.topology.levels))
     net0 = Network.from_config(cfg)
-    net = Network(topo, tuple(r / 8 for r in rates_bps), net0.latency_s, net0.dc_link_bytes_per_s)
-    terms = cfg.terms
-    unit = workload_from_config(cfg, flops=1.0)
+    net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)), net0.latency_s,
+                  net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
-    flops = predict(ep, unit, net, terms).compute_s / results[COMPUTE_ONLY]["median_iter_s"]
-    w = workload_from_config(cfg, flops=flops)
-    out = {}
-    for name in results:
-        if name == COMPUTE_ONLY:
-            out[name] = results[name]["median_iter_s"]
-            continue
-        sizes = tuple(1 for _ in topo.counts)
-        if name.startswith("hybridep["):
-            sizes = tuple(int(kv.split("=")[1]) for kv in name[len("hybridep["):-1].split(","))
-        out[name] = predict(Domains(topo, sizes), w, net, terms).iteration_s
+    flops = predict(ep, workload_from_config(cfg, flops=1.0), net, cfg.terms).compute_s
+    flops /= results[COMPUTE_ONLY]["median_iter_s"]
+    return plan_workload(net, workload_from_config(cfg, flops=flops), cfg.terms)
+
+
+def predictions(planned: PlanResult | None, results: dict) -> dict[str, float | None]:
+    """The calibrated model's iteration time per strategy we run (peers are not modelled: their
+    capacity padding is data-dependent)."""
+    if planned is None:
+        return {}
+    by_name = {strategy_name(c.domains.topology, c.domains.sizes): c.prediction.iteration_s
+               for c in planned.candidates}
+    out: dict[str, float | None] = {name: by_name.get(name) for name in results}
+    out[COMPUTE_ONLY] = results[COMPUTE_ONLY]["median_iter_s"]
     return out
 
 
-def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, planner_choice: str) -> dict:
-    """Per-strategy figures for the report and JSON."""
-    preds = predictions(cfg, results, rates_bps)
+def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_choice: str,
+            efficiency: list[float] | None = None) -> dict:
+    """Per-strategy figures for the report and JSON.
+
+    ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
+    from the configuration alone (``planner_choice_config``).
+    """
+    cal = None
+    if rates_bps is not None:
+        cal = calibrated_plan(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
+    preds = predictions(cal, results)
+    planner_choice = config_choice
+    if cal is not None:
+        planner_choice = strategy_name(cal.choice.domains.topology, cal.choice.domains.sizes)
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
     n_uplinks = top.count
@@ -138,13 +152,14 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, planner_c
                      "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
                      "losses": r["losses"], "breakdown_s": breakdown}
     ep_t = out.get("ep", {}).get("median_iter_s")
-    for name, v in out.items():
+    for v in out.values():
         v["speedup_vs_ep"] = ep_t / v["median_iter_s"] if ep_t else None
     fastest = min((n for n in out if n != COMPUTE_ONLY and n not in cfg.bench.peers),
                   key=lambda n: out[n]["median_iter_s"])
     ratio = [abs(v["predicted_iter_s"] / v["median_iter_s"] - 1) for n, v in out.items()
              if v["predicted_iter_s"] is not None and n != COMPUTE_ONLY]
-    return {"strategies": out, "planner_choice": planner_choice, "fastest_measured": fastest,
+    return {"strategies": out, "planner_choice": planner_choice, "planner_choice_config": config_choice,
+            "fastest_measured": fastest,
             "choice_vs_fastest": out[planner_choice]["median_iter_s"] / out[fastest]["median_iter_s"],
             "median_model_error": sorted(ratio)[len(ratio) // 2] if ratio else None}
 
@@ -155,7 +170,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [(n, v) for n, v in report["strategies"].items()]
+    items = list(report["strategies"].items())
     names = [n for n, _ in items]
     med = [v["median_iter_s"] for _, v in items]
     lo = [v["median_iter_s"] - v["p10_iter_s"] for _, v in items]

@@ -260,6 +260,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             task = progress.add_task("bench", total=len(spec["runs"]))
 
             def on_line(line: str) -> None:
+                if line.startswith("[calibrate]"):
+                    progress.console.print(line, highlight=False)
                 if line.startswith("[bench]"):
                     progress.advance(task)
                     progress.console.print(line, highlight=False)
@@ -271,8 +273,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         if brought_up and not args.keep_testbed:
             netns.down()
-    results = json.loads((out / "results.json").read_text())
-    report = bench.analyse(cfg, results, rates, choice)
+    raw = json.loads((out / "results.json").read_text())
+    results, calibration = raw["results"], raw["calibration"]
+    report = bench.analyse(cfg, results, rates, choice, calibration.get("efficiency_by_level"))
+    report["calibration"] = calibration
     report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
                    "notes": notes, "steps": steps})
     _print_bench(report)
@@ -301,7 +305,8 @@ def _print_bench(report: dict) -> None:
                       fmt_time(v["predicted_iter_s"]) if v["predicted_iter_s"] is not None else "-",
                       f"{v['final_loss']:.3f}", f"{v['speedup_vs_ep']:.2f}x" if v["speedup_vs_ep"] else "-")
     console.print(table)
-    console.print(f"planner's choice: {report['planner_choice']}; fastest measured: {report['fastest_measured']} "
+    console.print(f"planner's choice (calibrated): {report['planner_choice']} (from the configuration alone: "
+                  f"{report['planner_choice_config']}); fastest measured: {report['fastest_measured']} "
                   f"(choice / fastest = {report['choice_vs_fastest']:.3f})")
     if report["median_model_error"] is not None:
         console.print(f"cost model vs measurement: median |error| {report['median_model_error']:.1%}")

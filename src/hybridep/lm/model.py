@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional
 
 from hybridep.moe.layer import MoE
 
@@ -40,7 +40,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 
@@ -76,6 +76,6 @@ class MoELM(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.ln_f(x) @ self.embed.weight.t()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         aux = sum(b.moe.aux_loss for b in self.blocks if getattr(b.moe, "aux_loss", None) is not None)
         return loss + self.cfg.aux_loss_coef * aux

@@ -7,6 +7,7 @@ communication at all: the compute-only reference that every rank runs on its own
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -104,30 +105,33 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
     result = RunResult()
     distributed = comm is not None and spec.strategy != "local"
     before = None
+    stamps = []
     for step in range(spec.steps):
         if step == spec.warmup:
+            # one barrier before the timed steps; after it, iteration i's time runs from its start to
+            # the start of iteration i+1, so transfers left in flight (prefetch) are not hidden
+            if distributed:
+                dist.barrier()
             if comm:
                 comm.traffic.reset()
             if uplink_counter is not None:
-                dist.barrier()
                 before = uplink_counter()
+        if step >= spec.warmup:
+            stamps.append(time.perf_counter())
         x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank)
-        if distributed:
-            dist.barrier()
-        start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = module(x, y)
         loss.backward()
         opt.step()
-        if styles and spec.prefetch:
+        if styles and spec.prefetch and step < spec.steps - 1:
             prefetch_all(styles, model)
-        elapsed = time.perf_counter() - start
-        if step >= spec.warmup:
-            result.iter_s.append(elapsed)
         result.losses.append(loss.item())
+    stamps.append(time.perf_counter())
+    result.iter_s = [b - a for a, b in itertools.pairwise(stamps)]
     timed = max(1, spec.steps - spec.warmup)
-    if uplink_counter is not None and before is not None:
+    if distributed:
         dist.barrier()
+    if uplink_counter is not None and before is not None:
         result.uplink_bytes = (uplink_counter() - before) / timed
     if comm is not None and spec.strategy in ("ep", "hybridep"):
         tr = comm.traffic

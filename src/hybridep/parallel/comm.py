@@ -16,6 +16,7 @@ size exchanges are counted under the operation ``"meta"``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ def op_kind(op: str) -> str:
 class Communicator:
     """Process groups of one topology and counted, timed, error-wrapped collectives."""
 
-    def __init__(self, topology: Topology, timeout_s: float = 300.0):
+    def __init__(self, topology: Topology, timeout_s: float = 300.0, a2a_impl: str = "p2p"):
         if not dist.is_initialized():
             raise CommunicationError("torch.distributed is not initialised: call init_process_group first")
         self.topology = topology
@@ -78,9 +79,14 @@ class Communicator:
         if self.world_size != topology.world_size:
             raise CommunicationError(f"the topology has {topology.world_size} ranks but the job has "
                                      f"{self.world_size}")
+        if a2a_impl not in ("p2p", "collective"):
+            raise ValueError(f"a2a_impl must be 'p2p' or 'collective', got {a2a_impl!r}")
+        self.a2a_impl = a2a_impl
         self.timeout = timedelta(seconds=timeout_s)
         self.traffic = Traffic()
         self._groups: dict[tuple[int, ...], object] = {}
+        self._level = [topology.level_of_pair(self.rank, p) if p != self.rank else topology.num_levels
+                       for p in range(self.world_size)]
         self._level_name = [topology.names[topology.level_of_pair(self.rank, p)] if p != self.rank else "self"
                             for p in range(self.world_size)]
 
@@ -130,9 +136,32 @@ class Communicator:
             out.copy_(inp)
             return
         row = inp.shape[1:].numel() * inp.element_size()
-        _, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
-            out, inp, out_splits, in_splits, group=self.group(ranks)))
+        if self.a2a_impl == "p2p":
+            _, secs = self._run(op, ranks, lambda: self._p2p_all_to_all(out, inp, out_splits, in_splits, ranks))
+        else:
+            _, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
+                out, inp, out_splits, in_splits, group=self.group(ranks)))
         self._record(op, ranks, [s * row for s in in_splits], secs)
+
+    def _p2p_all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                        ranks: Sequence[int]) -> None:
+        """All-to-all as concurrent point-to-point transfers, the slowest (outermost) links first, so
+        that every cross-DC transfer is in flight from the start instead of waiting for its turn."""
+        group = self.group(ranks)
+        in_off = [0, *itertools.accumulate(in_splits)]
+        out_off = [0, *itertools.accumulate(out_splits)]
+        me = ranks.index(self.rank)
+        out[out_off[me]:out_off[me + 1]].copy_(inp[in_off[me]:in_off[me + 1]])
+        peers = sorted((i for i, r in enumerate(ranks) if r != self.rank), key=lambda i: self._level[ranks[i]])
+        ops = []
+        for i in peers:
+            if in_splits[i]:
+                ops.append(dist.P2POp(dist.isend, inp[in_off[i]:in_off[i + 1]].contiguous(), ranks[i], group))
+            if out_splits[i]:
+                ops.append(dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
                    async_op: bool = False):
@@ -146,13 +175,26 @@ class Communicator:
         return work
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "rs") -> None:
-        """Sum-reduce-scatter of ``inp`` (member-major) into this member's shard ``out``."""
+        """Sum-reduce-scatter of ``inp`` (member-major) into this member's shard ``out``.
+
+        Done as one all-to-all of the shards plus a local sum: each member's shard crosses each link
+        exactly once (gloo's own reduce-scatter moves about twice that).
+        """
         if len(ranks) == 1:
             out.copy_(inp)
             return
-        _, secs = self._run(op, ranks, lambda: dist.reduce_scatter_single(
-            out, inp, op=dist.ReduceOp.SUM, group=self.group(ranks)))
-        self._record(op, ranks, [out.numel() * out.element_size()] * len(ranks), secs)
+        n = len(ranks)
+        recv = inp.new_empty(inp.numel())
+        split = [out.numel()] * n
+        _, secs = self._run(op, ranks, lambda: self._shard_exchange(recv, inp, split, ranks))
+        torch.sum(recv.view(n, -1), dim=0, out=out)
+        self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
+
+    def _shard_exchange(self, recv: torch.Tensor, inp: torch.Tensor, split: list[int], ranks: Sequence[int]) -> None:
+        if self.a2a_impl == "p2p":
+            self._p2p_all_to_all(recv, inp, split, split, ranks)
+        else:
+            dist.all_to_all_single(recv, inp, split, split, group=self.group(ranks))
 
     def wait(self, work, op: str, ranks: Sequence[int]) -> None:
         """Wait for an asynchronous collective, timing the wait."""
