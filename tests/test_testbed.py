@@ -1,0 +1,103 @@
+"""Testbed: command construction and cleanup (pure), a real 2 x 2 testbed (root), the launcher."""
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+from hybridep.launch import RankFailedError
+from hybridep.testbed import netns
+from hybridep.testbed.launcher import launch, rank_command, rank_env
+from hybridep.topology import Topology
+
+ROOT = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+
+def test_plan_links_mirror_the_port_model():
+    bridges, ranks, links = netns.plan_links(Topology(("dc", "gpu"), (2, 3)), (1e8, 1e9))
+    assert bridges == ["hep-root", "hep-l0w0", "hep-l0w1"] and ranks == [f"hep-r{r}" for r in range(6)]
+    dc_links = [lk for lk in links if lk.level == 0]
+    assert [(lk.child_ns, lk.parent_ns, lk.rate_bps) for lk in dc_links] == [
+        ("hep-l0w0", "hep-root", 1e8), ("hep-l0w1", "hep-root", 1e8)]
+    rank_links = [lk for lk in links if lk.level == 1]
+    assert [lk.parent_ns for lk in rank_links] == ["hep-l0w0"] * 3 + ["hep-l0w1"] * 3
+    assert all(lk.up_if == netns.IFACE for lk in rank_links)
+    # three levels: node bridges hang under DC bridges
+    _, _, links3 = netns.plan_links(Topology(("dc", "node", "gpu"), (2, 2, 2)), (1e8, 1e9, 1e10))
+    node_links = [lk for lk in links3 if lk.level == 1]
+    assert [(lk.child_ns, lk.parent_ns) for lk in node_links] == [
+        ("hep-l1w0", "hep-l0w0"), ("hep-l1w1", "hep-l0w0"), ("hep-l1w2", "hep-l0w1"), ("hep-l1w3", "hep-l0w1")]
+    assert all(len(lk.up_if) <= 15 and len(lk.down_if) <= 15 for lk in links3)
+
+
+def test_up_commands_shape_both_directions_of_every_link():
+    topo = Topology(("dc", "gpu"), (2, 2))
+    cmds = netns.up_commands(topo, (1e8, 1e9))
+    _, _, links = netns.plan_links(topo, (1e8, 1e9))
+    for lk in links:
+        for ns, dev in ((lk.child_ns, lk.up_if), (lk.parent_ns, lk.down_if)):
+            cls = [c for c in cmds if c[:3] == ["ip", "netns", "exec"] and c[3] == ns and "class" in c and dev in c]
+            assert len(cls) == 1 and f"{int(lk.rate_bps)}bit" in cls[0]
+    names = {c[3] for c in cmds if c[:3] == ["ip", "netns", "add"]}
+    assert all(n.startswith(netns.PREFIX) for n in names) and len(names) == 7
+    addrs = [c for c in cmds if "addr" in c]
+    assert [c[-3] for c in addrs] == [f"{netns.rank_ip(r)}/16" for r in range(4)]
+
+
+def test_down_removes_exactly_the_prefixed_namespaces():
+    assert netns.down_commands(["hep-r0", "hep-root"]) == [["ip", "netns", "delete", "hep-r0"],
+                                                            ["ip", "netns", "delete", "hep-root"]]
+
+
+def test_rank_command_and_environment():
+    assert rank_command(3, ["python", "x"], True) == ["ip", "netns", "exec", "hep-r3", "python", "x"]
+    assert rank_command(3, ["python", "x"], False) == ["python", "x"]
+    env = rank_env(2, 4, 29500, True, base={})
+    assert env["RANK"] == "2" and env["WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == netns.rank_ip(0)
+    assert env["GLOO_SOCKET_IFNAME"] == netns.IFACE and env["MASTER_PORT"] == "29500"
+
+
+def test_prerequisites_refuse_without_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(netns.TestbedError, match="needs root"):
+        netns.check_prerequisites()
+    monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "tc" else "/bin/ip")
+    with pytest.raises(netns.TestbedError, match="tc"):
+        netns.check_prerequisites()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root and iproute2 (network namespaces, htb)")
+def test_real_testbed_rates_and_cleanup():
+    from hybridep.testbed.probe import measure
+
+    topo = Topology(("dc", "gpu"), (2, 2))
+    try:
+        netns.up(topo, (100e6, 1e9))
+        assert netns.state() is not None
+        netns.up(topo, (100e6, 1e9))  # idempotent: replaces the previous one
+        cross = measure(0, 2, seconds=1.0)
+        inside = measure(0, 1, seconds=1.0)
+        assert cross == pytest.approx(100e6, rel=0.15)
+        assert inside == pytest.approx(1e9, rel=0.15)
+    finally:
+        netns.down()
+    assert netns.existing_namespaces() == [] and netns.state() is None
+
+
+def test_launcher_names_the_failed_rank_and_stops_the_others(tmp_path):
+    code = ("import os, sys, time\n"
+            "r = int(os.environ['RANK'])\n"
+            "if r == 1:\n    time.sleep(0.5); print('boom on rank 1'); sys.exit(3)\n"
+            "time.sleep(120)\n")
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as ei:
+        launch([sys.executable, "-c", code], 3, tmp_path / "logs", False, timeout_s=60)
+    assert ei.value.rank == 1 and "code 3" in str(ei.value) and "boom on rank 1" in str(ei.value)
+    assert time.monotonic() - start < 30
+
+
+def test_launcher_timeout_stops_everything(tmp_path):
+    with pytest.raises(RankFailedError, match="timed out"):
+        launch([sys.executable, "-c", "import time; time.sleep(60)"], 2, tmp_path / "logs", False, timeout_s=2)
