@@ -66,7 +66,7 @@ def test_rank_that_stalls_becomes_a_named_timeout_error():
 
 
 def test_three_levels_eight_ranks_float64():
-    results = run_local(verify_worker, 8, (("dc", "node", "gpu"), (2, 2, 2), ["ep", "hybridep"], ["float64"], 11, 120.0),
-                        timeout_s=400)[0]
+    args = (("dc", "node", "gpu"), (2, 2, 2), ["ep", "hybridep"], ["float64"], 11, 120.0)
+    results = run_local(verify_worker, 8, args, timeout_s=400)[0]
     assert len(results) == 8 * 4
     assert all(r["finite"] and r["max_rel_err"] <= 1e-10 for r in results), [r for r in results if not r["passed"]]
