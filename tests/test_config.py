@@ -22,7 +22,7 @@ def test_default_loads_with_si_units():
     assert cfg.topology.world_size == 4
     assert cfg.topology.levels[0].bandwidth_bps == pytest.approx(100e6)
     assert cfg.topology.levels[0].latency_s == pytest.approx(0.02)
-    assert cfg.compute.flops == pytest.approx(50e9)
+    assert cfg.compute.flops == pytest.approx(20e9)
 
 
 def test_overrides_apply_and_validate():

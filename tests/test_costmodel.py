@@ -105,12 +105,12 @@ def test_ag_bytes_and_rs_in_full_mode():
     net = _net([2, 4], [1e8, 1e10])
     w = Workload(dispatch_bytes=1e6, expert_bytes=3e5, pre_expert_s=0.0, layers=3)
     pred = predict(Domains(net.topology, (2, 2)), w, net, ALL)
-    # every rank gathers from (2*2 - 1) domain peers: 2 across the top level, 1 inside
-    assert pred.bytes_by_level["l0"]["ag"] == pytest.approx(8 * 2 * 3e5 * 3)
-    assert pred.bytes_by_level["l1"]["ag"] == pytest.approx(8 * 1 * 3e5 * 3)
+    # hierarchical gather of 2*2 - 1 = 3 shards: 1 across the top level, then 2 (own + received) inside
+    assert pred.bytes_by_level["l0"]["ag"] == pytest.approx(8 * 1 * 3e5 * 3)
+    assert pred.bytes_by_level["l1"]["ag"] == pytest.approx(8 * 2 * 3e5 * 3)
     assert pred.bytes_by_level["l0"]["rs"] == pred.bytes_by_level["l0"]["ag"]
-    # the top port carries 4 ranks x 2 peers x P_E
-    assert pred.ag_phase_s == pytest.approx(4 * 2 * 3e5 / (1e8 / 8))
+    # stages in sequence: the top port carries 4 ranks x 1 shard, then each rank port 2 shards
+    assert pred.ag_phase_s == pytest.approx(4 * 1 * 3e5 / (1e8 / 8) + 2 * 3e5 / (1e10 / 8))
 
 
 def test_hot_expert_slows_all_to_all_and_experts():

@@ -212,13 +212,15 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
         a2a_port.append(float(max(eg.max(), ing.max())))
         a2a_total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
-    # --- one layer's all-gather (and its mirror, the gradient reduce-scatter) ---
-    ag_peers = dom.peers_by_level("ag")
-    ag_port = [topo.ranks_per_worker(lv) * ag_peers[lv] * w.expert_bytes for lv in range(L)]
-    ag_total = [topo.world_size * ag_peers[lv] * w.expert_bytes for lv in range(L)]
-
+    # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
+    # stage per level, outermost first, so the slow levels carry single shards ---
+    ag_shards = dom.ag_shards_by_level()
+    ag_port = [topo.ranks_per_worker(lv) * ag_shards[lv] * w.expert_bytes for lv in range(L)]
+    ag_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
     a2a_t = _phase_time(a2a_port, net, terms.latency)
-    ag_t = _phase_time(ag_port, net, terms.latency)
+    # the stages of the gather run one after the other
+    ag_t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(ag_port)], net, terms.latency)
+               for lv in range(L))
     if net.dc_link_bytes_per_s is not None:
         c0 = topo.counts[0]
         d0 = np.arange(c0) // dom.sizes[0]
@@ -228,14 +230,15 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
         same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
         a2a_pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
-        ag_pair = np.full((c0, c0), n0 * math.prod(dom.sizes[1:]) * w.expert_bytes)
+        ag_pair = np.full((c0, c0), n0 * w.expert_bytes)
         lat = net.latency_s[0] if terms.latency else 0.0
         t0 = _top_link_time(dom, net, np.maximum(a2a_pair, a2a_pair.T), same_off)
         inner = _phase_time([0.0, *a2a_port[1:]], net, terms.latency)
         a2a_t = max(inner, t0 + lat if t0 > 0 else 0.0)
         t0 = _top_link_time(dom, net, ag_pair, same_dom)
-        inner = _phase_time([0.0, *ag_port[1:]], net, terms.latency)
-        ag_t = max(inner, t0 + lat if t0 > 0 else 0.0)
+        inner = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(ag_port)], net, terms.latency)
+                    for lv in range(1, L))
+        ag_t = inner + (t0 + lat if t0 > 0 else 0.0)
 
     # --- compute per layer and micro-batch ---
     pe = w.pre_expert_s

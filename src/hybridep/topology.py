@@ -191,6 +191,23 @@ class Domains:
         n = self.topology.num_levels
         return self._groups([2 * i + 1 for i in range(n)], [2 * i for i in range(n)])
 
+    def stage_groups(self, level: int) -> list[list[int]]:
+        """Members of one domain that differ only in their offset at ``level`` (size S_level): the
+        groups of one stage of the hierarchical expert gather. Member i has offset i at ``level``."""
+        n = self.topology.num_levels
+        vary = 2 * level + 1
+        return self._groups([a for a in range(2 * n) if a != vary], [vary])
+
+    def gather_levels(self) -> list[int]:
+        """Levels whose domain size exceeds 1, outermost first: the stages of the expert gather."""
+        return [lv for lv, s in enumerate(self.sizes) if s > 1]
+
+    def ag_shards_by_level(self) -> list[int]:
+        """Expert shards one rank receives over level l in the hierarchical gather:
+        (S_l - 1) * prod_{j<l} S_j. Outer levels move only single shards; what a rank received over
+        an outer level is forwarded over the inner (faster) ones. Sum over levels = S_ED - 1."""
+        return [(s - 1) * math.prod(self.sizes[:lv]) for lv, s in enumerate(self.sizes)]
+
     def domain_of(self, rank: int) -> list[int]:
         return self.domain_groups()[self.domain_index(rank)]
 

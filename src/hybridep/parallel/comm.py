@@ -67,6 +67,24 @@ def op_kind(op: str) -> str:
     return op.split("_", 1)[0]
 
 
+class AsyncReduceScatter:
+    """An in-flight reduce-scatter: ``wait()`` completes the transfers and sums into ``out``."""
+
+    def __init__(self, comm: Communicator, reqs: list, recv: torch.Tensor, out: torch.Tensor, n: int,
+                 ranks: Sequence[int], op: str):
+        self.comm, self.reqs, self.recv, self.out, self.n, self.ranks, self.op = comm, reqs, recv, out, n, ranks, op
+
+    def wait(self) -> torch.Tensor:
+        def finish() -> None:
+            for req in self.reqs:
+                req.wait()
+
+        _, secs = self.comm._run(self.op, self.ranks, finish)
+        self.comm.traffic.seconds_by_op[op_kind(self.op)] += secs
+        torch.sum(self.recv.view(self.n, -1), dim=0, out=self.out)
+        return self.out
+
+
 class Communicator:
     """Process groups of one topology and counted, timed, error-wrapped collectives."""
 
@@ -147,6 +165,11 @@ class Communicator:
                         ranks: Sequence[int]) -> None:
         """All-to-all as concurrent point-to-point transfers, the slowest (outermost) links first, so
         that every cross-DC transfer is in flight from the start instead of waiting for its turn."""
+        for req in self._p2p_start(out, inp, out_splits, in_splits, ranks):
+            req.wait()
+
+    def _p2p_start(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                   ranks: Sequence[int]) -> list:
         group = self.group(ranks)
         in_off = [0, *itertools.accumulate(in_splits)]
         out_off = [0, *itertools.accumulate(out_splits)]
@@ -159,9 +182,7 @@ class Communicator:
                 ops.append(dist.P2POp(dist.isend, inp[in_off[i]:in_off[i + 1]].contiguous(), ranks[i], group))
             if out_splits[i]:
                 ops.append(dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        return dist.batch_isend_irecv(ops) if ops else []
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
                    async_op: bool = False):
@@ -189,6 +210,24 @@ class Communicator:
         _, secs = self._run(op, ranks, lambda: self._shard_exchange(recv, inp, split, ranks))
         torch.sum(recv.view(n, -1), dim=0, out=out)
         self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
+
+    def reduce_scatter_async(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int],
+                             op: str = "rs") -> AsyncReduceScatter | None:
+        """Start :meth:`reduce_scatter`; the sum lands in ``out`` when the handle's ``wait()`` returns."""
+        if len(ranks) == 1:
+            out.copy_(inp)
+            return None
+        n = len(ranks)
+        recv = inp.new_empty(inp.numel())
+        split = [out.numel()] * n
+        if self.a2a_impl == "p2p":
+            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(recv, inp, split, split, ranks))
+        else:
+            work, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
+                recv, inp, split, split, group=self.group(ranks), async_op=True))
+            reqs = [work]
+        self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
+        return AsyncReduceScatter(self, reqs, recv, out, n, ranks, op)
 
     def _shard_exchange(self, recv: torch.Tensor, inp: torch.Tensor, split: list[int], ranks: Sequence[int]) -> None:
         if self.a2a_impl == "p2p":

@@ -1,9 +1,13 @@
 """Autograd-aware collectives: the backward of each is its dual collective.
 
 * :class:`AllToAll` -- forward: uneven all-to-all of rows; backward: the same with splits swapped.
-* :class:`GatherExperts` -- forward: all-gather of every member's expert shard inside an expert
-  domain (optionally already in flight: prefetched); backward: sum reduce-scatter of the gradients
-  back to the owners (the dual of the gather).
+* :class:`ExpertGatherer` -- the hierarchical all-gather of expert shards inside an expert domain:
+  one stage per level with domain size > 1, outermost (slowest) first, so a slow link carries each
+  shard once and the fast inner links fan it out. Its dual, the reduce-scatter of the gradients,
+  runs the stages innermost first, so the slow link carries only already-summed shards.
+* :class:`GatherExperts` -- the autograd function: forward gathers (or takes a prefetched gather);
+  backward starts the reduce-scatter, runs its slow outer stage asynchronously while the backward
+  pass goes on, and adds the owner's gradient (scaled) when the backward pass ends.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from hybridep.parallel.comm import Communicator
+from hybridep.topology import Domains
 
 
 class AllToAll(torch.autograd.Function):
@@ -32,31 +37,90 @@ class AllToAll(torch.autograd.Function):
 
 
 class PendingGather:
-    """An all-gather already issued (prefetch): its output buffer and work handle."""
+    """A gather whose first (slowest) stage is in flight; :meth:`result` completes it."""
 
-    def __init__(self, comm: Communicator, local: torch.Tensor, ranks: Sequence[int], op: str = "ag"):
-        self.buffer = local.new_empty(len(ranks) * local.numel())
-        self.work = comm.all_gather(self.buffer, local.detach().contiguous(), ranks, op, async_op=True)
-        self.comm, self.ranks, self.op = comm, ranks, op
+    def __init__(self, gatherer: ExpertGatherer, local: torch.Tensor):
+        self.gatherer = gatherer
+        first = gatherer.groups[0]
+        self.buffer = local.new_empty(len(first) * local.numel())
+        self.work = gatherer.comm.all_gather(self.buffer, local.detach().contiguous(), first, "ag", async_op=True)
 
     def result(self) -> torch.Tensor:
-        self.comm.wait(self.work, self.op, self.ranks)
-        return self.buffer
+        g = self.gatherer
+        g.comm.wait(self.work, "ag", g.groups[0])
+        return g.finish_gather(self.buffer)
+
+
+class ExpertGatherer:
+    """Hierarchical gather / reduce-scatter of one rank's expert shard inside its domain."""
+
+    def __init__(self, comm: Communicator, domains: Domains):
+        self.comm = comm
+        self.levels = domains.gather_levels()
+        self.groups = []
+        for lv in self.levels:
+            groups = domains.stage_groups(lv)
+            comm.create_groups(groups)
+            self.groups.append(next(g for g in groups if comm.rank in g))
+        self.stage_sizes = [len(g) for g in self.groups]
+
+    @property
+    def domain_size(self) -> int:
+        out = 1
+        for s in self.stage_sizes:
+            out *= s
+        return out
+
+    def start(self, local: torch.Tensor) -> PendingGather:
+        return PendingGather(self, local)
+
+    def finish_gather(self, first: torch.Tensor) -> torch.Tensor:
+        """Run the inner stages on the first stage's result; return all shards in domain order."""
+        data = first
+        for group in self.groups[1:]:
+            out = data.new_empty(len(group) * data.numel())
+            self.comm.all_gather(out, data, group, "ag")
+            data = out
+        k = len(self.stage_sizes)
+        # layout now [S_{k-1}, ..., S_0, shard]; domain order is [S_0, ..., S_{k-1}, shard]
+        view = data.view(*reversed(self.stage_sizes), -1)
+        return view.permute(*reversed(range(k)), k).reshape(-1)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        return self.start(local).result()
+
+    def reduce_scatter_start(self, grad: torch.Tensor):
+        """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard: inner
+        stages now, the outermost one asynchronously. Returns a handle with ``wait() -> shard``."""
+        k = len(self.stage_sizes)
+        data = grad.view(*self.stage_sizes, -1).permute(*reversed(range(k)), k).reshape(-1)
+        for group in reversed(self.groups[1:]):
+            out = data.new_empty(data.numel() // len(group))
+            self.comm.reduce_scatter(out, data, group, "rs")
+            data = out
+        shard = data.new_empty(data.numel() // self.stage_sizes[0])
+        return self.comm.reduce_scatter_async(shard, data.contiguous(), self.groups[0], "rs")
 
 
 class GatherExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: torch.Tensor, comm: Communicator, ranks: Sequence[int],
-                pending: PendingGather | None) -> torch.Tensor:
-        ctx.comm, ctx.ranks = comm, ranks
-        if pending is not None:
-            return pending.result()
-        out = local.new_empty(len(ranks) * local.numel())
-        comm.all_gather(out, local.contiguous(), ranks, "ag")
-        return out
+    def forward(ctx, local: torch.Tensor, gatherer: ExpertGatherer, pending: PendingGather | None,
+                params: list[torch.Tensor], scale: float) -> torch.Tensor:
+        ctx.gatherer, ctx.params, ctx.scale = gatherer, params, scale
+        return pending.result() if pending is not None else gatherer.gather(local)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        shard = grad.new_empty(grad.numel() // len(ctx.ranks))
-        ctx.comm.reduce_scatter(shard, grad.contiguous(), ctx.ranks, "rs")
-        return shard, None, None, None
+        handle = ctx.gatherer.reduce_scatter_start(grad.contiguous())
+        params, scale = ctx.params, ctx.scale
+
+        def finish() -> None:
+            shard = handle.wait()
+            col = 0
+            for p in params:
+                piece = shard[col: col + p.numel()].view_as(p) * scale
+                col += p.numel()
+                p.grad = piece if p.grad is None else p.grad + piece
+
+        torch.autograd.Variable._execution_engine.queue_callback(finish)
+        return None, None, None, None, None

@@ -14,7 +14,8 @@ One class serves EP and HybridEP, because EP *is* HybridEP with every domain siz
   rail is the rank alone and no all-to-all is issued at all.
 
 Gradient scale: the training loss is the mean of the ranks' losses (DDP semantics), so expert
-gradients -- which arrive summed over all ranks' tokens -- are scaled by 1/G by a hook.
+gradients -- which arrive summed over all ranks' tokens -- are scaled by 1/G: by a hook in plain EP,
+when the (asynchronous) reduce-scatter lands at the end of the backward pass in HybridEP.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.functional import AllToAll, GatherExperts, PendingGather
+from hybridep.parallel.functional import AllToAll, ExpertGatherer, GatherExperts, PendingGather
 from hybridep.topology import Domains
 
 
@@ -44,8 +45,8 @@ class ExpertParallelStyle:
         rank = comm.rank
         self.rail = domains.rail_groups()[domains.offset_index(rank)]
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
-        comm.create_groups(domains.domain_groups())
         comm.create_groups(domains.rail_groups())
+        self.gatherer = ExpertGatherer(comm, domains)
         s, n = len(self.domain), self.n_local
         key = []
         for e in range(num_experts):
@@ -61,22 +62,24 @@ class ExpertParallelStyle:
 
     # --- experts -------------------------------------------------------------------------
     def shard(self, experts: GroupedExperts) -> None:
-        """Keep only this rank's experts as parameters; scale their gradients by 1/G."""
+        """Keep only this rank's experts as parameters (gradients scaled by 1/G, see module doc)."""
         lo = self.comm.rank * self.n_local
         scale = 1.0 / self.comm.world_size
         for name in experts.weight_names:
             full = getattr(experts, name)
             local = nn.Parameter(full.detach()[lo: lo + self.n_local].clone())
-            local.register_hook(lambda g: g * scale)
+            if len(self.domain) == 1:  # with a domain, the reduce-scatter applies the scale
+                local.register_hook(lambda g: g * scale)
             setattr(experts, name, local)
 
     def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
         return torch.cat([w.reshape(-1) for w in experts.weights().values()])
 
     def prefetch(self, experts: GroupedExperts) -> None:
-        """Issue this layer's expert all-gather now (asynchronously); the forward pass waits for it."""
+        """Issue this layer's expert all-gather now (its slow first stage asynchronously); the
+        forward pass completes it when the layer needs the experts."""
         if len(self.domain) > 1:
-            self._pending = PendingGather(self.comm, self._local_flat(experts).detach(), self.domain)
+            self._pending = self.gatherer.start(self._local_flat(experts).detach())
 
     def expert_weights(self, experts: GroupedExperts) -> dict[str, torch.Tensor]:
         """All experts of this rank's domain, in domain order: {name: [S*n, ...]}."""
@@ -85,7 +88,8 @@ class ExpertParallelStyle:
         if s == 1:
             return own
         pending, self._pending = self._pending, None
-        flat = GatherExperts.apply(self._local_flat(experts), self.comm, self.domain, pending).view(s, -1)
+        flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, list(own.values()),
+                                   1.0 / self.comm.world_size).view(s, -1)
         out, col = {}, 0
         for name, w in own.items():
             block = flat[:, col: col + w.numel()]
