@@ -235,6 +235,18 @@ class Communicator:
         else:
             dist.all_to_all_single(recv, inp, split, split, group=self.group(ranks))
 
+    def all_reduce(self, tensor: torch.Tensor, ranks: Sequence[int], op: str = "allreduce",
+                   async_op: bool = False):
+        """Sum-all-reduce in place; counted as the ring's 2 (n-1)/n of the tensor to each neighbour."""
+        if len(ranks) == 1:
+            return None
+        work, secs = self._run(op, ranks, lambda: dist.all_reduce(tensor, group=self.group(ranks), async_op=async_op))
+        n = len(ranks)
+        share = int(2 * (n - 1) * tensor.numel() * tensor.element_size() / n)
+        me = list(ranks).index(self.rank)
+        self._record(op, ranks, [share if i == (me + 1) % n else 0 for i in range(n)], secs)
+        return work
+
     def wait(self, work, op: str, ranks: Sequence[int]) -> None:
         """Wait for an asynchronous collective, timing the wait."""
         if work is None:

@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from hybridep.migration.sr import SRCodec
 from hybridep.parallel.comm import Communicator
 from hybridep.topology import Domains
 
@@ -40,22 +41,25 @@ class PendingGather:
     """A gather whose first (slowest) stage is in flight; :meth:`result` completes it."""
 
     def __init__(self, gatherer: ExpertGatherer, local: torch.Tensor):
-        self.gatherer = gatherer
+        self.gatherer, self.local = gatherer, local.detach()
+        payload = gatherer.encode(self.local)
         first = gatherer.groups[0]
-        self.buffer = local.new_empty(len(first) * local.numel())
-        self.work = gatherer.comm.all_gather(self.buffer, local.detach().contiguous(), first, "ag", async_op=True)
+        self.buffer = payload.new_empty(len(first) * payload.numel())
+        self.work = gatherer.comm.all_gather(self.buffer, payload, first, "ag", async_op=True)
 
     def result(self) -> torch.Tensor:
         g = self.gatherer
         g.comm.wait(self.work, "ag", g.groups[0])
-        return g.finish_gather(self.buffer)
+        return g.decode(g.finish_gather(self.buffer), self.local)
 
 
 class ExpertGatherer:
     """Hierarchical gather / reduce-scatter of one rank's expert shard inside its domain."""
 
-    def __init__(self, comm: Communicator, domains: Domains):
-        self.comm = comm
+    def __init__(self, comm: Communicator, domains: Domains, member: int, codec: SRCodec | None = None):
+        self.comm, self.member, self.codec = comm, member, codec
+        self.shared: torch.Tensor | None = None
+        """SR basis [p] (identical on all ranks); required when ``codec`` is set."""
         self.levels = domains.gather_levels()
         self.groups = []
         for lv in self.levels:
@@ -72,7 +76,23 @@ class ExpertGatherer:
         return out
 
     def start(self, local: torch.Tensor) -> PendingGather:
+        """Begin gathering ``local`` ([n, p] expert-major rows of this rank's experts, flattened)."""
         return PendingGather(self, local)
+
+    def encode(self, local: torch.Tensor) -> torch.Tensor:
+        if self.codec is None:
+            return local.contiguous()
+        return self.codec.encode(local.view(-1, self.codec.p), self.shared)
+
+    def decode(self, gathered: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Dense experts of all members in domain order; this rank's own slot is its exact expert."""
+        if self.codec is None:
+            return gathered
+        s = self.domain_size
+        n = local.numel() // self.codec.p
+        rows = [local.view(n, -1) if i == self.member else self.codec.decode(chunk, n, self.shared)
+                for i, chunk in enumerate(gathered.view(s, -1))]
+        return torch.cat(rows).reshape(-1)
 
     def finish_gather(self, first: torch.Tensor) -> torch.Tensor:
         """Run the inner stages on the first stage's result; return all shards in domain order."""
@@ -103,24 +123,19 @@ class ExpertGatherer:
 
 
 class GatherExperts(torch.autograd.Function):
+    """Forward: the domain's experts (decoded copies, own slot exact). Backward: dense gradients of
+    all copies reduce-scattered to the owners (straight-through for decoded copies); ``accumulate``
+    receives this rank's summed shard when the backward pass ends."""
+
     @staticmethod
     def forward(ctx, local: torch.Tensor, gatherer: ExpertGatherer, pending: PendingGather | None,
-                params: list[torch.Tensor], scale: float) -> torch.Tensor:
-        ctx.gatherer, ctx.params, ctx.scale = gatherer, params, scale
+                accumulate: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.gatherer, ctx.accumulate = gatherer, accumulate
         return pending.result() if pending is not None else gatherer.gather(local)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         handle = ctx.gatherer.reduce_scatter_start(grad.contiguous())
-        params, scale = ctx.params, ctx.scale
-
-        def finish() -> None:
-            shard = handle.wait()
-            col = 0
-            for p in params:
-                piece = shard[col: col + p.numel()].view_as(p) * scale
-                col += p.numel()
-                p.grad = piece if p.grad is None else p.grad + piece
-
-        torch.autograd.Variable._execution_engine.queue_callback(finish)
-        return None, None, None, None, None
+        accumulate = ctx.accumulate
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: accumulate(handle.wait()))
+        return None, None, None, None

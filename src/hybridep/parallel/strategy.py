@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from hybridep.migration.sr import SRCodec
 from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, permute, unpermute
 from hybridep.moe.router import Routing
@@ -36,7 +37,7 @@ from hybridep.topology import Domains
 class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
-    def __init__(self, comm: Communicator, domains: Domains, num_experts: int):
+    def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
@@ -46,7 +47,10 @@ class ExpertParallelStyle:
         self.rail = domains.rail_groups()[domains.offset_index(rank)]
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
         comm.create_groups(domains.rail_groups())
-        self.gatherer = ExpertGatherer(comm, domains)
+        comm.create_groups([list(range(g))])
+        self.sr_ratio = sr_ratio
+        self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
+        self._shared_work = None
         s, n = len(self.domain), self.n_local
         key = []
         for e in range(num_experts):
@@ -58,7 +62,8 @@ class ExpertParallelStyle:
 
     @property
     def name(self) -> str:
-        return "ep" if len(self.domain) == 1 else "hybridep"
+        base = "ep" if len(self.domain) == 1 else "hybridep"
+        return base + "+sr" if self.sr_ratio else base
 
     # --- experts -------------------------------------------------------------------------
     def shard(self, experts: GroupedExperts) -> None:
@@ -71,14 +76,47 @@ class ExpertParallelStyle:
             if len(self.domain) == 1:  # with a domain, the reduce-scatter applies the scale
                 local.register_hook(lambda g: g * scale)
             setattr(experts, name, local)
+        if self.sr_ratio and len(self.domain) > 1:
+            p = sum(getattr(experts, name)[0].numel() for name in experts.weight_names)
+            self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype)
+            self._start_shared_update(experts)
 
     def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
-        return torch.cat([w.reshape(-1) for w in experts.weights().values()])
+        """This rank's experts as expert-major rows ([n, p]: w1[i], w2[i], (w3[i]) flattened), flat."""
+        return torch.cat([w.reshape(self.n_local, -1) for w in experts.weights().values()], dim=1).reshape(-1)
+
+    def _accumulate(self, experts: GroupedExperts):
+        """Add a reduce-scattered gradient shard (expert-major) to the owner's parameters, scaled."""
+        scale = 1.0 / self.comm.world_size
+
+        def add(shard: torch.Tensor) -> None:
+            rows, col = shard.view(self.n_local, -1), 0
+            for w in experts.weights().values():
+                width = w[0].numel()
+                piece = rows[:, col: col + width].reshape(w.shape) * scale
+                col += width
+                w.grad = piece if w.grad is None else w.grad + piece
+        return add
+
+    # --- the SR basis: the mean of the layer's experts, all-reduced asynchronously ----------
+    def _start_shared_update(self, experts: GroupedExperts) -> None:
+        total = self._local_flat(experts).detach().view(self.n_local, -1).sum(0)
+        world = list(range(self.comm.world_size))
+        work = self.comm.all_reduce(total, world, "shared", async_op=True)
+        self._shared_work = (work, total)
+
+    def _finish_shared_update(self) -> None:
+        if self._shared_work is not None:
+            work, total = self._shared_work
+            self.comm.wait(work, "shared", list(range(self.comm.world_size)))
+            self.gatherer.shared = total / (self.n_local * self.comm.world_size)
+            self._shared_work = None
 
     def prefetch(self, experts: GroupedExperts) -> None:
         """Issue this layer's expert all-gather now (its slow first stage asynchronously); the
         forward pass completes it when the layer needs the experts."""
         if len(self.domain) > 1:
+            self._finish_shared_update()
             self._pending = self.gatherer.start(self._local_flat(experts).detach())
 
     def expert_weights(self, experts: GroupedExperts) -> dict[str, torch.Tensor]:
@@ -88,13 +126,17 @@ class ExpertParallelStyle:
         if s == 1:
             return own
         pending, self._pending = self._pending, None
-        flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, list(own.values()),
-                                   1.0 / self.comm.world_size).view(s, -1)
+        if pending is None:
+            self._finish_shared_update()
+        flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, self._accumulate(experts))
+        if self.gatherer.codec is not None:  # refresh the basis during this iteration's backward
+            self._start_shared_update(experts)
+        rows = flat.view(s * self.n_local, -1)
         out, col = {}, 0
         for name, w in own.items():
-            block = flat[:, col: col + w.numel()]
-            out[name] = block.reshape(s * w.shape[0], *w.shape[1:])
-            col += w.numel()
+            width = w[0].numel()
+            out[name] = rows[:, col: col + width].reshape(s * self.n_local, *w.shape[1:])
+            col += width
         return out
 
     # --- tokens --------------------------------------------------------------------------
@@ -123,11 +165,13 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
     return (m for m in model.modules() if isinstance(m, MoE))
 
 
-def parallelize(model: nn.Module, comm: Communicator, domains: Domains) -> list[ExpertParallelStyle]:
-    """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers."""
+def parallelize(model: nn.Module, comm: Communicator, domains: Domains,
+                sr_ratio: float | None = None) -> list[ExpertParallelStyle]:
+    """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
+    ``sr_ratio`` enables shared + residual compression of the in-domain expert gather."""
     styles = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio)
         style.shard(layer.experts)
         layer.dispatcher = style
         styles.append(style)

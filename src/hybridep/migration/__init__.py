@@ -1,0 +1,1 @@
+"""Parameter-efficient migration of experts: shared + residual (SR) compression."""

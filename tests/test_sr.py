@@ -1,0 +1,41 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridep.migration.sr import INDEX_BYTES, SRCodec
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 4), st.integers(8, 300), st.sampled_from([2.0, 5.0, 50.0]),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 10**6))
+def test_round_trip_error_is_bounded_by_the_largest_dropped_residual(n, p, ratio, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(p, generator=g, dtype=dtype)
+    experts = shared + 0.1 * torch.randn(n, p, generator=g, dtype=dtype)
+    codec = SRCodec(ratio, p, dtype)
+    buf = codec.encode(experts, shared)
+    assert buf.numel() == codec.encoded_bytes(n)
+    # at least one entry is always kept, so tiny experts may exceed the budget
+    assert codec.encoded_bytes(n) <= n * p * codec.value_bytes / ratio + 1e-9 or codec.k in (None, 1)
+    out = codec.decode(buf, n, shared)
+    residual = (experts - shared).abs()
+    err = (out - experts).abs()
+    if codec.k is None:
+        assert torch.equal(out, experts)
+    else:
+        kth = residual.sort(dim=1, descending=True).values[:, codec.k - 1:codec.k]
+        assert (err <= kth + 1e-12).all()          # everything dropped is no larger than what is kept
+        assert ((err == 0).sum(dim=1) >= codec.k).all()
+
+
+def test_ratio_one_is_exactly_dense():
+    x = torch.randn(3, 40)
+    codec = SRCodec(1.0, 40, torch.float32)
+    assert codec.k is None and torch.equal(codec.decode(codec.encode(x, x.mean(0)), 3, x.mean(0)), x)
+
+
+def test_bytes_at_ratio_50_count_indices():
+    codec = SRCodec(50.0, 10_000, torch.float32)
+    assert codec.k == 10_000 * 4 // (50 * (4 + INDEX_BYTES))
+    assert 10_000 * 4 / codec.encoded_bytes(1) == pytest.approx(50.0, rel=0.01)
