@@ -39,3 +39,19 @@ def test_bytes_at_ratio_50_count_indices():
     codec = SRCodec(50.0, 10_000, torch.float32)
     assert codec.k == 10_000 * 4 // (50 * (4 + INDEX_BYTES))
     assert 10_000 * 4 / codec.encoded_bytes(1) == pytest.approx(50.0, rel=0.01)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (1, 2), (2, 1)])
+def test_sr_in_the_runtime(sizes):
+    import workers
+
+    from hybridep.launch import run_local
+
+    res = run_local(workers.sr_checks, 4, (sizes,), timeout_s=240)
+    for r in res:
+        assert r["cr1_identical"], r
+        assert r["finite_cr50"]
+    # rank 0 has no tokens of its own: its experts learn only from remote ranks' tokens
+    assert res[0]["owner_grad_cr50"] and res[0]["owner_changed_cr50"]
+    none, cr50 = res[0]["ag_total"]
+    assert none / cr50 >= 20.0, (none, cr50)

@@ -97,3 +97,47 @@ def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):
     except Exception as err:
         raise RuntimeError(f"after {time.monotonic() - start:.1f}s: {err}") from err
     return "no error"
+
+
+def sr_checks(rank, world, sizes):
+    """SR compression: CR=1 is bit-identical to no compression; CR=50 shrinks the gather and still
+    returns gradients to owners that computed no token themselves."""
+    topo = Topology(("dc", "gpu"), (2, world // 2))
+    comm = Communicator(topo, 60.0)
+    dom = Domains(topo, sizes)
+    experts = 2 * world
+    out = {}
+
+    def build(ratio):
+        torch.manual_seed(1)
+        m = MoEStack(1, 64, 128, experts, 2, "gelu").double()
+        styles = parallelize(m, comm, dom, sr_ratio=ratio)
+        return m, styles
+
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(0 if r == 0 else 30, 64, generator=g, dtype=torch.float64) for r in range(world)]
+    results = {}
+    for ratio in (None, 1.0, 50.0):
+        m, styles = build(ratio)
+        comm.traffic.reset()
+        prefetch_all(styles, m)
+        y = m(xs[rank])
+        y.square().sum().backward()
+        grads = [p.grad.clone() if p.grad is not None else None for p in m.parameters()]
+        ag = sum(b for (op, _), b in comm.traffic.bytes_by_op_level.items() if op == "ag")
+        w1 = m.blocks[0].moe.experts.w1
+        before = w1.detach().clone()
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+        results[ratio] = (y.detach(), grads, ag, w1.grad is not None and bool(w1.grad.abs().sum() > 0),
+                          not torch.equal(before, w1.detach()))
+    y0, g0, ag0, _, _ = results[None]
+    y1, g1, _, _, _ = results[1.0]
+    out["cr1_identical"] = torch.equal(y0, y1) and all(
+        (a is None and b is None) or torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+    out["ag_bytes_none"], out["ag_bytes_cr50"] = ag0, results[50.0][2]
+    out["owner_grad_cr50"], out["owner_changed_cr50"] = results[50.0][3], results[50.0][4]
+    out["finite_cr50"] = bool(torch.isfinite(results[50.0][0]).all())
+    tensors = torch.tensor([float(out["ag_bytes_none"]), float(out["ag_bytes_cr50"])])
+    dist.all_reduce(tensors)
+    out["ag_total"] = tensors.tolist()
+    return out

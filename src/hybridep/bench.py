@@ -48,17 +48,29 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
     return lm, m.tokens_per_gpu // m.seq_len
 
 
-def strategy_name(topology: Topology, sizes: tuple[int, ...]) -> str:
+def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None) -> str:
     if all(s == 1 for s in sizes):
         return "ep"
-    return "hybridep(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
+    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
+    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
+
+
+def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None]:
+    """Domain sizes and SR ratio of one of our strategy names (None, None for others)."""
+    if name == "ep":
+        return (), None
+    if not name.startswith("hybridep") or "(" not in name:
+        return None, None
+    head, args = name[:-1].split("(", 1)
+    ratio = float(head.split("+sr")[1]) if "+sr" in head else None
+    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio
 
 
 def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list[dict]:
     """The run list of the worker: compute-only first, then EP, the choice, the rest, the peers."""
     topo = planned.choice.domains.topology
     b = cfg.bench
-    base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed}
+    base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed, "prefetch": b.prefetch}
     choice = planned.choice.domains.sizes
     sizes = [tuple(1 for _ in topo.counts)]
     if choice not in sizes:
@@ -69,6 +81,10 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
     for s in sizes:
         out.append({"name": strategy_name(topo, s), "strategy": "ep" if all(x == 1 for x in s) else "hybridep",
                     "domain_sizes": list(s), **base})
+    if any(x > 1 for x in choice):
+        for ratio in b.sr_ratios:
+            out.append({"name": strategy_name(topo, choice, ratio), "strategy": "hybridep+sr",
+                        "domain_sizes": list(choice), "sr_ratio": ratio, **base})
     for peer in peers:
         out.append({"name": peer, "strategy": peer, **base})
     return out
@@ -85,10 +101,10 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def calibrated_plan(cfg: Config, results: dict, rates_bps: list[float],
-                    efficiency: list[float]) -> PlanResult | None:
-    """The planner on the cost model calibrated by microbenchmarks only -- compute by the compute-only
-    run, each level's links by its probed rate times the measured all-to-all efficiency."""
+def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
+                     efficiency: list[float]) -> tuple[Network, float] | None:
+    """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
+    compute-only run, each level's links by its probed rate times the measured all-to-all efficiency."""
     if COMPUTE_ONLY not in results:
         return None
     topo = Topology(tuple(lv.name for lv in cfg.topology.levels), tuple(lv.count for lv in cfg.topology.levels))
@@ -97,19 +113,25 @@ def calibrated_plan(cfg: Config, results: dict, rates_bps: list[float],
                   net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
     flops = predict(ep, workload_from_config(cfg, flops=1.0), net, cfg.terms).compute_s
-    flops /= results[COMPUTE_ONLY]["median_iter_s"]
-    return plan_workload(net, workload_from_config(cfg, flops=flops), cfg.terms)
+    return net, flops / results[COMPUTE_ONLY]["median_iter_s"]
 
 
-def predictions(planned: PlanResult | None, results: dict) -> dict[str, float | None]:
+def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict) -> dict[str, float | None]:
     """The calibrated model's iteration time per strategy we run (peers are not modelled: their
     capacity padding is data-dependent)."""
-    if planned is None:
+    if model is None:
         return {}
-    by_name = {strategy_name(c.domains.topology, c.domains.sizes): c.prediction.iteration_s
-               for c in planned.candidates}
-    out: dict[str, float | None] = {name: by_name.get(name) for name in results}
-    out[COMPUTE_ONLY] = results[COMPUTE_ONLY]["median_iter_s"]
+    net, flops = model
+    out: dict[str, float | None] = {}
+    for name in results:
+        sizes, ratio = parse_name(name)
+        if sizes is None:
+            out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
+            continue
+        sizes = sizes or tuple(1 for _ in net.topology.counts)
+        c = cfg if ratio is None else cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"sr_ratio": ratio})})
+        out[name] = predict(Domains(net.topology, sizes), workload_from_config(c, flops=flops), net,
+                            cfg.terms).iteration_s
     return out
 
 
@@ -120,12 +142,13 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
     from the configuration alone (``planner_choice_config``).
     """
-    cal = None
+    model = None
     if rates_bps is not None:
-        cal = calibrated_plan(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
-    preds = predictions(cal, results)
+        model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
+    preds = predictions(cfg, model, results)
     planner_choice = config_choice
-    if cal is not None:
+    if model is not None:
+        cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)
         planner_choice = strategy_name(cal.choice.domains.topology, cal.choice.domains.sizes)
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
@@ -154,7 +177,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     ep_t = out.get("ep", {}).get("median_iter_s")
     for v in out.values():
         v["speedup_vs_ep"] = ep_t / v["median_iter_s"] if ep_t else None
-    fastest = min((n for n in out if n != COMPUTE_ONLY and n not in cfg.bench.peers),
+    fastest = min((n for n in out if parse_name(n)[0] is not None and parse_name(n)[1] is None),
                   key=lambda n: out[n]["median_iter_s"])
     ratio = [abs(v["predicted_iter_s"] / v["median_iter_s"] - 1) for n, v in out.items()
              if v["predicted_iter_s"] is not None and n != COMPUTE_ONLY]

@@ -174,6 +174,8 @@ class MoEConfig(_Strict):
     expert_kind: Literal["gelu", "swiglu"] = "gelu"
     capacity_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """None = dropless."""
+    sr_ratio: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] | None = None
+    """Shared + residual compression ratio of the expert gather (None = uncompressed)."""
     expert_load: list[NonNegFloat] | None = None
     """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
 
@@ -231,6 +233,10 @@ class BenchConfig(_Strict):
     heads: Annotated[StrictInt, Field(ge=1, le=1024)] = 4
     seed: StrictInt = 0
     peers: list[Literal["deepspeed"]] = ["deepspeed"]
+    sr_ratios: list[Annotated[float, Field(gt=1, le=1e6, allow_inf_nan=False)]] = [50.0]
+    """Also run HybridEP with SR compression at these ratios (at the planner's choice)."""
+    prefetch: StrictBool = True
+    """Issue each layer's expert gather right after the optimizer step (False: in the forward pass)."""
     all_domain_sizes: StrictBool = True
     """Also run HybridEP at every feasible domain size besides the planner's choice."""
     timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1800.0

@@ -56,6 +56,9 @@ class Workload:
     """Total experts per layer (0 = unknown: routing taken as uniform)."""
     expert_load: tuple[float, ...] | None = None
     """Share of routed tokens per expert (sums to 1); None = uniform."""
+    gather_bytes: float | None = None
+    """Bytes of one device's experts as sent in the gather (compressed); None = ``expert_bytes``.
+    Gradients return dense (reduce-scatter of ``expert_bytes``)."""
 
 
 def flops_per_layer(cfg: Config) -> dict[str, float]:
@@ -90,6 +93,11 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
     fl = flops_per_layer(cfg)
     dense_params = ((m.blocks_before_moe + 1) * 4 * m.hidden**2
                     + m.blocks_before_moe * mats * m.hidden * m.ffn + m.hidden * m.experts)
+    gather = None
+    if m.sr_ratio is not None:
+        from hybridep.migration.sr import encoded_bytes
+
+        gather = encoded_bytes(m.sr_ratio, mats * m.hidden * m.ffn, m.dtype_bytes, m.experts // g)
     load = None
     if m.expert_load is not None:
         total = sum(m.expert_load)
@@ -104,6 +112,7 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
         dense_grad_bytes=m.layers * dense_params * m.dtype_bytes,
         experts=m.experts,
         expert_load=load,
+        gather_bytes=gather,
     )
 
 
@@ -212,15 +221,30 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
         a2a_port.append(float(max(eg.max(), ing.max())))
         a2a_total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
+    a2a_t = _phase_time(a2a_port, net, terms.latency)
     # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
     # stage per level, outermost first, so the slow levels carry single shards ---
     ag_shards = dom.ag_shards_by_level()
-    ag_port = [topo.ranks_per_worker(lv) * ag_shards[lv] * w.expert_bytes for lv in range(L)]
-    ag_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
-    a2a_t = _phase_time(a2a_port, net, terms.latency)
-    # the stages of the gather run one after the other
-    ag_t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(ag_port)], net, terms.latency)
-               for lv in range(L))
+    gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
+
+    def stages_time(shard_bytes: float) -> float:
+        """The gather's (or reduce-scatter's) stages one after the other (seconds)."""
+        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes for lv in range(L)]
+        first = 1 if net.dc_link_bytes_per_s is not None else 0
+        t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency)
+                for lv in range(first, L))
+        if first:
+            c0 = topo.counts[0]
+            d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
+            same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
+            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes)
+            t0 = _top_link_time(dom, net, pair, same_dom)
+            t += t0 + (net.latency_s[0] if terms.latency else 0.0) if t0 > 0 else 0.0
+        return t
+
+    ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]
+    rs_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
+    ag_t, rs_t = stages_time(gather_bytes), stages_time(w.expert_bytes)
     if net.dc_link_bytes_per_s is not None:
         c0 = topo.counts[0]
         d0 = np.arange(c0) // dom.sizes[0]
@@ -228,24 +252,17 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         n0 = topo.ranks_per_worker(0)
         a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
         same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
-        same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
         a2a_pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
-        ag_pair = np.full((c0, c0), n0 * w.expert_bytes)
         lat = net.latency_s[0] if terms.latency else 0.0
         t0 = _top_link_time(dom, net, np.maximum(a2a_pair, a2a_pair.T), same_off)
         inner = _phase_time([0.0, *a2a_port[1:]], net, terms.latency)
         a2a_t = max(inner, t0 + lat if t0 > 0 else 0.0)
-        t0 = _top_link_time(dom, net, ag_pair, same_dom)
-        inner = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(ag_port)], net, terms.latency)
-                    for lv in range(1, L))
-        ag_t = inner + (t0 + lat if t0 > 0 else 0.0)
 
     # --- compute per layer and micro-batch ---
     pe = w.pre_expert_s
     # Expert compute scales with the busiest domain: rail_size * its load share (1 when uniform).
     e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
     mb, layers = w.micro_batches, w.layers
-    rs_t = ag_t  # same bytes, reverse direction
 
     fwd_first = max(pe, ag_t) + 2 * a2a_t + e
     fwd_other = pe + 2 * a2a_t + e
@@ -276,7 +293,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     for lv, name in enumerate(names):
         a2a_b = a2a_total[lv] * directions * mb * layers
         ag_b = ag_total[lv] * layers
-        rs_b = ag_b if terms.backward else 0.0
+        rs_b = rs_total[lv] * layers if terms.backward else 0.0
         by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
     return Prediction(
         domain_sizes=dom.sizes, iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,

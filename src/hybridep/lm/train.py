@@ -33,6 +33,8 @@ class RunSpec:
     lr: float = 1e-3
     seed: int = 0
     prefetch: bool = True
+    sr_ratio: float | None = None
+    sr_shared: bool = True
 
 
 @dataclass
@@ -92,7 +94,8 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
-    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes))
+    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
+                         spec.sr_shared)
     return data_parallel(model), model, styles
 
 
@@ -133,7 +136,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         dist.barrier()
     if uplink_counter is not None and before is not None:
         result.uplink_bytes = (uplink_counter() - before) / timed
-    if comm is not None and spec.strategy in ("ep", "hybridep"):
+    if comm is not None and spec.strategy in ("ep", "hybridep", "hybridep+sr"):
         tr = comm.traffic
         secs = torch.tensor([tr.seconds_by_op.get(k, 0.0) for k in ("a2a", "meta", "ag", "rs")], dtype=torch.float64)
         levels = list(comm.topology.names)

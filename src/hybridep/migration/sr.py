@@ -21,6 +21,20 @@ import torch
 INDEX_BYTES = 4
 
 
+def kept_entries(ratio: float, p: int, value_bytes: int) -> int | None:
+    """Entries kept per expert of ``p`` parameters at ``ratio``; None = send the expert dense."""
+    k = math.floor(p * value_bytes / (ratio * (value_bytes + INDEX_BYTES)))
+    if ratio <= 1.0 or k * (value_bytes + INDEX_BYTES) >= p * value_bytes:
+        return None
+    return max(1, k)
+
+
+def encoded_bytes(ratio: float, p: int, value_bytes: int, n: int = 1) -> int:
+    """Bytes of ``n`` encoded experts (values + int32 indices, or dense)."""
+    k = kept_entries(ratio, p, value_bytes)
+    return n * (p * value_bytes if k is None else k * (value_bytes + INDEX_BYTES))
+
+
 @dataclass(frozen=True)
 class SRCodec:
     """Top-k residual codec for ``n`` experts of ``p`` parameters each, at ratio ``ratio``."""
@@ -36,15 +50,10 @@ class SRCodec:
     @property
     def k(self) -> int | None:
         """Entries kept per expert, or None when the expert goes dense."""
-        b = self.value_bytes
-        k = math.floor(self.p * b / (self.ratio * (b + INDEX_BYTES)))
-        if self.ratio <= 1.0 or k * (b + INDEX_BYTES) >= self.p * b:
-            return None
-        return max(1, k)
+        return kept_entries(self.ratio, self.p, self.value_bytes)
 
     def encoded_bytes(self, n: int) -> int:
-        k = self.k
-        return n * (self.p * self.value_bytes if k is None else k * (self.value_bytes + INDEX_BYTES))
+        return encoded_bytes(self.ratio, self.p, self.value_bytes, n)
 
     def encode(self, experts: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         """[n, p] experts -> one uint8 buffer (values then int32 indices; dense values if k is None)."""

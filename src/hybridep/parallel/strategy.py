@@ -37,7 +37,8 @@ from hybridep.topology import Domains
 class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
-    def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None):
+    def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
+                 sr_shared: bool = True):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
@@ -48,7 +49,7 @@ class ExpertParallelStyle:
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
         comm.create_groups(domains.rail_groups())
         comm.create_groups([list(range(g))])
-        self.sr_ratio = sr_ratio
+        self.sr_ratio, self.sr_shared = sr_ratio, sr_shared
         self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
         self._shared_work = None
         s, n = len(self.domain), self.n_local
@@ -79,7 +80,10 @@ class ExpertParallelStyle:
         if self.sr_ratio and len(self.domain) > 1:
             p = sum(getattr(experts, name)[0].numel() for name in experts.weight_names)
             self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype)
-            self._start_shared_update(experts)
+            if self.sr_shared:
+                self._start_shared_update(experts)
+            else:  # ablation: top-k of the raw expert (zero basis)
+                self.gatherer.shared = torch.zeros(p, dtype=experts.w1.dtype)
 
     def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
         """This rank's experts as expert-major rows ([n, p]: w1[i], w2[i], (w3[i]) flattened), flat."""
@@ -129,7 +133,7 @@ class ExpertParallelStyle:
         if pending is None:
             self._finish_shared_update()
         flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, self._accumulate(experts))
-        if self.gatherer.codec is not None:  # refresh the basis during this iteration's backward
+        if self.gatherer.codec is not None and self.sr_shared:  # refresh the basis during the backward
             self._start_shared_update(experts)
         rows = flat.view(s * self.n_local, -1)
         out, col = {}, 0
@@ -166,12 +170,12 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 def parallelize(model: nn.Module, comm: Communicator, domains: Domains,
-                sr_ratio: float | None = None) -> list[ExpertParallelStyle]:
+                sr_ratio: float | None = None, sr_shared: bool = True) -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
     ``sr_ratio`` enables shared + residual compression of the in-domain expert gather."""
     styles = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_shared)
         style.shard(layer.experts)
         layer.dispatcher = style
         styles.append(style)
