@@ -13,7 +13,7 @@ from hybridep.planner import paper_latency, plan, plan_workload
 from hybridep.topology import Domains, Topology, divisors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-OFF = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False)
+OFF = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
 ALL = CostTerms()
 
 
@@ -51,7 +51,7 @@ def test_full_mode_with_extra_terms_off_is_the_paper_model(w, g, bps, data):
     pred = predict(Domains(_net([g], [bps]).topology, (size,)), w, _net([g], [bps], [0.01]), OFF)
     assert pred.iteration_s == pytest.approx(paper_latency(w, g, bps / 8, size), rel=1e-12)
     # switching any term on can only add time
-    for term in ("backward", "latency", "expert_compute"):
+    for term in ("backward", "latency", "expert_compute", "overlap"):
         on = OFF.model_copy(update={term: True})
         w2 = Workload(w.dispatch_bytes, w.expert_bytes, w.pre_expert_s, expert_s=0.001)
         assert predict(Domains(_net([g], [bps]).topology, (size,)), w2, _net([g], [bps], [0.01]), on
@@ -153,3 +153,15 @@ def test_default_config_prefers_hybrid_over_ep_on_slow_wan():
     result = plan(load_config())
     assert result.speedup_over_ep > 1.0
     assert result.choice.domains.sizes != (1, 1)
+
+
+@settings(max_examples=100)
+@given(workloads, st.integers(1, 6), st.integers(1, 3))
+def test_overlap_never_slower_and_exact_for_one_layer(w, layers, mb):
+    net = _net([2, 2], [1e8, 1e10])
+    w = Workload(w.dispatch_bytes, w.expert_bytes, w.pre_expert_s, expert_s=1e-3, layers=layers, micro_batches=mb)
+    d = Domains(net.topology, (2, 2))
+    on, off = predict(d, w, net, ALL), predict(d, w, net, ALL.model_copy(update={"overlap": False}))
+    assert on.iteration_s <= off.iteration_s * (1 + 1e-12)
+    if layers == 1:
+        assert on.iteration_s == pytest.approx(off.iteration_s, rel=1e-12)

@@ -104,13 +104,15 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
 def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
                      efficiency: list[float]) -> tuple[Network, float] | None:
     """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
-    compute-only run, each level's links by its probed rate times the measured all-to-all efficiency."""
+    compute-only run, each level's links by its probed rate times the measured all-to-all efficiency,
+    latency zero (what the testbed has; the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     topo = Topology(tuple(lv.name for lv in cfg.topology.levels), tuple(lv.count for lv in cfg.topology.levels))
+    # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
-    net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)), net0.latency_s,
-                  net0.dc_link_bytes_per_s)
+    net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
+                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
     flops = predict(ep, workload_from_config(cfg, flops=1.0), net, cfg.terms).compute_s
     return net, flops / results[COMPUTE_ONLY]["median_iter_s"]

@@ -32,7 +32,7 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     from hybridep.topology import Domains
 
     topo = comm.topology
-    off = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False)
+    off = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
     net = Network(topo, tuple(r / 8 for r in rates_bps), (0.0,) * topo.num_levels)
     efficiency = []
     for level, count in enumerate(topo.counts):

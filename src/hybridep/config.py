@@ -222,6 +222,9 @@ class CostTerms(_Strict):
     latency: StrictBool = True
     expert_compute: StrictBool = True
     grad_sync: StrictBool = True
+    overlap: StrictBool = True
+    """Prefetched gathers of all layers and asynchronous reduce-scatters overlap compute across
+    layers (two-stream schedule); off = the paper's per-layer max(Lat_PE, Lat_AG)."""
 
 
 class BenchConfig(_Strict):
@@ -272,7 +275,7 @@ class Config(_Strict):
     def terms(self) -> CostTerms:
         """The cost terms in force: all off in ``paper`` mode."""
         if self.cost_model == "paper":
-            return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False)
+            return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
         return self.cost_terms
 
 

@@ -264,18 +264,38 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
     mb, layers = w.micro_batches, w.layers
 
-    fwd_first = max(pe, ag_t) + 2 * a2a_t + e
-    fwd_other = pe + 2 * a2a_t + e
-    iteration = layers * (fwd_first + (mb - 1) * fwd_other)
+    step = pe + 2 * a2a_t + e  # one layer of one micro-batch with nothing exposed
+    if terms.overlap:
+        # two streams: every layer's gather is issued at the start of the iteration (prefetch) and
+        # they complete back to back; layer l's experts wait for the l-th gather
+        t_c, ag_done = 0.0, 0.0
+        for _ in range(layers):
+            ag_done += ag_t
+            t_c = max(t_c + pe, ag_done) + 2 * a2a_t + e
+        fwd = t_c + (mb - 1) * layers * step
+    else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
+        fwd = layers * (max(pe, ag_t) + 2 * a2a_t + e) + (mb - 1) * layers * step
+    iteration = fwd
     compute = layers * mb * (pe + e)
     a2a_sum = layers * mb * 2 * a2a_t
-    exposed_ag = layers * max(0.0, ag_t - pe)
+    exposed_ag = fwd - layers * mb * step
     exposed_rs = 0.0
     grad_sync = exposed_gs = 0.0
     if terms.backward:
+        bwd_step = 2 * a2a_t + 2 * e + 2 * pe
         bwd_compute = layers * mb * (2 * pe + 2 * e)
-        bwd = layers * (mb * (2 * a2a_t + 2 * e + 2 * pe) - 2 * pe + max(2 * pe, rs_t))
-        exposed_rs = layers * max(0.0, rs_t - 2 * pe)
+        if terms.overlap:
+            # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
+            # run one after the other while the earlier layers' backward goes on
+            t, rs_free = 0.0, 0.0
+            for _ in range(layers):
+                t += 2 * a2a_t + 2 * e
+                rs_free = max(t, rs_free) + rs_t
+                t += 2 * pe
+            bwd = (mb - 1) * layers * bwd_step + max(t, rs_free)
+        else:
+            bwd = layers * (mb * bwd_step - 2 * pe + max(2 * pe, rs_t))
+        exposed_rs = bwd - layers * mb * bwd_step
         iteration += bwd
         compute += bwd_compute
         a2a_sum *= 2
