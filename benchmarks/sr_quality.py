@@ -1,6 +1,7 @@
-"""Training quality under shared + residual compression: the benchmark's language model trained for
-N steps under ``ep``, ``hybridep+sr`` (CR 50, full domain) and the ablation without the shared
-basis (top-k of the raw expert), on 4 local processes (loopback: quality, not speed).
+"""Training quality under residual compression: the benchmark's language model trained for N steps
+under ``ep`` and ``hybridep+sr`` (CR 50, full domain) with the shared basis (the paper's), the
+delta basis (receivers' synchronised copies) and no basis (ablation: top-k of the raw expert), on
+4 local processes (loopback: quality, not speed).
 
     python benchmarks/sr_quality.py [--steps 300] [--ratio 50] [--json PATH] [--plot PATH]
 """
@@ -27,8 +28,9 @@ def worker(rank, world, steps, ratio):
     out = {}
     sr = {"strategy": "hybridep+sr", "domain_sizes": (2, 2), "sr_ratio": ratio}
     variants = (("ep", {"strategy": "ep", "domain_sizes": (1, 1)}),
-                (f"hybridep+sr{ratio:g}", sr),
-                (f"hybridep+sr{ratio:g} without shared", {**sr, "sr_shared": False}))
+                (f"hybridep+sr{ratio:g} shared basis", {**sr, "sr_basis": "shared"}),
+                (f"hybridep+sr{ratio:g} delta basis", {**sr, "sr_basis": "delta"}),
+                (f"hybridep+sr{ratio:g} without shared", {**sr, "sr_basis": "zero"}))
     for name, extra in variants:
         res = run(lm, RunSpec(steps=steps, warmup=1, batch_size=batch // 4, seed=0, **extra), comm)
         out[name] = res.losses

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hybridep.bench import COMPUTE_ONLY, lm_config, runs, strategy_name
+from hybridep.bench import COMPUTE_ONLY, lm_config, parse_name, runs, strategy_name
 from hybridep.config import load_config
 from hybridep.planner import plan
 
@@ -20,7 +20,9 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     assert names[:2] == [COMPUTE_ONLY, "ep"]
     assert strategy_name(planned.choice.domains.topology, planned.choice.domains.sizes) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
-                          "hybridep(dc=2,gpu=2)", "deepspeed"}
+                          "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "deepspeed"}
+    assert parse_name("hybridep+sr50(dc=2,gpu=2)") == ((2, 2), 50.0) and parse_name("ep") == ((), None)
+    assert parse_name("deepspeed") == (None, None)
     lm, batch = lm_config(cfg)
     assert batch * lm.seq_len == cfg.moe.tokens_per_gpu
 
@@ -48,5 +50,5 @@ def test_bench_smoke(tmp_path):
         assert strategies["ep"]["predicted_iter_s"] > 0
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000
     # same seed, same data: our strategies compute the same model, so the same losses
-    losses = [v["final_loss"] for n, v in strategies.items() if n == "ep" or n.startswith("hybridep")]
+    losses = [v["final_loss"] for n, v in strategies.items() if n == "ep" or n.startswith("hybridep(")]
     assert max(losses) - min(losses) == pytest.approx(0.0, abs=1e-3)

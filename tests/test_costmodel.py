@@ -165,3 +165,16 @@ def test_overlap_never_slower_and_exact_for_one_layer(w, layers, mb):
     assert on.iteration_s <= off.iteration_s * (1 + 1e-12)
     if layers == 1:
         assert on.iteration_s == pytest.approx(off.iteration_s, rel=1e-12)
+
+
+def test_compression_shrinks_the_gather_and_can_enlarge_the_chosen_domain():
+    from hybridep.costmodel import workload_from_config
+
+    over = ["moe.tokens_per_gpu=1024"]
+    base = load_config(CONFIGS / "bench_ep_wins.yaml", over)
+    comp = load_config(CONFIGS / "bench_ep_wins.yaml", [*over, "moe.sr_ratio=50"])
+    w = workload_from_config(comp)
+    assert w.expert_bytes / w.gather_bytes == pytest.approx(50, rel=0.01)
+    assert workload_from_config(base).gather_bytes is None
+    assert plan(base).choice.domains.domain_size == 1
+    assert plan(comp).choice.domains.domain_size > 1

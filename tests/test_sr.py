@@ -55,3 +55,7 @@ def test_sr_in_the_runtime(sizes):
     assert res[0]["owner_grad_cr50"] and res[0]["owner_changed_cr50"]
     none, cr50 = res[0]["ag_total"]
     assert none / cr50 >= 20.0, (none, cr50)
+    for r in res:
+        assert r["delta_exact"]
+        first, second = r["delta_bytes"]
+        assert first == r["ag_bytes_none"] and (second == 0 or first / second >= 20.0)

@@ -34,7 +34,7 @@ class RunSpec:
     seed: int = 0
     prefetch: bool = True
     sr_ratio: float | None = None
-    sr_shared: bool = True
+    sr_basis: str = "shared"
 
 
 @dataclass
@@ -95,7 +95,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
-                         spec.sr_shared)
+                         spec.sr_basis)
     return data_parallel(model), model, styles
 
 

@@ -56,10 +56,16 @@ class PendingGather:
 class ExpertGatherer:
     """Hierarchical gather / reduce-scatter of one rank's expert shard inside its domain."""
 
-    def __init__(self, comm: Communicator, domains: Domains, member: int, codec: SRCodec | None = None):
-        self.comm, self.member, self.codec = comm, member, codec
+    def __init__(self, comm: Communicator, domains: Domains, member: int, codec: SRCodec | None = None,
+                 basis: str = "shared"):
+        if basis not in ("shared", "delta", "zero"):
+            raise ValueError(f"sr basis must be 'shared', 'delta' or 'zero', got {basis!r}")
+        self.comm, self.member, self.codec, self.basis = comm, member, codec, basis
         self.shared: torch.Tensor | None = None
-        """SR basis [p] (identical on all ranks); required when ``codec`` is set."""
+        """Basis [p] of the ``shared``/``zero`` modes (identical on all ranks)."""
+        self.replica: torch.Tensor | None = None
+        """``delta`` mode: every member's copy of the domain's experts [S*n, p], identical on all
+        members; the first gather is dense, later ones send top-k of (expert - replica)."""
         self.levels = domains.gather_levels()
         self.groups = []
         for lv in self.levels:
@@ -82,17 +88,32 @@ class ExpertGatherer:
     def encode(self, local: torch.Tensor) -> torch.Tensor:
         if self.codec is None:
             return local.contiguous()
-        return self.codec.encode(local.view(-1, self.codec.p), self.shared)
+        rows = local.view(-1, self.codec.p)
+        if self.basis == "delta":
+            if self.replica is None:
+                return rows.contiguous().view(torch.uint8).reshape(-1)
+            n = rows.shape[0]
+            return self.codec.encode(rows, self.replica[self.member * n:(self.member + 1) * n])
+        return self.codec.encode(rows, self.shared)
 
     def decode(self, gathered: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """Dense experts of all members in domain order; this rank's own slot is its exact expert."""
         if self.codec is None:
             return gathered
-        s = self.domain_size
-        n = local.numel() // self.codec.p
-        rows = [local.view(n, -1) if i == self.member else self.codec.decode(chunk, n, self.shared)
-                for i, chunk in enumerate(gathered.view(s, -1))]
-        return torch.cat(rows).reshape(-1)
+        rows = local.view(-1, self.codec.p)
+        n = rows.shape[0]
+        chunks = gathered.view(self.domain_size, -1)
+        if self.basis == "delta":
+            if self.replica is None:
+                self.replica = torch.cat([c.view(rows.dtype).view(n, -1) for c in chunks])
+            else:
+                self.replica = torch.cat([self.codec.decode(c, n, self.replica[i * n:(i + 1) * n])
+                                          for i, c in enumerate(chunks)])
+            dense = self.replica.clone()
+        else:
+            dense = torch.cat([self.codec.decode(c, n, self.shared) for c in chunks])
+        dense[self.member * n:(self.member + 1) * n] = rows
+        return dense.reshape(-1)
 
     def finish_gather(self, first: torch.Tensor) -> torch.Tensor:
         """Run the inner stages on the first stage's result; return all shards in domain order."""

@@ -38,7 +38,7 @@ class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
     def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
-                 sr_shared: bool = True):
+                 sr_basis: str = "shared"):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
@@ -49,7 +49,7 @@ class ExpertParallelStyle:
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
         comm.create_groups(domains.rail_groups())
         comm.create_groups([list(range(g))])
-        self.sr_ratio, self.sr_shared = sr_ratio, sr_shared
+        self.sr_ratio, self.sr_basis = sr_ratio, sr_basis
         self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
         self._shared_work = None
         s, n = len(self.domain), self.n_local
@@ -80,9 +80,10 @@ class ExpertParallelStyle:
         if self.sr_ratio and len(self.domain) > 1:
             p = sum(getattr(experts, name)[0].numel() for name in experts.weight_names)
             self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype)
-            if self.sr_shared:
+            self.gatherer.basis = self.sr_basis
+            if self.sr_basis == "shared":
                 self._start_shared_update(experts)
-            else:  # ablation: top-k of the raw expert (zero basis)
+            elif self.sr_basis == "zero":  # ablation: top-k of the raw expert
                 self.gatherer.shared = torch.zeros(p, dtype=experts.w1.dtype)
 
     def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
@@ -133,7 +134,7 @@ class ExpertParallelStyle:
         if pending is None:
             self._finish_shared_update()
         flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, self._accumulate(experts))
-        if self.gatherer.codec is not None and self.sr_shared:  # refresh the basis during the backward
+        if self.gatherer.codec is not None and self.sr_basis == "shared":  # refresh during the backward
             self._start_shared_update(experts)
         rows = flat.view(s * self.n_local, -1)
         out, col = {}, 0
@@ -170,12 +171,14 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 def parallelize(model: nn.Module, comm: Communicator, domains: Domains,
-                sr_ratio: float | None = None, sr_shared: bool = True) -> list[ExpertParallelStyle]:
+                sr_ratio: float | None = None, sr_basis: str = "shared") -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
-    ``sr_ratio`` enables shared + residual compression of the in-domain expert gather."""
+    ``sr_ratio`` enables residual top-k compression of the in-domain expert gather against ``sr_basis``:
+    ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's synchronised copy of the
+    expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert)."""
     styles = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_shared)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis)
         style.shard(layer.experts)
         layer.dispatcher = style
         styles.append(style)
