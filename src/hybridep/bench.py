@@ -84,7 +84,7 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
     if any(x > 1 for x in choice):
         for ratio in b.sr_ratios:
             out.append({"name": strategy_name(topo, choice, ratio), "strategy": "hybridep+sr",
-                        "domain_sizes": list(choice), "sr_ratio": ratio, **base})
+                        "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis, **base})
     for peer in peers:
         out.append({"name": peer, "strategy": peer, **base})
     return out

@@ -238,6 +238,9 @@ class BenchConfig(_Strict):
     peers: list[Literal["deepspeed"]] = ["deepspeed"]
     sr_ratios: list[Annotated[float, Field(gt=1, le=1e6, allow_inf_nan=False)]] = [50.0]
     """Also run HybridEP with SR compression at these ratios (at the planner's choice)."""
+    sr_basis: Literal["shared", "delta", "zero"] = "delta"
+    """Residual basis of those runs: ``shared`` (mean expert, the paper's), ``delta`` (receivers'
+    synchronised copies), ``zero`` (ablation)."""
     prefetch: StrictBool = True
     """Issue each layer's expert gather right after the optimizer step (False: in the forward pass)."""
     all_domain_sizes: StrictBool = True
