@@ -97,14 +97,17 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     sc = case.scenario
     dtype = getattr(torch, case.dtype)
     rank, world = comm.rank, comm.world_size
+    # NCCL needs the tensors on this rank's GPU; gloo runs on the CPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     torch.manual_seed(sc.seed)
     model = MoEStack(sc.layers, sc.hidden, sc.ffn, experts, sc.top_k, sc.kind, sc.capacity_factor).to(dtype)
     if sc.skew:
         _skew_router(model)
+    model = model.to(device)
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(sc.seed + 1000)
-    xs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype) for n in sc.tokens]
-    cs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype) for n in sc.tokens]
+    xs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sc.tokens]
+    cs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sc.tokens]
 
     # reference: one process, each rank's tokens in turn, loss = mean over ranks
     ref_x = [x.clone().requires_grad_() for x in xs]
@@ -140,7 +143,7 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
         errs.append(_compare(p.grad, r))
         finite &= p.grad is None or bool(torch.isfinite(p.grad).all())
     stats = torch.tensor([max(e[0] for e in errs), max(e[1] for e in errs), 0.0 if finite else 1.0],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     tol = TOLERANCE[case.dtype]
     return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
