@@ -305,7 +305,8 @@ def _print_bench(report: dict) -> None:
                       fmt_time(v["predicted_iter_s"]) if v["predicted_iter_s"] is not None else "-",
                       f"{v['final_loss']:.3f}", f"{v['speedup_vs_ep']:.2f}x" if v["speedup_vs_ep"] else "-")
     console.print(table)
-    console.print(f"planner's choice (calibrated): {report['planner_choice']} (from the configuration alone: "
+    how = "calibrated" if report["shaped"] else "from the configuration; unshaped run"
+    console.print(f"planner's choice ({how}): {report['planner_choice']} (from the configuration alone: "
                   f"{report['planner_choice_config']}); fastest measured: {report['fastest_measured']} "
                   f"(choice / fastest = {report['choice_vs_fastest']:.3f})")
     if report["median_model_error"] is not None:
