@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -233,7 +232,3 @@ def default_out_dir() -> Path:
 
 def config_for_report(cfg: Config) -> dict:
     return json.loads(json.dumps(config_to_dict(cfg)))
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)

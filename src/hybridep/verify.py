@@ -10,7 +10,6 @@ outputs, input gradients, every parameter gradient (expert gradients against the
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -187,7 +186,3 @@ def verify_worker(rank: int, world: int, names: tuple[str, ...], counts: tuple[i
 
 def summarize(results: list[dict]) -> dict:
     return {"cases": results, "all_passed": all(r["passed"] for r in results) and bool(results)}
-
-
-def worst(results: list[dict]) -> float:
-    return max((r["max_rel_err"] for r in results), default=math.nan)
