@@ -110,8 +110,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         topo = default_topology(world)
     worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout)
     if in_torchrun:
+        import torch.distributed as dist
+
         rank, _ = init_from_torchrun(args.backend, args.timeout)
         results = verify_worker(rank, world, *worker_args)
+        # leave together and tear the groups down before exiting (no gloo threads left at exit)
+        dist.barrier()
+        dist.destroy_process_group()
         if rank != 0:
             return 0 if all(r["passed"] for r in results) else 1
     else:
