@@ -107,9 +107,9 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     latency zero (what the testbed has; the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
-    topo = Topology(tuple(lv.name for lv in cfg.topology.levels), tuple(lv.count for lv in cfg.topology.levels))
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
+    topo = net0.topology
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))

@@ -85,7 +85,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import os
 
     from hybridep.launch import RankFailedError, init_from_torchrun, run_local
-    from hybridep.topology import Topology
     from hybridep.verify import default_topology, summarize, verify_worker
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -101,10 +100,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError([("--world-size", world, "a positive number of processes (or run under torchrun)")])
     if args.config or args.overrides:
         cfg = load_config(args.config, args.overrides)
-        lv = cfg.topology.levels
-        topo = Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
+        topo = cfg.topology.as_topology()
         if topo.world_size != world:
-            raise ConfigError([("topology.levels", [x.count for x in lv],
+            raise ConfigError([("topology.levels", list(topo.counts),
                                 f"counts whose product equals the world size {world}")])
     else:
         topo = default_topology(world)
@@ -147,18 +145,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if summary["all_passed"] else 1
 
 
-def _topology(cfg: Config):
-    from hybridep.topology import Topology
-
-    lv = cfg.topology.levels
-    return Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
-
-
 def _probe_levels(cfg: Config) -> list[float]:
     """Measured rank-0 point-to-point rate (bits/s) across each level of the testbed."""
     from hybridep.testbed.probe import measure
 
-    topo = _topology(cfg)
+    topo = cfg.topology.as_topology()
     rates = []
     for level, lv in enumerate(cfg.topology.levels):
         if lv.count == 1:
@@ -197,7 +188,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(args.config, args.overrides)
     try:
-        netns.up(_topology(cfg), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
+        netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
     except netns.TestbedError as err:
         console.print(f"[red]testbed up refused:[/red] {err}", highlight=False)
         return 2
@@ -248,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             st = netns.state()
             want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
             if not (args.testbed_is_up and st and (st["names"], st["counts"]) == want):
-                netns.up(_topology(cfg), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
+                netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
                 brought_up = True
             console.print(f"testbed up; {LATENCY_NOTE}")
             rates = _probe_levels(cfg)
@@ -271,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     progress.advance(task)
                     progress.console.print(line, highlight=False)
 
-            launch(argv, _topology(cfg).world_size, out / "logs", shaped, cfg.bench.timeout_s, on_line)
+            launch(argv, cfg.topology.as_topology().world_size, out / "logs", shaped, cfg.bench.timeout_s, on_line)
     except RankFailedError as err:
         console.print(f"[red]bench failed:[/red] {err}", highlight=False)
         return 1

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from hybridep.topology import Topology
 from hybridep.units import UnitError, parse_bandwidth, parse_bytes, parse_flops, parse_time
 
 MAX_COUNT = 1_000_000
@@ -151,6 +152,10 @@ class TopologyConfig(_Strict):
     @property
     def world_size(self) -> int:
         return math.prod(lv.count for lv in self.levels)
+
+    def as_topology(self) -> Topology:
+        """The level names and counts as a :class:`~hybridep.topology.Topology`."""
+        return Topology(tuple(lv.name for lv in self.levels), tuple(lv.count for lv in self.levels))
 
 
 class MoEConfig(_Strict):

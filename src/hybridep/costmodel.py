@@ -129,7 +129,7 @@ class Network:
     @classmethod
     def from_config(cls, cfg: Config) -> Network:
         lv = cfg.topology.levels
-        topo = Topology(tuple(x.name for x in lv), tuple(x.count for x in lv))
+        topo = cfg.topology.as_topology()
         matrix = None
         if cfg.topology.dc_bandwidth is not None:
             matrix = np.asarray(cfg.topology.dc_bandwidth, dtype=float) / 8.0

@@ -56,7 +56,7 @@ def _entry(fn, rank, world, port, backend, timeout_s, args, out) -> None:
         pass
 
 
-def _root_cause(errors: dict[int, str]) -> RankFailedError:
+def root_cause(errors: dict[int, str]) -> RankFailedError:
     """The failure to report: a rank that failed on its own, not one whose collective broke."""
     def secondary(msg: str) -> bool:
         return "CommunicationError" in msg or msg.startswith("died with exit code")
@@ -116,7 +116,7 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
                     results[rank] = payload
                 else:
                     errors[rank] = payload
-            failure = _root_cause(errors)
+            failure = root_cause(errors)
     finally:
         for p in procs:
             p.join(timeout=0.5 if failure else 10.0)

@@ -105,8 +105,7 @@ class Communicator:
         self._groups: dict[tuple[int, ...], object] = {}
         self._level = [topology.level_of_pair(self.rank, p) if p != self.rank else topology.num_levels
                        for p in range(self.world_size)]
-        self._level_name = [topology.names[topology.level_of_pair(self.rank, p)] if p != self.rank else "self"
-                            for p in range(self.world_size)]
+        self._level_name = [topology.names[lv] if lv < topology.num_levels else "self" for lv in self._level]
 
     def create_groups(self, groups: Sequence[Sequence[int]]) -> None:
         """Create process groups for a partition of the ranks. Every rank must call this with the
@@ -201,15 +200,9 @@ class Communicator:
         Done as one all-to-all of the shards plus a local sum: each member's shard crosses each link
         exactly once (gloo's own reduce-scatter moves about twice that).
         """
-        if len(ranks) == 1:
-            out.copy_(inp)
-            return
-        n = len(ranks)
-        recv = inp.new_empty(inp.numel())
-        split = [out.numel()] * n
-        _, secs = self._run(op, ranks, lambda: self._shard_exchange(recv, inp, split, ranks))
-        torch.sum(recv.view(n, -1), dim=0, out=out)
-        self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
+        handle = self.reduce_scatter_async(out, inp, ranks, op)
+        if handle is not None:
+            handle.wait()
 
     def reduce_scatter_async(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int],
                              op: str = "rs") -> AsyncReduceScatter | None:
@@ -228,12 +221,6 @@ class Communicator:
             reqs = [work]
         self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
         return AsyncReduceScatter(self, reqs, recv, out, n, ranks, op)
-
-    def _shard_exchange(self, recv: torch.Tensor, inp: torch.Tensor, split: list[int], ranks: Sequence[int]) -> None:
-        if self.a2a_impl == "p2p":
-            self._p2p_all_to_all(recv, inp, split, split, ranks)
-        else:
-            dist.all_to_all_single(recv, inp, split, split, group=self.group(ranks))
 
     def all_reduce(self, tensor: torch.Tensor, ranks: Sequence[int], op: str = "allreduce",
                    async_op: bool = False):

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hybridep.launch import RankFailedError, free_port
+from hybridep.launch import RankFailedError, free_port, root_cause
 from hybridep.testbed.netns import IFACE, rank_ip, rank_ns
 
 
@@ -86,10 +86,9 @@ def launch(argv: list[str], world: int, logdir: Path, namespaced: bool, timeout_
             if failed:
                 time.sleep(1.0)  # let the first failure's peers report too, then pick the root cause
                 codes = [p.poll() for p in procs]
-                first = min(failed, key=lambda r: ("CommunicationError" in _tail(logs[r]), r))
                 _stop(procs)
-                raise RankFailedError(f"rank {first} exited with code {codes[first]}; end of its log "
-                                      f"({logs[first]}):\n{_tail(logs[first])}", first)
+                raise root_cause({r: f"exited with code {codes[r]}; end of its log ({logs[r]}):\n{_tail(logs[r])}"
+                                   for r in failed})
             if all(c == 0 for c in codes):
                 return
             if time.monotonic() > deadline:
