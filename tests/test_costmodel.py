@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridep.config import CostTerms, load_config
-from hybridep.costmodel import Network, Workload, _a2a_level_bytes, _domain_load_grid, predict
+from hybridep.costmodel import Network, Workload, _a2a_level_bytes, domain_load_grid, predict
 from hybridep.planner import paper_latency, plan, plan_workload
 from hybridep.topology import Domains, Topology, divisors
 
@@ -91,7 +91,7 @@ def test_a2a_port_bytes_match_brute_force(case):
         src, dst = topo.coords(r)[: lv + 1], topo.coords(q)[: lv + 1]
         egress[lv][src] = egress[lv].get(src, 0.0) + b
         ingress[lv][dst] = ingress[lv].get(dst, 0.0) + b
-    grid = _domain_load_grid(dom, w)
+    grid = domain_load_grid(dom, w)
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, grid, lv)
         assert max(egress[lv].values(), default=0.0) == pytest.approx(float(eg.max()), abs=1e-6)

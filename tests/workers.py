@@ -13,6 +13,7 @@ from hybridep.costmodel import Network, Workload, predict
 from hybridep.moe.stack import MoEStack
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
+from hybridep.sim.iteration import simulate
 from hybridep.topology import Domains, Topology
 
 
@@ -78,7 +79,9 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
                  pre_expert_s=0.0, experts=experts, expert_load=tuple((hist / hist.sum()).tolist()))
     net = Network(topo, (1.0,) * len(counts), (0.0,) * len(counts))
     pred = predict(Domains(topo, sizes), w, net, CostTerms(latency=False, grad_sync=False))
-    return total, pred.bytes_by_level
+    simulated = [simulate(Domains(topo, sizes), w, net, CostTerms(grad_sync=False), fold).bytes_by_level
+                 for fold in (True, False)]
+    return total, pred.bytes_by_level, simulated
 
 
 def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):

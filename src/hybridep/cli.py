@@ -309,6 +309,61 @@ def _print_bench(report: dict) -> None:
         console.print(f"cost model vs measurement: median |error| {report['median_model_error']:.1%}")
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hybridep.config import config_to_dict, load_config_data
+    from hybridep.sim import study
+
+    if args.calibrate:
+        rep = study.calibrate(args.calibrate)
+        table = Table(title=f"simulated vs measured ({args.calibrate})")
+        for col in ("strategy", "measured", "simulated", "error", "cost model", "error"):
+            table.add_column(col, justify="right")
+        for r in rep["strategies"]:
+            table.add_row(r["strategy"], fmt_time(r["measured_s"]), fmt_time(r["simulated_s"]),
+                          f"{r['sim_error']:+.1%}", fmt_time(r["model_s"]), f"{r['model_error']:+.1%}")
+        console.print(table)
+        if rep["median_abs_sim_error"] is not None:
+            console.print(f"simulator: median |error| {rep['median_abs_sim_error']:.1%}, "
+                          f"max {rep['max_abs_sim_error']:.1%}")
+        _write_json(args.json, rep)
+        return 0
+    sweeps = study.parse_sweeps(args.sweep)
+    configs = study.sweep_configs(load_config_data(args.config, args.overrides), sweeps)
+    points: list[dict] = []
+    first = None
+    flops_cache: dict = {}
+    for values, cfg in configs:
+        if "f" not in flops_cache:
+            flops_cache["f"] = _flops(cfg)
+        pts, sims = study.run_point(cfg, flops_cache["f"])
+        for p in pts:
+            p["sweep"] = values
+        points += pts
+        first = first or (cfg, sims)
+    names = [k for k, _ in sweeps]
+    table = Table(title="hybridep simulate (one iteration)")
+    for col in [*names, "strategy", "p", "simulated", "cost model", "lower bound", "vs EP (sim)",
+                "vs EP (model)", "sim wall"]:
+        table.add_column(col, justify="right")
+    for p in points:
+        table.add_row(*(str(p["sweep"][k]) for k in names), p["strategy"], f"{p['p']:.3f}",
+                      fmt_time(p["iteration_s"]), fmt_time(p["model_iteration_s"]), fmt_time(p["lower_bound_s"]),
+                      f"{p['speedup_vs_ep']:.2f}x", f"{p['model_speedup_vs_ep']:.2f}x", f"{p['sim_wall_s']:.2f} s")
+    console.print(table)
+    cfg0, sims0 = first
+    if args.trace:
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.trace).write_text(json.dumps(study.chrome_trace(sims0, cfg0.topology.as_topology().names)))
+        console.print(f"wrote {args.trace} (open in chrome://tracing or ui.perfetto.dev)")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        study.plot(points, names[0] if names else None, Path(args.plot))
+        console.print(f"wrote {args.plot}")
+    _write_json(args.json, {"points": points, "sweeps": {k: v for k, v in sweeps},
+                            "config": config_to_dict(cfg0)})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="folder for spec, logs, results, plot (default: a new temp folder)")
     p.add_argument("--plot", metavar="PATH", help="PNG plot path (default: OUT/bench.png)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("simulate", help="flow-level simulation of one iteration per strategy, with sweeps")
+    _add_config_args(p)
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                   help="sweep dcs, bandwidth, latency or any config key (repeatable: cartesian product)")
+    p.add_argument("--trace", metavar="PATH", help="Chrome/Perfetto trace of the first point's iteration")
+    p.add_argument("--plot", metavar="PATH", help="PNG: speedup over EP against the first swept variable")
+    p.add_argument("--calibrate", metavar="BENCH_JSON", help="compare with a hybridep bench --json result")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

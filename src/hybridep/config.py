@@ -183,9 +183,13 @@ class MoEConfig(_Strict):
     """Shared + residual compression ratio of the expert gather (None = uncompressed)."""
     expert_load: list[NonNegFloat] | None = None
     """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
+    expert_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
+    """Zipf skew s of the expert load instead of a histogram: expert e gets a share ~ (e+1)^-s."""
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
+        if self.expert_load is not None and self.expert_zipf is not None:
+            raise _FieldError("moe.expert_zipf", self.expert_zipf, "give moe.expert_load or moe.expert_zipf, not both")
         if self.top_k > self.experts:
             raise _FieldError("moe.top_k", self.top_k, f"at most moe.experts; allowed: 1..{self.experts}")
         if self.expert_load is not None:
@@ -213,6 +217,11 @@ class WorkloadConfig(_Strict):
     expert_s: TimeS = 0.0
     """Expert compute time per layer on one device (uniform routing)."""
     layers: PositiveInt = 1
+    micro_batches: PositiveInt = 1
+    dense_grad_bytes: Bytes = 0.0
+    """Bytes of non-expert gradients one device all-reduces per iteration."""
+    device_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
+    """Zipf skew s of the routed load over devices (device d's experts get a share ~ (d+1)^-s)."""
 
 
 class ComputeConfig(_Strict):
@@ -227,6 +236,9 @@ class CostTerms(_Strict):
     latency: StrictBool = True
     expert_compute: StrictBool = True
     grad_sync: StrictBool = True
+    port_sharing: StrictBool = True
+    """All streams share a worker's port: the iteration is at least the busiest level's bytes per
+    port divided by its rate (overlapped gathers still occupy the link the all-to-alls need)."""
     overlap: StrictBool = True
     """Prefetched gathers of all layers and asynchronous reduce-scatters overlap compute across
     layers (two-stream schedule); off = the paper's per-layer max(Lat_PE, Lat_AG)."""
@@ -259,6 +271,19 @@ class BenchConfig(_Strict):
         return self
 
 
+class SimulateConfig(_Strict):
+    """Settings of ``hybridep simulate``."""
+
+    strategies: Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=200)]],
+                          Field(min_length=1, max_length=64)] = ["ep", "planner"]
+    """``ep``; ``planner`` (HybridEP at the planner's choice); ``hybridep(dc=2,gpu=8)`` (given
+    per-level domain sizes; levels left out take the planner's best); ``hybridep(p=0.5)`` (the
+    domain size (1-p)*G, levels split by the planner); ``hybridep+sr50(...)`` with SR compression."""
+    fold: Literal["auto", "on", "off"] = "auto"
+    """Fold symmetric senders into per-level means (``on``), simulate every rank pair (``off``), or
+    fold unless routing is skewed and the world has at most 128 ranks (``auto``)."""
+
+
 class Config(_Strict):
     cost_model: Literal["paper", "full"] = "full"
     topology: TopologyConfig
@@ -267,6 +292,7 @@ class Config(_Strict):
     compute: ComputeConfig = ComputeConfig()
     cost_terms: CostTerms = CostTerms()
     bench: BenchConfig = BenchConfig()
+    simulate: SimulateConfig = SimulateConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -283,7 +309,8 @@ class Config(_Strict):
     def terms(self) -> CostTerms:
         """The cost terms in force: all off in ``paper`` mode."""
         if self.cost_model == "paper":
-            return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
+            return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False,
+                             port_sharing=False)
         return self.cost_terms
 
 
@@ -360,6 +387,11 @@ def default_config_text() -> str:
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Load a YAML file (or the embedded default when ``path`` is None) and apply overrides."""
+    return config_from_dict(load_config_data(path, overrides))
+
+
+def load_config_data(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """The raw mapping of :func:`load_config`, overrides applied, not yet validated."""
     if path is None:
         text, source = default_config_text(), "(embedded default)"
     else:
@@ -367,11 +399,15 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             text, source = Path(path).read_text(), str(path)
         except OSError as err:
             raise ConfigError([("--config", str(path), f"cannot read file: {err.strerror}")]) from None
-    return config_from_text(text, overrides, source)
+    return _data_from_text(text, overrides, source)
 
 
 def config_from_text(text: str, overrides: Iterable[str] = (), source: str = "(text)") -> Config:
     """Parse YAML text, apply overrides and validate."""
+    return config_from_dict(_data_from_text(text, overrides, source))
+
+
+def _data_from_text(text: str, overrides: Iterable[str], source: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -382,7 +418,7 @@ def config_from_text(text: str, overrides: Iterable[str] = (), source: str = "(t
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([(source, data, "the top level must be a mapping")])
-    return config_from_dict(apply_overrides(data, overrides))
+    return apply_overrides(data, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -21,6 +21,9 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
   the last micro-batch: ``max(2 * Lat_PE, Lat_RS)``.
 * gradient sync of non-expert parameters (``full``): a ring all-reduce overlapping the whole
   backward compute; only the part longer than the backward compute is exposed.
+* port sharing (``full``): overlapped streams still share the ports, so the iteration is at least
+  the busiest level's bytes per port over its rate (the flow simulator shows the contention the
+  two-stream recurrence alone misses).
 
 ``paper`` mode = the same code with backward, latency, expert compute and gradient sync off.
 """
@@ -61,6 +64,12 @@ class Workload:
     Gradients return dense (reduce-scatter of ``expert_bytes``)."""
 
 
+def zipf_load(n: int, s: float) -> tuple[float, ...]:
+    """Shares (summing to 1) of n experts under Zipf skew s: share_e ~ (e+1)^-s."""
+    x = np.arange(1, n + 1, dtype=float) ** -s
+    return tuple((x / x.sum()).tolist())
+
+
 def flops_per_layer(cfg: Config) -> dict[str, float]:
     """Forward FLOPs of one device for one MoE layer and micro-batch, by part."""
     m = cfg.moe
@@ -80,8 +89,12 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
     """Derive the workload from model dimensions (or take the direct ``workload`` section)."""
     if cfg.workload is not None:
         w = cfg.workload
+        g = cfg.topology.world_size
         return Workload(dispatch_bytes=w.dispatch_bytes, expert_bytes=w.expert_bytes,
-                        pre_expert_s=w.pre_expert_s, expert_s=w.expert_s, layers=w.layers)
+                        pre_expert_s=w.pre_expert_s, expert_s=w.expert_s, layers=w.layers,
+                        micro_batches=w.micro_batches, dense_grad_bytes=w.dense_grad_bytes,
+                        experts=g if w.device_zipf is not None else 0,
+                        expert_load=zipf_load(g, w.device_zipf) if w.device_zipf is not None else None)
     m = cfg.moe
     assert m is not None
     if flops is None:
@@ -102,6 +115,8 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
     if m.expert_load is not None:
         total = sum(m.expert_load)
         load = tuple(x / total for x in m.expert_load)
+    elif m.expert_zipf is not None:
+        load = zipf_load(m.experts, m.expert_zipf)
     return Workload(
         dispatch_bytes=m.tokens_per_gpu * m.top_k * m.hidden * m.dtype_bytes,
         expert_bytes=(m.experts // g) * mats * m.hidden * m.ffn * m.dtype_bytes,
@@ -154,6 +169,8 @@ class Prediction:
     """One dispatch (or combine) all-to-all of one layer and micro-batch."""
     ag_phase_s: float
     """One layer's expert all-gather."""
+    port_bound_s: float = 0.0
+    """The average port of the busiest level busy with all its bytes (see ``port_sharing``)."""
     bytes_by_level: dict[str, dict[str, float]] = field(default_factory=dict)
     """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total}}."""
 
@@ -163,7 +180,7 @@ class Prediction:
         return d
 
 
-def _domain_load_grid(dom: Domains, w: Workload) -> np.ndarray:
+def domain_load_grid(dom: Domains, w: Workload) -> np.ndarray:
     """Share of routed tokens per expert domain, as an array of shape (R_0, ..., R_{L-1})."""
     g = dom.topology.world_size
     if w.expert_load is None or w.experts == 0:
@@ -213,7 +230,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     topo = dom.topology
     names = topo.names
     L = topo.num_levels
-    load = _domain_load_grid(dom, w)
+    load = domain_load_grid(dom, w)
 
     # --- one dispatch A2A (combine is its mirror: same port loads, directions swapped) ---
     a2a_port, a2a_total = [], []
@@ -315,11 +332,48 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         ag_b = ag_total[lv] * layers
         rs_b = rs_total[lv] * layers if terms.backward else 0.0
         by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
+    port_bound = _port_bound(topo, by_level, net)
+    if terms.port_sharing:
+        iteration = max(iteration, port_bound)
     return Prediction(
         domain_sizes=dom.sizes, iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
         ag_s=layers * ag_t, rs_s=layers * rs_t if terms.backward else 0.0, grad_sync_s=grad_sync,
         exposed_ag_s=exposed_ag, exposed_rs_s=exposed_rs, exposed_grad_sync_s=exposed_gs,
-        a2a_phase_s=a2a_t, ag_phase_s=ag_t, bytes_by_level=by_level)
+        a2a_phase_s=a2a_t, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
+
+
+def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> float:
+    """A bound no schedule of this partition can beat (seconds per iteration).
+
+    The larger of (a) the critical path of compute and message latency -- every layer and
+    micro-batch runs its pre-expert compute, then the busiest rank's expert compute between a
+    dispatch and a combine that each take at least the smallest latency of a level carrying
+    all-to-all traffic (twice that for the backward, with compute doubled) -- and (b) the time the
+    average port of each level needs for the bytes the port model charges to it (all-to-all,
+    gather and reduce-scatter; gradient sync left out). Both hold whatever the overlap, contention
+    or fairness, so the simulator's iteration may never fall below it.
+    """
+    load = domain_load_grid(dom, w)
+    e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
+    a2a_levels = [lv for lv, n in enumerate(dom.peers_by_level("a2a")) if n > 0]
+    lat = min((net.latency_s[lv] for lv in a2a_levels), default=0.0) if terms.latency and a2a_levels else 0.0
+    steps = w.layers * w.micro_batches
+    path = steps * (w.pre_expert_s + e + 2 * lat)
+    if terms.backward:
+        path += steps * (2 * w.pre_expert_s + 2 * e + 2 * lat)
+    return max(path, predict(dom, w, net, terms).port_bound_s)
+
+
+def _port_bound(topo: Topology, by_level: dict[str, dict[str, float]], net: Network) -> float:
+    """max over levels of (bytes charged to the level / its number of ports) / port rate (seconds).
+    Zero with a pairwise DC link matrix (no shared top-level port)."""
+    if net.dc_link_bytes_per_s is not None:
+        return 0.0
+    out = 0.0
+    for lv, name in enumerate(topo.names):
+        workers = math.prod(topo.counts[: lv + 1])
+        out = max(out, by_level[name]["total"] / workers / net.port_bytes_per_s[lv])
+    return out
 
 
 def paper_closed_form_p(dispatch_bytes: float, expert_bytes: float, pre_expert_s: float,

@@ -1,0 +1,418 @@
+"""One simulated training iteration of the MoE layers: streams, flows and their dependencies.
+
+The network is the cost model's port model walked hop by hop: every worker of level ``l`` (a DC,
+a node, a GPU) has an egress and an ingress link of ``B_l`` bytes/s; a flow between two ranks
+that differ first at level ``l`` crosses the sender's egress links of levels ``L-1 .. l`` and the
+receiver's ingress links of levels ``l .. L-1`` (so a DC uplink is shared by all its ranks'
+cross-DC flows, and a GPU port by its intra- and cross-DC flows). Each flow is delivered its
+level's latency after its last byte.
+
+Per-operation quantities (bytes per device, compute seconds, expert load per domain, latencies)
+come from :mod:`hybridep.costmodel`; this module adds contention, skew and overlap by dependency:
+
+* forward, per layer and micro-batch: pre-expert compute -> dispatch all-to-all (tokens of the
+  same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
+  in -> combine all-to-all from that rank -> next layer once every rank has its results back;
+* backward mirrors it (expert and pre-expert compute twice as long);
+* expert all-gathers: all layers back to back from the start of the iteration (prefetch) when
+  ``overlap`` is on, else each layer's at its forward start; stages outermost level first;
+* reduce-scatters of the gathered experts' gradients: after the last micro-batch's expert
+  backward of each layer, one after the other, innermost stage first;
+* ring all-reduce of the dense gradients, released at the start of the last backward.
+
+Folding (``fold=True``): senders of the dispatch (and receivers of the combine) are symmetric --
+every rank routes with the same expert-load histogram -- so a flow class is "all flows into rank b
+over level l" with the senders' egress links folded into a per-level mean (a broadcast entry);
+the receivers' links stay exact. Gathers, reduce-scatters are folded on both sides. This keeps
+1000 DCs x 8 GPUs at tens of thousands of classes instead of 64 million flows. ``fold=False``
+simulates every rank pair as its own flow on exact links (small worlds; used to test the fold).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybridep.config import CostTerms
+from hybridep.costmodel import Network, Workload, domain_load_grid
+from hybridep.sim.fluid import Batch, Engine
+from hybridep.topology import Domains
+
+TRACKS = ("compute", "a2a", "ag", "rs", "grad_sync")
+
+
+@dataclass
+class Span:
+    track: str
+    name: str
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class SimResult:
+    """One simulated iteration. Times in seconds, bytes per iteration (cluster-wide)."""
+
+    domain_sizes: tuple[int, ...]
+    iteration_s: float
+    spans: list[Span]
+    bytes_by_level: dict[str, dict[str, float]]
+    """{level: {op: bytes}} of flows whose coarsest differing level is ``level``."""
+    link_bytes: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    events: int = 0
+    classes: int = 0
+
+    def busy_s(self, track: str) -> float:
+        return sum(s.end_s - s.start_s for s in self.spans if s.track == track)
+
+
+class _Fabric:
+    """Link numbering: egress then ingress links of every level's workers; one group per both."""
+
+    def __init__(self, dom: Domains, net: Network):
+        topo = dom.topology
+        self.L = topo.num_levels
+        self.G = topo.world_size
+        self.workers = [math.prod(topo.counts[: j + 1]) for j in range(self.L)]
+        self.per_worker = [topo.ranks_per_worker(j) for j in range(self.L)]
+        offs, cap, grp = [], [], []
+        start = 0
+        for j in range(self.L):
+            for direction in (0, 1):
+                offs.append(start)
+                cap.append(np.full(self.workers[j], net.port_bytes_per_s[j]))
+                grp.append(np.full(self.workers[j], 2 * j + direction))
+                start += self.workers[j]
+        self.offset = offs  # index 2j: egress of level j, 2j+1: ingress
+        self.capacity = np.concatenate(cap)
+        self.group = np.concatenate(grp)
+
+    def link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
+        """Link ids of the given ranks' level-``level`` workers."""
+        return self.offset[2 * level + int(ingress)] + ranks // self.per_worker[level]
+
+
+class IterationSim:
+    """Builds and runs one iteration on a fluid :class:`~hybridep.sim.fluid.Engine`."""
+
+    def __init__(self, dom: Domains, w: Workload, net: Network, terms: CostTerms, fold: bool = True):
+        if net.dc_link_bytes_per_s is not None:
+            raise ValueError("topology.dc_bandwidth: the simulator models one shared port per DC; "
+                             "a pairwise DC link matrix is not supported yet (remove it to simulate)")
+        self.dom, self.w, self.net, self.terms, self.fold = dom, w, net, terms, fold
+        topo = dom.topology
+        self.fab = _Fabric(dom, net)
+        self.G, self.L = topo.world_size, topo.num_levels
+        ranks = np.arange(self.G)
+        self.coords = np.stack(np.unravel_index(ranks, topo.counts), axis=1) if self.L > 1 else ranks[:, None]
+        # share of all routed tokens that rank b's domain processes (b serves its rail's share)
+        grid = domain_load_grid(dom, w)
+        dom_ids = self.coords // np.asarray(dom.sizes)
+        self.share = grid[tuple(dom_ids.T)]
+        self.flow_bytes = w.dispatch_bytes * self.share  # one sender -> b, per A2A
+        e = w.expert_s if terms.expert_compute else 0.0
+        self.expert_s = e * self.share * dom.rail_size  # forward expert compute of each rank
+        self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
+        self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L)
+        self.spans: list[Span] = []
+        self.classes = 0
+        self._a2a_peers = dom.peers_by_level("a2a")
+
+    # ------------------------------------------------------------------ flow classes
+    def _a2a_batch(self, op: str, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
+                   label: str) -> Batch:
+        """One all-to-all's flows into (``toward_b``) or out of the given ranks, per level."""
+        sizes, counts, lats, rel, owner = [], [], [], [], []
+        ent: list[list[np.ndarray]] = [[], [], []]
+        gent: list[list[np.ndarray]] = [[], [], []]
+        n_cls = 0
+        for lv in range(self.L):
+            n = self._a2a_peers[lv]
+            if n == 0:
+                continue
+            if self.fold:
+                cls = n_cls + np.arange(len(ranks))
+                sizes.append(self.flow_bytes[ranks])
+                counts.append(np.full(len(ranks), float(n)))
+                lats.append(np.full(len(ranks), self.lat[lv]))
+                rel.append(release)
+                owner.append(ranks)
+                for j in range(lv, self.L):
+                    ent[0].append(cls)
+                    ent[1].append(self.fab.link(j, toward_b, ranks))
+                    ent[2].append(np.full(len(ranks), float(n)))
+                    gent[0].append(cls)
+                    gent[1].append(np.full(len(ranks), 2 * j + int(not toward_b)))
+                    gent[2].append(np.full(len(ranks), n / self.fab.workers[j]))
+                n_cls += len(ranks)
+            else:
+                peers = self._rail_peers(ranks, lv)  # (len(ranks), n)
+                b = np.repeat(ranks, n)
+                a = peers.reshape(-1)
+                cls = n_cls + np.arange(len(b))
+                sizes.append(self.flow_bytes[b])
+                counts.append(np.ones(len(b)))
+                lats.append(np.full(len(b), self.lat[lv]))
+                rel.append(np.repeat(release, n))
+                owner.append(b)
+                src, dst = (a, b) if toward_b else (b, a)
+                for j in range(lv, self.L):
+                    for side, r in ((False, src), (True, dst)):
+                        ent[0].append(cls)
+                        ent[1].append(self.fab.link(j, side, r))
+                        ent[2].append(np.ones(len(b)))
+                n_cls += len(b)
+        return self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
+
+    def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
+        """For each rank, the rail members whose coarsest differing level is ``lv``."""
+        topo = self.dom.topology
+        out = []
+        for r in ranks.tolist():
+            out.append([q for q in self.dom.rail_groups()[self.dom.offset_index(r)]
+                        if topo.level_of_pair(r, q) == lv])
+        return np.asarray(out, dtype=int)
+
+    def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
+        """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``."""
+        s = self.dom.sizes[lv]
+        per_flow = shard_bytes * math.prod(self.dom.sizes[:lv])
+        n_flows = self.G * (s - 1)
+        if self.fold:
+            cls = np.zeros(self.L - lv, dtype=int)
+            gent = [[cls, cls], [np.arange(lv, self.L) * 2, np.arange(lv, self.L) * 2 + 1],
+                    [np.array([n_flows / self.fab.workers[j] for j in range(lv, self.L)])] * 2]
+            return self._batch(op, [np.array([per_flow])], [np.array([float(n_flows)])],
+                               [np.array([self.lat[lv]])], [np.array([self.eng.now])],
+                               [[], [], []], [[np.concatenate(x)] for x in gent], label, [np.zeros(1, int)])
+        src, dst = [], []
+        for group in self.dom.stage_groups(lv):
+            for a in group:
+                for b in group:
+                    if a != b:
+                        src.append(a)
+                        dst.append(b)
+        src_a, dst_a = np.asarray(src), np.asarray(dst)
+        return self._p2p_batch(op, src_a, dst_a, per_flow, lv, label)
+
+    def _p2p_batch(self, op: str, src: np.ndarray, dst: np.ndarray, per_flow: float, lv: int | np.ndarray,
+                   label: str, latency: float | None = None) -> Batch:
+        """Single flows on exact links (``lv``: coarsest differing level per flow)."""
+        n = len(src)
+        lvs = np.broadcast_to(np.asarray(lv), (n,))
+        cls = np.arange(n)
+        ent: list[list[np.ndarray]] = [[], [], []]
+        for j in range(self.L):
+            on = lvs <= j
+            for side, r in ((False, src), (True, dst)):
+                ent[0].append(cls[on])
+                ent[1].append(self.fab.link(j, side, r[on]))
+                ent[2].append(np.ones(int(on.sum())))
+        lat = np.asarray([self.lat[x] for x in lvs]) if latency is None else np.full(n, latency)
+        return self._batch(op, [np.full(n, per_flow)], [np.ones(n)], [lat], [np.full(n, self.eng.now)],
+                           ent, [[], [], []], label, [np.zeros(n, int)])
+
+    def _batch(self, op, sizes, counts, lats, rel, ent, gent, label, owner) -> Batch:
+        def cat(parts, dtype=float):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        b = Batch(op=op, size=cat(sizes), count=cat(counts), latency=cat(lats), release=cat(rel),
+                  entries=(cat(ent[0], int), cat(ent[1], int), cat(ent[2])),
+                  group_entries=(cat(gent[0], int), cat(gent[1], int), cat(gent[2])), label=label)
+        b.owner = cat(owner, int)  # the real-side rank of every class
+        self.classes += b.classes
+        return b
+
+    # ------------------------------------------------------------------ schedule
+    def _span(self, track: str, name: str, start: float, end: float) -> None:
+        if end > start:
+            self.spans.append(Span(track, name, start, end))
+
+    def _collective(self, batch: Batch, track: str, then) -> None:
+        """Submit a batch; record its span and call ``then(t)`` when all of it is delivered."""
+        start = self.eng.now
+
+        def done(t: float) -> None:
+            self._span(track, batch.label, start, t)
+            then(t)
+
+        batch.on_all_delivered = done
+        self.eng.submit(batch)
+
+    def _staged(self, op: str, levels: list[int], shard_bytes: float, label: str, then) -> None:
+        """Stages one after the other (each delivered before the next starts)."""
+        if not levels or shard_bytes <= 0:
+            then(self.eng.now)
+            return
+        lv, rest = levels[0], levels[1:]
+        batch = self._stage_batch(op, lv, shard_bytes, f"{label} {self.dom.topology.names[lv]}")
+        self._collective(batch, op, lambda t: self._staged(op, rest, shard_bytes, label, then))
+
+    def _moe_step(self, name: str, compute_factor: float, need_experts: int | None, then,
+                  on_experts=None) -> None:
+        """Dispatch -> each rank's expert compute -> combine from that rank.
+
+        ``then(t)`` runs when every rank has its results back; ``on_experts(t)`` when the last
+        rank's expert compute ends (its time is known once every rank has started)."""
+        start = self.eng.now
+        st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
+        dispatch = self._a2a_batch("a2a", True, np.arange(self.G), np.full(self.G, start), f"dispatch {name}")
+        left = np.bincount(dispatch.owner, minlength=self.G)
+        expected = dispatch.classes
+
+        def experts_ready(bs: np.ndarray, t: float) -> None:
+            if need_experts is not None and need_experts not in self.ag_done:
+                self.waiting.setdefault(need_experts, []).append((bs, t, launch))
+                return
+            launch(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+
+        def launch(bs: np.ndarray, t: float) -> None:
+            end = t + compute_factor * self.expert_s[bs]
+            st["launched"] += len(bs)
+            st["expert_start"] = min(st["expert_start"], t)
+            st["expert_end"] = max(st["expert_end"], float(end.max()))
+            if st["launched"] == self.G:
+                self._span("compute", f"experts {name}", st["expert_start"], st["expert_end"])
+                if on_experts is not None:
+                    on_experts(st["expert_end"])
+            if expected == 0:
+                if st["launched"] == self.G:
+                    self.eng.at(st["expert_end"], lambda: finish(self.eng.now))
+                return
+            combine = self._a2a_batch("a2a", False, bs, end, f"combine {name}")
+            combine.on_delivered = lambda idx, tt: combined(len(idx), tt)
+            self.eng.submit(combine)
+
+        def combined(n: int, t: float) -> None:
+            st["combined"] += n
+            if st["combined"] == expected:
+                finish(t)
+
+        def finish(t: float) -> None:
+            self._span("a2a", f"dispatch..combine {name}", start, t)
+            then(t)
+
+        def dispatched(idx: np.ndarray, t: float) -> None:
+            owners = dispatch.owner[idx]
+            np.subtract.at(left, owners, 1)
+            ready = np.unique(owners)
+            ready = ready[left[ready] == 0]
+            if len(ready):
+                experts_ready(ready, t)
+
+        if expected == 0:
+            experts_ready(np.arange(self.G), start)
+            return
+        dispatch.on_delivered = dispatched
+        self.eng.submit(dispatch)
+
+    def _gather_done(self, layer: int, t: float) -> None:
+        self.ag_done[layer] = t
+        for bs, t0, launch in self.waiting.pop(layer, []):
+            launch(bs, max(t0, t))
+
+    def run(self) -> SimResult:
+        """Simulate one iteration and return its timeline."""
+        w, dom = self.w, self.dom
+        layers, mb = w.layers, w.micro_batches
+        self.ag_done: dict[int, float] = {}
+        self.waiting: dict[int, list] = {}
+        gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
+        ag_levels = dom.gather_levels()
+        end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0}
+        rs_queue: list[int] = []
+        rs_busy = {"on": False}
+
+        def gather(layer: int) -> None:
+            self._staged("ag", ag_levels, gather_bytes, f"gather L{layer}",
+                         lambda t: (self._gather_done(layer, t),
+                                    gather(layer + 1) if self.terms.overlap and layer + 1 < layers else None))
+
+        def next_rs() -> None:
+            if rs_busy["on"] or not rs_queue:
+                return
+            layer = rs_queue.pop(0)
+            rs_busy["on"] = True
+
+            def done(t: float) -> None:
+                rs_busy["on"] = False
+                end["rs"] = t
+                next_rs()
+
+            self._staged("rs", ag_levels[::-1], w.expert_bytes, f"reduce-scatter L{layer}", done)
+
+        def forward(m: int, layer: int) -> None:
+            t0 = self.eng.now
+            if layer == layers and self.terms.backward:
+                return backward(m, layers - 1)
+            if layer == layers:
+                end["bwd"] = t0
+                return nxt(m)
+            if m == 0 and not self.terms.overlap and ag_levels:
+                gather(layer)
+            self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + w.pre_expert_s)
+            need = layer if ag_levels else None
+            self.eng.at(t0 + w.pre_expert_s, lambda: self._moe_step(
+                f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1)))
+
+        def backward(m: int, layer: int) -> None:
+            t0 = self.eng.now
+            if layer < 0:
+                end["bwd"] = t0
+                return nxt(m)
+            if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:
+                self._grad_sync(lambda t: end.__setitem__("gs", t))
+
+            def experts_done(t: float) -> None:
+                if m == mb - 1 and ag_levels:
+                    self.eng.at(t, lambda: (rs_queue.append(layer), next_rs()))
+
+            def after(t: float) -> None:
+                self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + 2 * w.pre_expert_s)
+                self.eng.at(t + 2 * w.pre_expert_s, lambda: backward(m, layer - 1))
+
+            self._moe_step(f"bwd L{layer} mb{m}", 2.0, None, after, experts_done)
+
+        def nxt(m: int) -> None:
+            if m + 1 < mb:
+                forward(m + 1, 0)
+
+        if self.terms.overlap and ag_levels:
+            gather(0)
+        forward(0, 0)
+        self.eng.run()
+        iteration = max(end.values())
+        return SimResult(dom.sizes, iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
+                         self.eng.events, self.classes)
+
+    def _grad_sync(self, then) -> None:
+        """Ring all-reduce of the dense gradients: 2 (G-1)/G of the bytes to the next rank."""
+        w, g = self.w, self.G
+        if w.dense_grad_bytes <= 0 or g == 1:
+            return
+        src = np.arange(g)
+        dst = (src + 1) % g
+        diff = self.coords[src] != self.coords[dst]
+        lv = np.argmax(diff, axis=1)
+        lat = 2 * math.ceil(math.log2(g)) * max(self.lat)
+        batch = self._p2p_batch("allreduce", src, dst, 2.0 * w.dense_grad_bytes * (g - 1) / g, lv,
+                                "dense grad all-reduce", latency=lat)
+        self._collective(batch, "grad_sync", then)
+
+    def _bytes_by_level(self) -> dict[str, dict[str, float]]:
+        """Bytes of flows by coarsest level: level-l egress bytes minus level-(l-1) egress bytes."""
+        out: dict[str, dict[str, float]] = {n: {} for n in self.dom.topology.names}
+        for op, per_link in self.eng.link_bytes.items():
+            prev = 0.0
+            for j, name in enumerate(self.dom.topology.names):
+                e = float(per_link[self.fab.offset[2 * j]: self.fab.offset[2 * j] + self.fab.workers[j]].sum())
+                out[name][op] = e - prev
+                prev = e
+        return out
+
+
+def simulate(dom: Domains, w: Workload, net: Network, terms: CostTerms, fold: bool = True) -> SimResult:
+    """Simulate one training iteration of partition ``dom``."""
+    return IterationSim(dom, w, net, terms, fold).run()

@@ -1,0 +1,305 @@
+"""``hybridep simulate``: strategies, sweeps, the Chrome trace, the plot and the calibration.
+
+Every point of a sweep is one validated configuration; for each strategy the simulator runs one
+iteration (:mod:`hybridep.sim.iteration`) and the cost model gives its closed-form prediction
+and lower bound next to it. Times in seconds, bandwidths in bits/s, bytes per iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
+from hybridep.costmodel import Network, Workload, lower_bound, predict, workload_from_config
+from hybridep.planner import plan_workload
+from hybridep.sim.iteration import TRACKS, SimResult, simulate
+from hybridep.topology import Domains, divisors
+
+_SPEC = re.compile(r"^(ep|planner|hybridep)(?:\+sr(\d+(?:\.\d+)?))?(?:\((.*)\))?$")
+FOLD_AUTO_MAX_RANKS = 128
+
+
+@dataclass
+class Strategy:
+    """A resolved strategy: display name, per-level domain sizes, SR ratio."""
+
+    spec: str
+    name: str
+    sizes: tuple[int, ...]
+    sr_ratio: float | None
+
+
+def strategy_label(names: tuple[str, ...], sizes: tuple[int, ...], sr_ratio: float | None) -> str:
+    """``ep``, ``hybridep(dc=2,gpu=8)`` or ``hybridep+sr50(...)`` (the bench's names)."""
+    if all(s == 1 for s in sizes) and sr_ratio is None:
+        return "ep"
+    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
+    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True)) + ")"
+
+
+def workload_for(cfg: Config, flops: float | None, sr_ratio: float | None) -> Workload:
+    """The cost model's workload, with the gather compressed at ``sr_ratio`` if given.
+
+    Model dimensions: the SR codec's exact encoded size (values + int32 indices). Direct
+    workload: ``expert_bytes / sr_ratio`` (the ratio counted on bytes, indices included)."""
+    if sr_ratio is None:
+        return workload_from_config(cfg, flops)
+    if cfg.moe is not None:
+        c = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"sr_ratio": sr_ratio})})
+        return workload_from_config(c, flops)
+    w = workload_from_config(cfg, flops)
+    return Workload(**{**w.__dict__, "gather_bytes": w.expert_bytes / sr_ratio})
+
+
+def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strategy:
+    """Turn one ``simulate.strategies`` entry into domain sizes (see SimulateConfig)."""
+    topo = net.topology
+    m = _SPEC.match(spec.replace(" ", ""))
+    allowed = "ep, planner, hybridep(LEVEL=SIZE,...), hybridep(p=P), optionally +srRATIO after the name"
+    if not m:
+        raise ConfigError([("simulate.strategies", spec, allowed)])
+    kind, ratio_s, args = m.groups()
+    ratio = float(ratio_s) if ratio_s else None
+    if kind == "ep":
+        if args:
+            raise ConfigError([("simulate.strategies", spec, "ep takes no arguments")])
+        sizes = tuple(1 for _ in topo.counts)
+        return Strategy(spec, strategy_label(topo.names, sizes, ratio), sizes, ratio)
+    fixed: dict[int, int] = {}
+    p_target = None
+    for item in filter(None, (args or "").split(",")):
+        key, _, val = item.partition("=")
+        if key != "p" and key not in topo.names:
+            allowed_keys = ", ".join(["p", *topo.names])
+            raise ConfigError([("simulate.strategies", spec, f"unknown key {key!r}; allowed: {allowed_keys}")])
+        if key == "p":
+            p_target = _number(spec, key, val, float, "0 <= p < 1")
+            if not 0 <= p_target < 1:
+                raise ConfigError([("simulate.strategies", spec, "p: 0 <= p < 1")])
+            continue
+        lv = topo.names.index(key)
+        fixed[lv] = _number(spec, key, val, int, f"a divisor of {topo.counts[lv]}")
+        if fixed[lv] not in divisors(topo.counts[lv]):
+            raise ConfigError([("simulate.strategies", spec,
+                                f"{key} domain size must divide {topo.counts[lv]}: {divisors(topo.counts[lv])}")])
+    g = topo.world_size
+    cands = [s for s in topo.feasible_domain_sizes()
+             if all(s[lv] == v for lv, v in fixed.items())
+             and (p_target is None or abs(math.prod(s) - (1 - p_target) * g) < 1e-9)]
+    if not cands:
+        ok = sorted({round(1 - math.prod(s) / g, 6) for s in topo.feasible_domain_sizes()})
+        raise ConfigError([("simulate.strategies", spec, f"no partition matches; feasible p on this topology: {ok}")])
+    w = workload_for(cfg, flops, ratio)
+    best = min(cands, key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
+    if not args:
+        best = plan_workload(net, w, cfg.terms).choice.domains.sizes
+    return Strategy(spec, strategy_label(topo.names, best, ratio), best, ratio)
+
+
+def _number(spec: str, key: str, val: str, kind, allowed: str):
+    try:
+        return kind(val)
+    except ValueError:
+        raise ConfigError([("simulate.strategies", spec, f"{key}: {allowed}, got {val!r}")]) from None
+
+
+def fold_for(cfg: Config, w: Workload) -> bool:
+    """Fold senders unless asked not to (or ``auto`` with skew on a small world)."""
+    mode = cfg.simulate.fold
+    if mode != "auto":
+        return mode == "on"
+    skewed = w.expert_load is not None and max(w.expert_load) - min(w.expert_load) > 1e-12
+    return not (skewed and cfg.topology.world_size <= FOLD_AUTO_MAX_RANKS)
+
+
+def run_point(cfg: Config, flops: float | None, net: Network | None = None) -> tuple[list[dict], dict[str, SimResult]]:
+    """Simulate every configured strategy on one configuration; one JSON point per strategy."""
+    net = net or Network.from_config(cfg)
+    topo = net.topology
+    strategies = [resolve(s, cfg, net, flops) for s in cfg.simulate.strategies]
+    if not any(s.name == "ep" for s in strategies):
+        strategies.insert(0, resolve("ep", cfg, net, flops))
+    points, sims = [], {}
+    for s in strategies:
+        w = workload_for(cfg, flops, s.sr_ratio)
+        dom = Domains(topo, s.sizes)
+        t0 = time.perf_counter()
+        if s.name not in sims:  # two specs may resolve to the same partition: simulate it once
+            sims[s.name] = simulate(dom, w, net, cfg.terms, fold_for(cfg, w))
+        res = sims[s.name]
+        wall = time.perf_counter() - t0
+        points.append({
+            "dcs": topo.counts[0], "bandwidth_bps": net.port_bytes_per_s[0] * 8, "strategy": s.name,
+            "spec": s.spec, "domain_sizes": dict(zip(topo.names, s.sizes, strict=True)), "p": dom.p,
+            "iteration_s": res.iteration_s,
+            "model_iteration_s": predict(dom, w, net, cfg.terms).iteration_s,
+            "lower_bound_s": lower_bound(dom, w, net, cfg.terms),
+            "world_size": topo.world_size, "sim_wall_s": wall, "flow_classes": res.classes,
+            "bytes_by_level": res.bytes_by_level,
+        })
+    ep = next(p["iteration_s"] for p in points if p["strategy"] == "ep")
+    for p in points:
+        p["speedup_vs_ep"] = ep / p["iteration_s"] if p["iteration_s"] > 0 else math.inf
+        p["model_speedup_vs_ep"] = (next(q["model_iteration_s"] for q in points if q["strategy"] == "ep")
+                                    / p["model_iteration_s"]) if p["model_iteration_s"] > 0 else math.inf
+    return points, sims
+
+
+# ---------------------------------------------------------------------- sweeps
+SWEEP_ALIASES = {"dcs": "topology.levels.0.count", "bandwidth": "topology.levels.0.bandwidth",
+                 "latency": "topology.levels.0.latency"}
+
+
+def parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
+    """``name=v1,v2,...`` -> (name, values); names: dcs, bandwidth, latency or any config key."""
+    out = []
+    for item in items:
+        key, sep, vals = item.partition("=")
+        values = [v for v in vals.split(",") if v.strip()]
+        if not sep or not key or not values:
+            raise ConfigError([("--sweep", item, "NAME=V1,V2,... (dcs, bandwidth, latency or a config key)")])
+        out.append((key.strip(), [_parse_scalar(v.strip()) for v in values]))
+    return out
+
+
+def sweep_configs(data: dict, sweeps: list[tuple[str, list]]) -> list[tuple[dict, Config]]:
+    """One validated configuration per combination of swept values (cartesian product).
+
+    ``dcs`` scales ``moe.experts`` with the world so that each device keeps its experts."""
+    if not sweeps:
+        return [({}, config_from_dict(copy.deepcopy(data)))]
+    base = config_from_dict(copy.deepcopy(data))
+    out = []
+    for combo in itertools.product(*(v for _, v in sweeps)):
+        d = copy.deepcopy(data)
+        for (key, _), val in zip(sweeps, combo, strict=True):
+            _set(d, SWEEP_ALIASES.get(key, key), val, key)
+            if key == "dcs" and base.moe is not None:
+                per_device = base.moe.experts // base.topology.world_size
+                if isinstance(val, int) and val > 0:
+                    d["moe"]["experts"] = per_device * val * (base.topology.world_size // base.topology.levels[0].count)
+        where = " ".join(f"{k}={v}" for (k, _), v in zip(sweeps, combo, strict=True))
+        try:
+            cfg = config_from_dict(d)
+        except ConfigError as err:
+            raise ConfigError([(f"{key} (at --sweep {where})", val, allowed)
+                               for key, val, allowed in err.problems]) from None
+        out.append((dict(zip((k for k, _ in sweeps), combo, strict=True)), cfg))
+    return out
+
+
+def _set(data: dict, path: str, value, shown: str) -> None:
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError([("--sweep", shown, f"{path} does not name a configuration key")])
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError([("--sweep", shown, f"{path} does not name a configuration key")])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+# ---------------------------------------------------------------------- outputs
+def chrome_trace(sims: dict[str, SimResult], names: tuple[str, ...]) -> dict:
+    """Chrome/Perfetto trace (JSON object format): one process per strategy, one thread per stream."""
+    events = []
+    for pid, (strategy, res) in enumerate(sims.items()):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": strategy}})
+        for tid, track in enumerate(TRACKS):
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": track}})
+        for s in res.spans:
+            events.append({"ph": "X", "name": s.name, "cat": s.track, "pid": pid, "tid": TRACKS.index(s.track),
+                           "ts": s.start_s * 1e6, "dur": (s.end_s - s.start_s) * 1e6})
+        events.append({"ph": "i", "name": "iteration end", "pid": pid, "tid": 0, "s": "p",
+                       "ts": res.iteration_s * 1e6})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"levels": list(names), "time_unit": "microseconds"}}
+
+
+def plot(points: list[dict], var: str | None, path: Path) -> None:
+    """Speedup over EP against the swept variable (one line per strategy), or bars without a sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    strategies = list(dict.fromkeys(p["spec"] for p in points if p["strategy"] != "ep"))
+    if var is None:
+        sub = [p for p in points if p["strategy"] != "ep"]
+        ax.bar(range(len(sub)), [p["speedup_vs_ep"] for p in sub], color="#4c72b0", label="simulated")
+        ax.scatter(range(len(sub)), [p["model_speedup_vs_ep"] for p in sub], color="black", marker="_", s=600,
+                   zorder=3, label="cost model")
+        ax.set_xticks(range(len(sub)), [p["strategy"] for p in sub], rotation=20, ha="right")
+    else:
+        for spec in strategies:
+            sub = [p for p in points if p["spec"] == spec]
+            xs = [p["sweep"][var] for p in sub]
+            ax.plot(xs, [p["speedup_vs_ep"] for p in sub], marker="o", label=f"{spec} (simulated)")
+            ax.plot(xs, [p["model_speedup_vs_ep"] for p in sub], linestyle="--", alpha=0.6,
+                    label=f"{spec} (cost model)")
+        if all(isinstance(p["sweep"][var], (int, float)) for p in points) and var in ("dcs", "bandwidth"):
+            ax.set_xscale("log")
+        ax.set_xlabel(var)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("speedup over EP")
+    ax.set_title("hybridep simulate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- calibration
+def calibrate(bench_json: str | Path) -> dict:
+    """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
+    (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
+    and compare with the measured medians."""
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model, parse_name
+
+    try:
+        report = json.loads(Path(bench_json).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError([("--calibrate", str(bench_json), f"a readable bench JSON: {err}")]) from None
+    for key in ("config", "strategies", "probed_rates_bps"):
+        if key not in report:
+            raise ConfigError([("--calibrate", str(bench_json), f"bench JSON lacks {key!r}")])
+    cfg = config_from_dict(report["config"])
+    rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
+    eff = (report.get("calibration") or {}).get("efficiency_by_level") or [1.0] * len(rates)
+    measured = {k: v for k, v in report["strategies"].items()}
+    model = calibrated_model(cfg, measured, rates, eff)
+    if model is None:
+        raise ConfigError([("--calibrate", str(bench_json), f"needs the {COMPUTE_ONLY!r} run")])
+    net, flops = model
+    rows = []
+    for name, m in measured.items():
+        sizes, ratio = parse_name(name)
+        if sizes is None:
+            continue
+        sizes = sizes or tuple(1 for _ in net.topology.counts)
+        w = workload_for(cfg, flops, ratio)
+        dom = Domains(net.topology, sizes)
+        sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
+        model_s = predict(dom, w, net, cfg.terms).iteration_s
+        rows.append({"strategy": name, "measured_s": m["median_iter_s"], "simulated_s": sim, "model_s": model_s,
+                     "sim_error": sim / m["median_iter_s"] - 1, "model_error": model_s / m["median_iter_s"] - 1})
+    errs = sorted(abs(r["sim_error"]) for r in rows)
+    return {"bench_json": str(bench_json), "flops": flops, "link_bytes_per_s": list(net.port_bytes_per_s),
+            "strategies": rows, "median_abs_sim_error": errs[len(errs) // 2] if errs else None,
+            "max_abs_sim_error": errs[-1] if errs else None}

@@ -1,0 +1,190 @@
+"""The flow simulator: fluid engine exactness, max-min fairness, folding, lower bound, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridep.cli import main
+from hybridep.config import CostTerms
+from hybridep.costmodel import Network, Workload, lower_bound, predict
+from hybridep.sim.fluid import Batch, Engine
+from hybridep.sim.iteration import simulate
+from hybridep.topology import Domains, Topology
+
+
+def _batch(sizes, links, latency=0.0, release=0.0, op="x"):
+    n = len(sizes)
+    cls = np.concatenate([np.full(len(ls), i) for i, ls in enumerate(links)]).astype(int)
+    lk = np.concatenate([np.asarray(ls, dtype=int) for ls in links])
+    return Batch(op=op, size=np.asarray(sizes, float), count=np.ones(n), latency=np.full(n, latency),
+                 release=np.full(n, release), entries=(cls, lk, np.ones(len(cls))))
+
+
+def _deliveries(engine, batch):
+    got = {}
+    batch.on_delivered = lambda idx, t: got.update({int(i): t for i in idx})
+    engine.submit(batch)
+    engine.run()
+    return got
+
+
+@given(size=st.floats(1.0, 1e9), cap=st.floats(1.0, 1e10), lat=st.floats(0.0, 1.0))
+def test_single_flow_takes_bytes_over_bandwidth_plus_latency(size, cap, lat):
+    eng = Engine(np.array([cap]), np.array([-1]), 0)
+    got = _deliveries(eng, _batch([size], [[0]], latency=lat))
+    assert got[0] == pytest.approx(size / cap + lat, rel=1e-12)
+
+
+@given(size=st.floats(1.0, 1e9), cap=st.floats(1.0, 1e10))
+def test_two_flows_sharing_a_link_take_twice_as_long(size, cap):
+    eng = Engine(np.array([cap]), np.array([-1]), 0)
+    got = _deliveries(eng, _batch([size, size], [[0], [0]]))
+    assert got[0] == pytest.approx(2 * size / cap, rel=1e-12)
+    assert got[1] == pytest.approx(2 * size / cap, rel=1e-12)
+
+
+def test_max_min_fair_rates_and_reallocation_when_a_flow_ends():
+    # link 0 (cap 1) carries flows a and b; b also crosses link 1 (cap 0.25): b gets 0.25, a 0.75
+    eng = Engine(np.array([1.0, 0.25]), np.array([-1, -1]), 0)
+    got = _deliveries(eng, _batch([0.75, 1.0], [[0], [0, 1]]))
+    assert got[0] == pytest.approx(1.0)  # a: 0.75 bytes at 0.75 B/s
+    assert got[1] == pytest.approx(4.0)  # b: bottlenecked at 0.25 B/s throughout
+    assert eng.link_bytes["x"][0] == pytest.approx(1.75) and eng.link_bytes["x"][1] == pytest.approx(1.0)
+
+
+def test_a_flow_speeds_up_when_its_competitor_finishes():
+    eng = Engine(np.array([1.0]), np.array([-1]), 0)
+    got = _deliveries(eng, _batch([1.0, 3.0], [[0], [0]]))
+    assert got[0] == pytest.approx(2.0)  # both at 0.5 until the first finishes
+    assert got[1] == pytest.approx(4.0)  # then 2 bytes left at full rate
+
+
+def test_group_entries_load_every_link_of_the_group():
+    # two links in group 0; a broadcast class with 1 flow per link and a real flow on link 0 only
+    eng = Engine(np.array([1.0, 1.0]), np.array([0, 0]), 1)
+    b = Batch(op="x", size=np.array([1.0, 1.0]), count=np.array([2.0, 1.0]), latency=np.zeros(2),
+              release=np.zeros(2), entries=(np.array([1]), np.array([0]), np.array([1.0])),
+              group_entries=(np.array([0]), np.array([0]), np.array([1.0])))
+    got = _deliveries(eng, b)
+    assert got[0] == pytest.approx(2.0) and got[1] == pytest.approx(2.0)
+
+
+def _net(topo, rng):
+    return Network(topo, tuple(float(x) for x in rng.uniform(1e6, 1e9, topo.num_levels)),
+                   tuple(float(x) for x in rng.uniform(0, 1e-2, topo.num_levels)))
+
+
+@st.composite
+def cases(draw):
+    counts = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4]), min_size=1, max_size=3)))
+    topo = Topology(tuple(f"l{i}" for i in range(len(counts))), counts)
+    sizes = draw(st.sampled_from(topo.feasible_domain_sizes()))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    g = topo.world_size
+    skew = draw(st.booleans())
+    load = tuple((x / x.sum()).tolist()) if skew and (x := rng.uniform(0.05, 1, 2 * g)) is not None else None
+    w = Workload(dispatch_bytes=float(rng.uniform(1e3, 1e7)), expert_bytes=float(rng.uniform(1e3, 1e7)),
+                 pre_expert_s=float(rng.uniform(0, 0.05)), expert_s=float(rng.uniform(0, 0.05)),
+                 layers=draw(st.integers(1, 3)), micro_batches=draw(st.integers(1, 2)),
+                 dense_grad_bytes=float(rng.uniform(0, 1e6)), experts=2 * g if skew else 0, expert_load=load,
+                 gather_bytes=draw(st.sampled_from([None, 1e3])))
+    terms = CostTerms(**{k: draw(st.booleans()) for k in ("backward", "latency", "expert_compute", "grad_sync",
+                                                          "overlap")})
+    return Domains(topo, sizes), w, _net(topo, rng), terms
+
+
+@settings(max_examples=60)
+@given(case=cases(), fold=st.booleans())
+def test_simulated_iteration_never_below_the_cost_model_lower_bound(case, fold):
+    dom, w, net, terms = case
+    res = simulate(dom, w, net, terms, fold)
+    assert res.iteration_s >= lower_bound(dom, w, net, terms) * (1 - 1e-9)
+
+
+@settings(max_examples=40)
+@given(case=cases())
+def test_folding_is_exact_under_uniform_routing(case):
+    dom, w, net, terms = case
+    w = Workload(**{**w.__dict__, "expert_load": None, "experts": 0})
+    a = simulate(dom, w, net, terms, True).iteration_s
+    b = simulate(dom, w, net, terms, False).iteration_s
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def test_simulator_agrees_with_cost_model_without_contention():
+    # one level, no latency or extra terms: the simulator reduces to the paper's forward formula
+    topo = Topology(("dc",), (8,))
+    net = Network(topo, (1e8,), (0.0,))
+    w = Workload(dispatch_bytes=8e6, expert_bytes=1e6, pre_expert_s=0.02, layers=1)
+    terms = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
+    for sizes in topo.feasible_domain_sizes():
+        dom = Domains(topo, sizes)
+        assert simulate(dom, w, net, terms).iteration_s == pytest.approx(predict(dom, w, net, terms).iteration_s,
+                                                                         rel=1e-9)
+
+
+def test_shared_uplink_contention_slows_gathers_that_the_model_hides():
+    # the prefetched gathers share the DC uplink with the all-to-all: the simulator sees it
+    topo = Topology(("dc", "gpu"), (64, 8))
+    net = Network(topo, (1.25e9, 5e10), (0.01, 5e-6))
+    w = Workload(dispatch_bytes=32e6, expert_bytes=4e6, pre_expert_s=0.01, expert_s=0.005, layers=4)
+    dom = Domains(topo, (8, 1))
+    sim = simulate(dom, w, net, CostTerms(port_sharing=False)).iteration_s
+    assert sim > 1.2 * predict(dom, w, net, CostTerms(port_sharing=False)).iteration_s
+    assert sim >= lower_bound(dom, w, net, CostTerms())
+
+
+def test_cli_simulate_sweep_writes_points_trace_and_plot(tmp_path):
+    out, trace, png = tmp_path / "s.json", tmp_path / "t.json", tmp_path / "s.png"
+    rc = main(["simulate", "--sweep", "dcs=2,4", "--sweep", "bandwidth=50Mbit/s,100Mbit/s",
+               "--set", 'simulate.strategies=[ep,planner,"hybridep(dc=2)","hybridep(p=0.5)"]',
+               "--json", str(out), "--trace", str(trace), "--plot", str(png)])
+    assert rc == 0
+    pts = json.loads(out.read_text())["points"]
+    assert len(pts) == 2 * 2 * 4
+    for p in pts:
+        assert {"dcs", "bandwidth_bps", "strategy", "domain_sizes", "iteration_s", "speedup_vs_ep"} <= set(p)
+        assert p["iteration_s"] >= p["lower_bound_s"] * (1 - 1e-9)
+    assert {p["dcs"] for p in pts} == {2, 4} and {p["bandwidth_bps"] for p in pts} == {5e7, 1e8}
+    assert all(p["speedup_vs_ep"] == 1.0 for p in pts if p["strategy"] == "ep")
+    fixed_p = [p for p in pts if p["spec"] == "hybridep(p=0.5)"]
+    assert all(p["p"] == pytest.approx(0.5) for p in fixed_p)
+    # lower bandwidth -> larger speedup of the planner's choice (the paper's trend)
+    for dcs in (2, 4):
+        sp = {p["bandwidth_bps"]: p["speedup_vs_ep"] for p in pts if p["spec"] == "planner" and p["dcs"] == dcs}
+        assert sp[5e7] >= sp[1e8]
+    ev = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in ev if e["ph"] == "X"]
+    assert {e["cat"] for e in spans} >= {"compute", "a2a"} and all(e["dur"] > 0 for e in spans)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--set", "simulate.strategies=[hybridep(gpu=3)]"], "simulate.strategies"),
+    (["--set", "simulate.strategies=[fancy]"], "simulate.strategies"),
+    (["--set", "simulate.strategies=[hybridep(p=0.3)]"], "simulate.strategies"),
+    (["--sweep", "dcs"], "--sweep"),
+    (["--sweep", "dcs=0"], "topology.levels.0.count"),
+    (["--calibrate", "/nonexistent.json"], "--calibrate"),
+])
+def test_cli_simulate_bad_input_names_the_field(args, key, capsys):
+    assert main(["simulate", *args]) == 2
+    err = capsys.readouterr().out
+    assert key in err
+
+
+def test_calibrate_compares_every_strategy_of_a_bench_result(tmp_path):
+    out = tmp_path / "c.json"
+    bench = Path(__file__).parent.parent / "benchmarks/results/bench_ep_wins.json"
+    assert main(["simulate", "--calibrate", str(bench), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    names = {r["strategy"] for r in rep["strategies"]}
+    assert {"ep", "hybridep(dc=2,gpu=2)"} <= names
+    for r in rep["strategies"]:
+        assert r["simulated_s"] > 0 and r["sim_error"] == pytest.approx(r["simulated_s"] / r["measured_s"] - 1)
