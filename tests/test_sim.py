@@ -110,8 +110,11 @@ def test_simulated_iteration_never_below_the_cost_model_lower_bound(case, fold):
 @settings(max_examples=40)
 @given(case=cases())
 def test_folding_is_exact_under_uniform_routing(case):
+    """(The dense-gradient ring is left out: its flows differ per rank, so next to folded classes
+    it is a mean-field approximation too.)"""
     dom, w, net, terms = case
     w = Workload(**{**w.__dict__, "expert_load": None, "experts": 0})
+    terms = terms.model_copy(update={"grad_sync": False})
     a = simulate(dom, w, net, terms, True).iteration_s
     b = simulate(dom, w, net, terms, False).iteration_s
     assert a == pytest.approx(b, rel=1e-9)

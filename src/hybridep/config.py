@@ -281,7 +281,7 @@ class SimulateConfig(_Strict):
     domain size (1-p)*G, levels split by the planner); ``hybridep+sr50(...)`` with SR compression."""
     fold: Literal["auto", "on", "off"] = "auto"
     """Fold symmetric senders into per-level means (``on``), simulate every rank pair (``off``), or
-    fold unless routing is skewed and the world has at most 128 ranks (``auto``)."""
+    fold unless routing is skewed and the world has at most 32 ranks (``auto``)."""
 
 
 class Config(_Strict):

@@ -23,7 +23,7 @@ from hybridep.sim.iteration import TRACKS, SimResult, simulate
 from hybridep.topology import Domains, divisors
 
 _SPEC = re.compile(r"^(ep|planner|hybridep)(?:\+sr(\d+(?:\.\d+)?))?(?:\((.*)\))?$")
-FOLD_AUTO_MAX_RANKS = 128
+FOLD_AUTO_MAX_RANKS = 32
 
 
 @dataclass
