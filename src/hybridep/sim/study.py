@@ -250,8 +250,8 @@ def plot(points: list[dict], var: str | None, path: Path) -> None:
         for spec in strategies:
             sub = [p for p in points if p["spec"] == spec]
             xs = [p["sweep"][var] for p in sub]
-            ax.plot(xs, [p["speedup_vs_ep"] for p in sub], marker="o", label=f"{spec} (simulated)")
-            ax.plot(xs, [p["model_speedup_vs_ep"] for p in sub], linestyle="--", alpha=0.6,
+            (line,) = ax.plot(xs, [p["speedup_vs_ep"] for p in sub], marker="o", label=f"{spec} (simulated)")
+            ax.plot(xs, [p["model_speedup_vs_ep"] for p in sub], linestyle="--", alpha=0.6, color=line.get_color(),
                     label=f"{spec} (cost model)")
         if all(isinstance(p["sweep"][var], (int, float)) for p in points) and var in ("dcs", "bandwidth"):
             ax.set_xscale("log")
