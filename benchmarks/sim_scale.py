@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from hybridep.config import load_config
-from hybridep.costmodel import Network
+from hybridep.costmodel import Network, workload_from_config
 from hybridep.sim.iteration import simulate
-from hybridep.sim.study import fold_for, resolve, workload_for
+from hybridep.sim.study import fold_for, resolve
 from hybridep.topology import Domains
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim_1000dc.yaml"
@@ -41,7 +41,7 @@ def main() -> None:
             net = Network.from_config(cfg)
             for spec in ("ep", "planner"):
                 s = resolve(spec, cfg, net, None)
-                w = workload_for(cfg, None, None)
+                w = workload_from_config(cfg)
                 best, res = float("inf"), None
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()

@@ -23,8 +23,9 @@ from pathlib import Path
 from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, predict, workload_from_config
 from hybridep.lm.model import LMConfig
+from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
-from hybridep.topology import Domains, Topology
+from hybridep.topology import Domains
 
 COMPUTE_ONLY = "compute-only"
 
@@ -45,24 +46,6 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
     lm = LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
                   experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind)
     return lm, m.tokens_per_gpu // m.seq_len
-
-
-def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None) -> str:
-    if all(s == 1 for s in sizes):
-        return "ep"
-    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
-    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
-
-
-def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None]:
-    """Domain sizes and SR ratio of one of our strategy names (None, None for others)."""
-    if name == "ep":
-        return (), None
-    if not name.startswith("hybridep") or "(" not in name:
-        return None, None
-    head, args = name[:-1].split("(", 1)
-    ratio = float(head.split("+sr")[1]) if "+sr" in head else None
-    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio
 
 
 def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list[dict]:
@@ -130,8 +113,7 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict)
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        c = cfg if ratio is None else cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"sr_ratio": ratio})})
-        out[name] = predict(Domains(net.topology, sizes), workload_from_config(c, flops=flops), net,
+        out[name] = predict(Domains(net.topology, sizes), workload_from_config(cfg, flops, ratio), net,
                             cfg.terms).iteration_s
     return out
 

@@ -85,8 +85,12 @@ def flops_per_layer(cfg: Config) -> dict[str, float]:
     }
 
 
-def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
-    """Derive the workload from model dimensions (or take the direct ``workload`` section)."""
+def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: float | None = None) -> Workload:
+    """Derive the workload from model dimensions (or take the direct ``workload`` section).
+
+    ``sr_ratio`` overrides ``moe.sr_ratio`` (the gather's compression). Model dimensions: the SR
+    codec's exact encoded size (values + int32 indices). Direct workload: ``expert_bytes / sr_ratio``
+    (the ratio counted on bytes, indices included)."""
     if cfg.workload is not None:
         w = cfg.workload
         g = cfg.topology.world_size
@@ -94,7 +98,8 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
                         pre_expert_s=w.pre_expert_s, expert_s=w.expert_s, layers=w.layers,
                         micro_batches=w.micro_batches, dense_grad_bytes=w.dense_grad_bytes,
                         experts=g if w.device_zipf is not None else 0,
-                        expert_load=zipf_load(g, w.device_zipf) if w.device_zipf is not None else None)
+                        expert_load=zipf_load(g, w.device_zipf) if w.device_zipf is not None else None,
+                        gather_bytes=w.expert_bytes / sr_ratio if sr_ratio is not None else None)
     m = cfg.moe
     assert m is not None
     if flops is None:
@@ -107,10 +112,11 @@ def workload_from_config(cfg: Config, flops: float | None = None) -> Workload:
     dense_params = ((m.blocks_before_moe + 1) * 4 * m.hidden**2
                     + m.blocks_before_moe * mats * m.hidden * m.ffn + m.hidden * m.experts)
     gather = None
-    if m.sr_ratio is not None:
+    ratio = m.sr_ratio if sr_ratio is None else sr_ratio
+    if ratio is not None:
         from hybridep.migration.sr import encoded_bytes
 
-        gather = encoded_bytes(m.sr_ratio, mats * m.hidden * m.ffn, m.dtype_bytes, m.experts // g)
+        gather = encoded_bytes(ratio, mats * m.hidden * m.ffn, m.dtype_bytes, m.experts // g)
     load = None
     if m.expert_load is not None:
         total = sum(m.expert_load)
@@ -342,7 +348,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         a2a_phase_s=a2a_t, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
 
 
-def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> float:
+def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
+                prediction: Prediction | None = None) -> float:
     """A bound no schedule of this partition can beat (seconds per iteration).
 
     The larger of (a) the critical path of compute and message latency -- every layer and
@@ -351,7 +358,8 @@ def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> fl
     all-to-all traffic (twice that for the backward, with compute doubled) -- and (b) the time the
     average port of each level needs for the bytes the port model charges to it (all-to-all,
     gather and reduce-scatter; gradient sync left out). Both hold whatever the overlap, contention
-    or fairness, so the simulator's iteration may never fall below it.
+    or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
+    partition's :func:`predict` result, if already at hand.
     """
     load = domain_load_grid(dom, w)
     e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
@@ -361,7 +369,8 @@ def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> fl
     path = steps * (w.pre_expert_s + e + 2 * lat)
     if terms.backward:
         path += steps * (2 * w.pre_expert_s + 2 * e + 2 * lat)
-    return max(path, predict(dom, w, net, terms).port_bound_s)
+    prediction = prediction or predict(dom, w, net, terms)
+    return max(path, prediction.port_bound_s)
 
 
 def _port_bound(topo: Topology, by_level: dict[str, dict[str, float]], net: Network) -> float:

@@ -9,6 +9,25 @@ from pathlib import Path
 from hybridep.topology import Domains, Topology
 
 
+def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None) -> str:
+    """``ep`` (all sizes 1, uncompressed), ``hybridep(dc=2,gpu=1)`` or ``hybridep+sr50(dc=2,gpu=2)``."""
+    if all(s == 1 for s in sizes) and not sr_ratio:
+        return "ep"
+    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
+    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
+
+
+def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None]:
+    """Domain sizes and SR ratio of one of our strategy names (None, None for others)."""
+    if name == "ep":
+        return (), None
+    if not name.startswith("hybridep") or "(" not in name:
+        return None, None
+    head, args = name[:-1].split("(", 1)
+    ratio = float(head.split("+sr")[1]) if "+sr" in head else None
+    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio
+
+
 @dataclass(frozen=True)
 class Plan:
     """Which strategy to run and with which per-level expert-domain sizes.

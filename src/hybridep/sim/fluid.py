@@ -62,7 +62,6 @@ class Batch:
         self.state = np.zeros(n, dtype=np.int8)  # 0 pending, 1 sending, 2 sent, 3 delivered
         self.release = np.asarray(self.release, dtype=float).copy()
         self.done_at = float("nan")
-        self.sent_total = 0.0
 
     @property
     def classes(self) -> int:
@@ -91,7 +90,7 @@ class Engine:
         self.link_bytes: dict[str, np.ndarray] = {}
         """Bytes carried per link, by operation label (integrated transmission)."""
         self.events = 0
-        self._group_members = [np.flatnonzero(self.link_group == g) for g in range(groups)]
+        self._grouped = self.link_group >= 0
 
     # ------------------------------------------------------------------ scheduling
     def at(self, t: float, fn: Callable[[], None]) -> None:
@@ -128,21 +127,6 @@ class Engine:
                 self._dirty = True
 
     # ------------------------------------------------------------------ rates
-    def _coefficients(self, unfrozen: list[np.ndarray]) -> np.ndarray:
-        n = len(self.capacity)
-        coef = np.zeros(n)
-        gcoef = np.zeros(self.groups)
-        for b, u in zip(self._batches, unfrozen, strict=True):
-            c, link, k = b.entries
-            if len(c):
-                coef += np.bincount(link, weights=k * u[c], minlength=n)
-            c, grp, k = b.group_entries
-            if len(c):
-                gcoef += np.bincount(grp, weights=k * u[c], minlength=self.groups)
-        has = self.link_group >= 0
-        coef[has] += gcoef[self.link_group[has]]
-        return coef
-
     def _recompute_rates(self) -> None:
         """Max-min fair rates by progressive filling."""
         unfrozen = [(b.state == 1).astype(float) for b in self._batches]
@@ -150,7 +134,7 @@ class Engine:
             b.rate[:] = 0.0
         residual = self.capacity.copy()
         while any(u.any() for u in unfrozen):
-            coef = self._coefficients(unfrozen)
+            coef = sum(self._link_load(b, u) for b, u in zip(self._batches, unfrozen, strict=True))
             used = coef > 0
             if not used.any():
                 raise RuntimeError("a sending flow class crosses no link")
@@ -179,8 +163,7 @@ class Engine:
         c, grp, k = b.group_entries
         if len(c):
             g = np.bincount(grp, weights=k * per_flow[c], minlength=self.groups)
-            has = self.link_group >= 0
-            out[has] += g[self.link_group[has]]
+            out[self._grouped] += g[self.link_group[self._grouped]]
         return out
 
     # ------------------------------------------------------------------ completion
@@ -189,7 +172,6 @@ class Engine:
         left[idx] = b.remaining[idx]
         if left.any():  # bytes of classes completed early by coalescing still cross their links
             self.link_bytes[b.op] += self._link_load(b, left)
-            b.sent_total += float((left * b.count).sum())
         b.state[idx] = 2
         b.remaining[idx] = 0.0
         b.rate[idx] = 0.0
@@ -245,8 +227,6 @@ class Engine:
         if dt > 0:
             for b in self._batches:
                 if (b.rate > 0).any():
-                    sent = b.rate * dt
-                    b.remaining = np.maximum(b.remaining - sent, 0.0)
-                    b.sent_total += float((sent * b.count).sum())
+                    b.remaining = np.maximum(b.remaining - b.rate * dt, 0.0)
                     self.link_bytes[b.op] += self._link_load(b, b.rate) * dt
         self.now = t

@@ -67,9 +67,6 @@ class SimResult:
     events: int = 0
     classes: int = 0
 
-    def busy_s(self, track: str) -> float:
-        return sum(s.end_s - s.start_s for s in self.spans if s.track == track)
-
 
 class _Fabric:
     """Link numbering: egress then ingress links of every level's workers; one group per both."""
@@ -172,11 +169,9 @@ class IterationSim:
     def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
         """For each rank, the rail members whose coarsest differing level is ``lv``."""
         topo = self.dom.topology
-        out = []
-        for r in ranks.tolist():
-            out.append([q for q in self.dom.rail_groups()[self.dom.offset_index(r)]
-                        if topo.level_of_pair(r, q) == lv])
-        return np.asarray(out, dtype=int)
+        rails = self.dom.rail_groups()
+        return np.asarray([[q for q in rails[self.dom.offset_index(r)] if topo.level_of_pair(r, q) == lv]
+                           for r in ranks.tolist()], dtype=int)
 
     def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
         """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``."""

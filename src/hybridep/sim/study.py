@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
 from hybridep.costmodel import Network, Workload, lower_bound, predict, workload_from_config
+from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import plan_workload
 from hybridep.sim.iteration import TRACKS, SimResult, simulate
 from hybridep.topology import Domains, divisors
@@ -36,28 +37,6 @@ class Strategy:
     sr_ratio: float | None
 
 
-def strategy_label(names: tuple[str, ...], sizes: tuple[int, ...], sr_ratio: float | None) -> str:
-    """``ep``, ``hybridep(dc=2,gpu=8)`` or ``hybridep+sr50(...)`` (the bench's names)."""
-    if all(s == 1 for s in sizes) and sr_ratio is None:
-        return "ep"
-    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
-    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True)) + ")"
-
-
-def workload_for(cfg: Config, flops: float | None, sr_ratio: float | None) -> Workload:
-    """The cost model's workload, with the gather compressed at ``sr_ratio`` if given.
-
-    Model dimensions: the SR codec's exact encoded size (values + int32 indices). Direct
-    workload: ``expert_bytes / sr_ratio`` (the ratio counted on bytes, indices included)."""
-    if sr_ratio is None:
-        return workload_from_config(cfg, flops)
-    if cfg.moe is not None:
-        c = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"sr_ratio": sr_ratio})})
-        return workload_from_config(c, flops)
-    w = workload_from_config(cfg, flops)
-    return Workload(**{**w.__dict__, "gather_bytes": w.expert_bytes / sr_ratio})
-
-
 def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strategy:
     """Turn one ``simulate.strategies`` entry into domain sizes (see SimulateConfig)."""
     topo = net.topology
@@ -71,7 +50,7 @@ def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strate
         if args:
             raise ConfigError([("simulate.strategies", spec, "ep takes no arguments")])
         sizes = tuple(1 for _ in topo.counts)
-        return Strategy(spec, strategy_label(topo.names, sizes, ratio), sizes, ratio)
+        return Strategy(spec, strategy_name(topo, sizes, ratio), sizes, ratio)
     fixed: dict[int, int] = {}
     p_target = None
     for item in filter(None, (args or "").split(",")):
@@ -96,11 +75,11 @@ def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strate
     if not cands:
         ok = sorted({round(1 - math.prod(s) / g, 6) for s in topo.feasible_domain_sizes()})
         raise ConfigError([("simulate.strategies", spec, f"no partition matches; feasible p on this topology: {ok}")])
-    w = workload_for(cfg, flops, ratio)
+    w = workload_from_config(cfg, flops, ratio)
     best = min(cands, key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
     if not args:
         best = plan_workload(net, w, cfg.terms).choice.domains.sizes
-    return Strategy(spec, strategy_label(topo.names, best, ratio), best, ratio)
+    return Strategy(spec, strategy_name(topo, best, ratio), best, ratio)
 
 
 def _number(spec: str, key: str, val: str, kind, allowed: str):
@@ -128,19 +107,20 @@ def run_point(cfg: Config, flops: float | None, net: Network | None = None) -> t
         strategies.insert(0, resolve("ep", cfg, net, flops))
     points, sims = [], {}
     for s in strategies:
-        w = workload_for(cfg, flops, s.sr_ratio)
+        w = workload_from_config(cfg, flops, s.sr_ratio)
         dom = Domains(topo, s.sizes)
         t0 = time.perf_counter()
         if s.name not in sims:  # two specs may resolve to the same partition: simulate it once
             sims[s.name] = simulate(dom, w, net, cfg.terms, fold_for(cfg, w))
         res = sims[s.name]
         wall = time.perf_counter() - t0
+        pred = predict(dom, w, net, cfg.terms)
         points.append({
             "dcs": topo.counts[0], "bandwidth_bps": net.port_bytes_per_s[0] * 8, "strategy": s.name,
             "spec": s.spec, "domain_sizes": dict(zip(topo.names, s.sizes, strict=True)), "p": dom.p,
             "iteration_s": res.iteration_s,
-            "model_iteration_s": predict(dom, w, net, cfg.terms).iteration_s,
-            "lower_bound_s": lower_bound(dom, w, net, cfg.terms),
+            "model_iteration_s": pred.iteration_s,
+            "lower_bound_s": lower_bound(dom, w, net, cfg.terms, pred),
             "world_size": topo.world_size, "sim_wall_s": wall, "flow_classes": res.classes,
             "bytes_by_level": res.bytes_by_level,
         })
@@ -270,7 +250,7 @@ def calibrate(bench_json: str | Path) -> dict:
     """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
     (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
     and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model, parse_name
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model
 
     try:
         report = json.loads(Path(bench_json).read_text())
@@ -293,7 +273,7 @@ def calibrate(bench_json: str | Path) -> dict:
         if sizes is None:
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = workload_for(cfg, flops, ratio)
+        w = workload_from_config(cfg, flops, ratio)
         dom = Domains(net.topology, sizes)
         sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
         model_s = predict(dom, w, net, cfg.terms).iteration_s
