@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridep.config import CostTerms, load_config
-from hybridep.costmodel import Network, Workload, _a2a_level_bytes, domain_load_grid, predict
+from hybridep.costmodel import Network, Workload, _a2a_level_bytes, domain_load_grid, lower_bound, predict
 from hybridep.planner import paper_latency, plan, plan_workload
 from hybridep.topology import Domains, Topology, divisors
 
@@ -120,6 +121,34 @@ def test_hot_expert_slows_all_to_all_and_experts():
     d = Domains(net.topology, (1,))
     assert predict(d, hot, net, ALL).a2a_phase_s > predict(d, uniform, net, ALL).a2a_phase_s
     assert predict(d, hot, net, ALL).compute_s > predict(d, uniform, net, ALL).compute_s
+
+
+def test_per_layer_routing():
+    """Measured per-layer histograms: the same histogram on every layer equals ``expert_load``; two
+    layers each hot on a different DC cost more than their averaged histogram (which looks even)."""
+    net = _net([2, 2], [1e8, 1e9])
+    d = Domains(net.topology, (1, 1))
+    hot0 = (0.4, 0.4, 0.1, 0.1)
+    hot1 = (0.1, 0.1, 0.4, 0.4)
+    base = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=4, layers=2)
+    same = dataclasses.replace(base, layer_loads=(hot0, hot0))
+    assert predict(d, same, net, ALL) == predict(d, dataclasses.replace(base, expert_load=hot0), net, ALL)
+    split = dataclasses.replace(base, layer_loads=(hot0, hot1))
+    averaged = dataclasses.replace(base, expert_load=(0.25,) * 4)
+    p_split, p_avg = predict(d, split, net, ALL), predict(d, averaged, net, ALL)
+    # each layer's dispatch: the hot DC receives 0.8 of the other DC's tokens instead of 0.5
+    assert p_split.a2a_phase_s == pytest.approx(p_avg.a2a_phase_s * 0.8 / 0.5)
+    assert p_split.compute_s > p_avg.compute_s
+    assert p_split.bytes_by_level["l0"]["a2a"] == pytest.approx(p_avg.bytes_by_level["l0"]["a2a"])
+    assert p_split.iteration_s >= lower_bound(d, split, net, ALL)
+    # the flow simulator reads the same per-layer routing: slower than the averaged histogram, and
+    # never below the bound
+    from hybridep.sim.iteration import simulate
+
+    for fold in (True, False):
+        sim_split, sim_avg = simulate(d, split, net, ALL, fold), simulate(d, averaged, net, ALL, fold)
+        assert sim_split.iteration_s > sim_avg.iteration_s
+        assert sim_split.iteration_s >= lower_bound(d, split, net, ALL) * (1 - 1e-9)
 
 
 def test_latency_is_paid_per_phase():

@@ -76,3 +76,22 @@ def test_three_levels_eight_ranks_float64():
     results = run_local(verify_worker, 8, args, timeout_s=400)[0]
     assert len(results) == 8 * 4
     assert all(r["finite"] and r["max_rel_err"] <= 1e-10 for r in results), [r for r in results if not r["passed"]]
+
+
+def test_moe_counts_routed_tokens_without_dropped_ones():
+    """The measured routing histogram the bench gives the cost model: kept assignments per expert."""
+    import torch
+
+    from hybridep.moe.layer import MoE
+
+    torch.manual_seed(0)
+    layer = MoE(hidden=8, ffn=16, experts=4, top_k=2, capacity_factor=0.5)
+    x = torch.randn(40, 8)
+    layer(x)
+    layer(x)
+    routing = layer.router(x)
+    expected = 2 * torch.bincount(routing.expert_idx[routing.kept], minlength=4)
+    assert torch.equal(layer.routed_tokens, expected)
+    assert int(layer.routed_tokens.sum()) < 2 * 40 * 2  # capacity 0.5 drops some
+    layer.reset_routing_stats()
+    assert int(layer.routed_tokens.sum()) == 0

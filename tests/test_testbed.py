@@ -38,12 +38,27 @@ def test_up_commands_shape_both_directions_of_every_link():
     _, _, links = netns.plan_links(topo, (1e8, 1e9))
     for lk in links:
         for ns, dev in ((lk.child_ns, lk.up_if), (lk.parent_ns, lk.down_if)):
-            cls = [c for c in cmds if c[:3] == ["ip", "netns", "exec"] and c[3] == ns and "class" in c and dev in c]
-            assert len(cls) == 1 and f"{int(lk.rate_bps)}bit" in cls[0]
+            mine = [c for c in cmds if c[:3] == ["ip", "netns", "exec"] and c[3] == ns and dev in c]
+            root = [c for c in mine if "class" in c and c[c.index("classid") + 1] == "1:1"]
+            assert len(root) == 1 and root[0][root[0].index("rate") + 1] == f"{int(lk.rate_bps)}bit"
+            # both leaves may borrow up to the rate and no more; pure ACKs go to the priority leaf
+            leaves = [c for c in mine if "class" in c and c[c.index("parent") + 1] == "1:1"]
+            assert sorted(c[c.index("classid") + 1] for c in leaves) == ["1:10", "1:20"]
+            assert all(c[c.index("ceil") + 1] == f"{int(lk.rate_bps)}bit" for c in leaves)
+            filt = [c for c in mine if "filter" in c]
+            assert len(filt) == 1 and filt[0][-1] == "1:10"
     names = {c[3] for c in cmds if c[:3] == ["ip", "netns", "add"]}
     assert all(n.startswith(netns.PREFIX) for n in names) and len(names) == 7
     addrs = [c for c in cmds if "addr" in c]
     assert [c[-3] for c in addrs] == [f"{netns.rank_ip(r)}/16" for r in range(4)]
+
+
+def test_uplink_counter_reads_the_root_class():
+    out = ("class htb 1:10 parent 1:1 prio 0 rate 5Mbit ceil 100Mbit\n Sent 132 bytes 2 pkt (dropped 0)\n"
+           "class htb 1:1 root rate 100Mbit ceil 100Mbit\n Sent 13707416 bytes 9086 pkt (dropped 0)\n"
+           "class htb 1:20 parent 1:1 prio 1 rate 95Mbit\n Sent 13707284 bytes 9084 pkt (dropped 0)\n")
+    assert netns._class_sent(out, "1:1") == 13707416
+    assert netns._class_sent(out, "1:30") == 0
 
 
 def test_down_removes_exactly_the_prefixed_namespaces():

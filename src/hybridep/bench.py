@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import tempfile
@@ -21,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, predict, workload_from_config
+from hybridep.costmodel import Network, Workload, predict, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
@@ -100,9 +101,20 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     return net, flops / results[COMPUTE_ONLY]["median_iter_s"]
 
 
+def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict) -> Workload:
+    """The workload of a measured run: dimensions from the configuration, routing as measured --
+    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one."""
+    w = workload_from_config(cfg, flops, sr_ratio)
+    tokens = result.get("expert_tokens")
+    if not tokens or any(sum(row) <= 0 for row in tokens):
+        return w
+    loads = tuple(tuple(x / sum(row) for x in row) for row in tokens)
+    return dataclasses.replace(w, layer_loads=loads, experts=len(loads[0]))
+
+
 def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict) -> dict[str, float | None]:
-    """The calibrated model's iteration time per strategy we run (peers are not modelled: their
-    capacity padding is data-dependent)."""
+    """The calibrated model's iteration time per strategy we run, with each run's measured routing
+    (peers are not modelled: their capacity padding is data-dependent)."""
     if model is None:
         return {}
     net, flops = model
@@ -113,8 +125,8 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict)
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        out[name] = predict(Domains(net.topology, sizes), workload_from_config(cfg, flops, ratio), net,
-                            cfg.terms).iteration_s
+        out[name] = predict(Domains(net.topology, sizes), measured_workload(cfg, flops, ratio, results[name]),
+                            net, cfg.terms).iteration_s
     return out
 
 
@@ -156,7 +168,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
         out[name] = {"median_iter_s": r["median_iter_s"], "p10_iter_s": r["p10_iter_s"], "p90_iter_s": r["p90_iter_s"],
                      "cross_dc_bytes": cross, "payload_bytes_by_level": r["payload_bytes_by_level"],
                      "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
-                     "losses": r["losses"], "breakdown_s": breakdown}
+                     "losses": r["losses"], "breakdown_s": breakdown,
+                     "expert_tokens": r.get("expert_tokens"), "a2a_pair_bytes": r.get("a2a_pair_bytes")}
     ep_t = out.get("ep", {}).get("median_iter_s")
     for v in out.values():
         v["speedup_vs_ep"] = ep_t / v["median_iter_s"] if ep_t else None

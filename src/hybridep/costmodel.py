@@ -62,6 +62,18 @@ class Workload:
     gather_bytes: float | None = None
     """Bytes of one device's experts as sent in the gather (compressed); None = ``expert_bytes``.
     Gradients return dense (reduce-scatter of ``expert_bytes``)."""
+    layer_loads: tuple[tuple[float, ...], ...] | None = None
+    """Share of routed tokens per expert for each MoE layer (e.g. measured by a run); overrides
+    ``expert_load`` layer by layer. None = ``expert_load`` for every layer."""
+
+    def load_of_layer(self, layer: int) -> tuple[float, ...] | None:
+        """The expert-load shares that apply to MoE layer ``layer`` (None = uniform)."""
+        return self.layer_loads[layer] if self.layer_loads is not None else self.expert_load
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether layers differ in routing (the per-layer quantities must be evaluated one by one)."""
+        return self.layer_loads is not None
 
 
 def zipf_load(n: int, s: float) -> tuple[float, ...]:
@@ -172,7 +184,7 @@ class Prediction:
     exposed_rs_s: float
     exposed_grad_sync_s: float
     a2a_phase_s: float
-    """One dispatch (or combine) all-to-all of one layer and micro-batch."""
+    """One dispatch (or combine) all-to-all of one layer and micro-batch (mean over the layers)."""
     ag_phase_s: float
     """One layer's expert all-gather."""
     port_bound_s: float = 0.0
@@ -186,13 +198,15 @@ class Prediction:
         return d
 
 
-def domain_load_grid(dom: Domains, w: Workload) -> np.ndarray:
-    """Share of routed tokens per expert domain, as an array of shape (R_0, ..., R_{L-1})."""
+def domain_load_grid(dom: Domains, w: Workload, layer: int = 0) -> np.ndarray:
+    """Share of routed tokens per expert domain in MoE layer ``layer``, as an array of shape
+    (R_0, ..., R_{L-1})."""
     g = dom.topology.world_size
-    if w.expert_load is None or w.experts == 0:
+    load = w.load_of_layer(layer)
+    if load is None or w.experts == 0:
         per_rank = np.full(g, 1.0 / g)
     else:
-        per_rank = np.asarray(w.expert_load, dtype=float).reshape(g, -1).sum(axis=1)
+        per_rank = np.asarray(load, dtype=float).reshape(g, -1).sum(axis=1)
     shape = []
     for r, s in zip(dom.rail_factors, dom.sizes, strict=True):
         shape += [r, s]
@@ -231,20 +245,54 @@ def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.
     return float((pair_bytes[mask] / net.dc_link_bytes_per_s[mask]).max())
 
 
+def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
+               load: np.ndarray) -> tuple[float, list[float]]:
+    """One dispatch A2A under the domain loads ``load`` (combine is its mirror: same port loads,
+    directions swapped): (seconds, cluster-wide bytes crossing each level's ports)."""
+    topo = dom.topology
+    port, total = [], []
+    for lv in range(topo.num_levels):
+        eg, ing = _a2a_level_bytes(dom, w, load, lv)
+        port.append(float(max(eg.max(), ing.max())))
+        total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
+    t = _phase_time(port, net, terms.latency)
+    if net.dc_link_bytes_per_s is not None:
+        c0 = topo.counts[0]
+        d0 = np.arange(c0) // dom.sizes[0]
+        o0 = np.arange(c0) % dom.sizes[0]
+        n0 = topo.ranks_per_worker(0)
+        a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
+        same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
+        pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
+        lat = net.latency_s[0] if terms.latency else 0.0
+        t0 = _top_link_time(dom, net, np.maximum(pair, pair.T), same_off)
+        inner = _phase_time([0.0, *port[1:]], net, terms.latency)
+        t = max(inner, t0 + lat if t0 > 0 else 0.0)
+    return t, total
+
+
+def _layer_grids(dom: Domains, w: Workload) -> list[np.ndarray]:
+    """The domain-load grid of every MoE layer (one shared grid when the layers route alike)."""
+    if w.per_layer:
+        return [domain_load_grid(dom, w, lv) for lv in range(w.layers)]
+    return [domain_load_grid(dom, w)] * w.layers
+
+
+def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
+    """Forward expert compute of the busiest domain: rail_size * its load share (1 when uniform)."""
+    return w.expert_s * float(grid.max()) * dom.rail_size if terms.expert_compute else 0.0
+
+
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
     """Evaluate the cost model for one partition (per-level domain sizes)."""
     topo = dom.topology
     names = topo.names
     L = topo.num_levels
-    load = domain_load_grid(dom, w)
-
-    # --- one dispatch A2A (combine is its mirror: same port loads, directions swapped) ---
-    a2a_port, a2a_total = [], []
-    for lv in range(L):
-        eg, ing = _a2a_level_bytes(dom, w, load, lv)
-        a2a_port.append(float(max(eg.max(), ing.max())))
-        a2a_total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
-    a2a_t = _phase_time(a2a_port, net, terms.latency)
+    grids = _layer_grids(dom, w)
+    phases = [_a2a_phase(dom, w, net, terms, grids[0])] * w.layers
+    if w.per_layer:
+        phases = [_a2a_phase(dom, w, net, terms, g) for g in grids]
+    a2a = [t for t, _ in phases]  # one dispatch A2A of each layer (seconds)
     # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
     # stage per level, outermost first, so the slow levels carry single shards ---
     ag_shards = dom.ag_shards_by_level()
@@ -268,57 +316,44 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]
     rs_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
     ag_t, rs_t = stages_time(gather_bytes), stages_time(w.expert_bytes)
-    if net.dc_link_bytes_per_s is not None:
-        c0 = topo.counts[0]
-        d0 = np.arange(c0) // dom.sizes[0]
-        o0 = np.arange(c0) % dom.sizes[0]
-        n0 = topo.ranks_per_worker(0)
-        a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
-        same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
-        a2a_pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
-        lat = net.latency_s[0] if terms.latency else 0.0
-        t0 = _top_link_time(dom, net, np.maximum(a2a_pair, a2a_pair.T), same_off)
-        inner = _phase_time([0.0, *a2a_port[1:]], net, terms.latency)
-        a2a_t = max(inner, t0 + lat if t0 > 0 else 0.0)
 
     # --- compute per layer and micro-batch ---
     pe = w.pre_expert_s
-    # Expert compute scales with the busiest domain: rail_size * its load share (1 when uniform).
-    e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
+    e = [_expert_s(dom, w, terms, g) for g in grids]
     mb, layers = w.micro_batches, w.layers
 
-    step = pe + 2 * a2a_t + e  # one layer of one micro-batch with nothing exposed
+    steps = [pe + 2 * a + x for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
     if terms.overlap:
         # two streams: every layer's gather is issued at the start of the iteration (prefetch) and
         # they complete back to back; layer l's experts wait for the l-th gather
         t_c, ag_done = 0.0, 0.0
-        for _ in range(layers):
+        for a, x in zip(a2a, e, strict=True):
             ag_done += ag_t
-            t_c = max(t_c + pe, ag_done) + 2 * a2a_t + e
-        fwd = t_c + (mb - 1) * layers * step
+            t_c = max(t_c + pe, ag_done) + 2 * a + x
+        fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
-        fwd = layers * (max(pe, ag_t) + 2 * a2a_t + e) + (mb - 1) * layers * step
+        fwd = sum(max(pe, ag_t) + 2 * a + x for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
     iteration = fwd
-    compute = layers * mb * (pe + e)
-    a2a_sum = layers * mb * 2 * a2a_t
-    exposed_ag = fwd - layers * mb * step
+    compute = mb * sum(pe + x for x in e)
+    a2a_sum = mb * 2 * sum(a2a)
+    exposed_ag = fwd - mb * sum(steps)
     exposed_rs = 0.0
     grad_sync = exposed_gs = 0.0
     if terms.backward:
-        bwd_step = 2 * a2a_t + 2 * e + 2 * pe
-        bwd_compute = layers * mb * (2 * pe + 2 * e)
+        bwd_steps = [2 * a + 2 * x + 2 * pe for a, x in zip(a2a, e, strict=True)]
+        bwd_compute = mb * sum(2 * pe + 2 * x for x in e)
         if terms.overlap:
             # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
             # run one after the other while the earlier layers' backward goes on
             t, rs_free = 0.0, 0.0
-            for _ in range(layers):
-                t += 2 * a2a_t + 2 * e
+            for a, x in zip(reversed(a2a), reversed(e), strict=True):
+                t += 2 * a + 2 * x
                 rs_free = max(t, rs_free) + rs_t
                 t += 2 * pe
-            bwd = (mb - 1) * layers * bwd_step + max(t, rs_free)
+            bwd = (mb - 1) * sum(bwd_steps) + max(t, rs_free)
         else:
-            bwd = layers * (mb * bwd_step - 2 * pe + max(2 * pe, rs_t))
-        exposed_rs = bwd - layers * mb * bwd_step
+            bwd = sum(mb * b - 2 * pe + max(2 * pe, rs_t) for b in bwd_steps)
+        exposed_rs = bwd - mb * sum(bwd_steps)
         iteration += bwd
         compute += bwd_compute
         a2a_sum *= 2
@@ -334,7 +369,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
     by_level = {}
     for lv, name in enumerate(names):
-        a2a_b = a2a_total[lv] * directions * mb * layers
+        a2a_b = sum(tot[lv] for _, tot in phases) * directions * mb
         ag_b = ag_total[lv] * layers
         rs_b = rs_total[lv] * layers if terms.backward else 0.0
         by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
@@ -345,7 +380,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         domain_sizes=dom.sizes, iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
         ag_s=layers * ag_t, rs_s=layers * rs_t if terms.backward else 0.0, grad_sync_s=grad_sync,
         exposed_ag_s=exposed_ag, exposed_rs_s=exposed_rs, exposed_grad_sync_s=exposed_gs,
-        a2a_phase_s=a2a_t, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
+        a2a_phase_s=sum(a2a) / layers, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
 
 
 def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
@@ -361,14 +396,13 @@ def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
     partition's :func:`predict` result, if already at hand.
     """
-    load = domain_load_grid(dom, w)
-    e = w.expert_s * float(load.max()) * dom.rail_size if terms.expert_compute else 0.0
+    e = sum(_expert_s(dom, w, terms, g) for g in _layer_grids(dom, w))  # all layers
     a2a_levels = [lv for lv, n in enumerate(dom.peers_by_level("a2a")) if n > 0]
     lat = min((net.latency_s[lv] for lv in a2a_levels), default=0.0) if terms.latency and a2a_levels else 0.0
     steps = w.layers * w.micro_batches
-    path = steps * (w.pre_expert_s + e + 2 * lat)
+    path = steps * (w.pre_expert_s + 2 * lat) + w.micro_batches * e
     if terms.backward:
-        path += steps * (2 * w.pre_expert_s + 2 * e + 2 * lat)
+        path += steps * (2 * w.pre_expert_s + 2 * lat) + w.micro_batches * 2 * e
     prediction = prediction or predict(dom, w, net, terms)
     return max(path, prediction.port_bound_s)
 

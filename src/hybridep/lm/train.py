@@ -19,7 +19,7 @@ from torch import nn
 from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.strategy import data_parallel, parallelize, prefetch_all
+from hybridep.parallel.strategy import data_parallel, moe_layers, parallelize, prefetch_all
 from hybridep.topology import Domains
 
 
@@ -47,6 +47,11 @@ class RunResult:
     """Payload bytes per timed iteration, all ranks together, by topology level."""
     uplink_bytes: float | None = None
     """Bytes per timed iteration through the top-level uplinks (testbed counters), if shaped."""
+    a2a_pair_bytes: list[list[float]] | None = None
+    """All-to-all payload bytes per timed iteration from rank i (row) to rank j (column)."""
+    expert_tokens: list[list[float]] | None = None
+    """Token copies routed to each expert (column) of each MoE layer (row) per timed iteration,
+    all ranks together: the measured routing histogram."""
 
     def summary(self) -> dict:
         it = sorted(self.iter_s)
@@ -54,7 +59,8 @@ class RunResult:
         return {"median_iter_s": statistics.median(it), "p10_iter_s": q[0], "p90_iter_s": q[-1],
                 "iter_s": self.iter_s, "losses": self.losses, "final_loss": self.losses[-1],
                 "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
-                "uplink_bytes": self.uplink_bytes}
+                "uplink_bytes": self.uplink_bytes, "a2a_pair_bytes": self.a2a_pair_bytes,
+                "expert_tokens": self.expert_tokens}
 
 
 class DeepSpeedMoE(nn.Module):
@@ -117,6 +123,8 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
                 dist.barrier()
             if comm:
                 comm.traffic.reset()
+            for layer in moe_layers(model):
+                layer.reset_routing_stats()
             if uplink_counter is not None:
                 before = uplink_counter()
         if step >= spec.warmup:
@@ -142,8 +150,16 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         levels = list(comm.topology.names)
         by_level = tr.bytes_by_level(["a2a", "ag", "rs"])
         b = torch.tensor([float(by_level.get(lv, 0)) for lv in levels], dtype=torch.float64)
+        row = torch.tensor([float(tr.bytes_by_op_peer.get(("a2a", p), 0)) for p in range(comm.world_size)],
+                           dtype=torch.float64)
+        pairs = [torch.empty_like(row) for _ in range(comm.world_size)]
+        dist.all_gather(pairs, row)
         dist.all_reduce(secs)
         dist.all_reduce(b)
+        result.a2a_pair_bytes = [(p / timed).tolist() for p in pairs]
+        routed = torch.stack([layer.routed_tokens for layer in moe_layers(model)]).to(torch.float64)
+        dist.all_reduce(routed)
+        result.expert_tokens = (routed / timed).tolist()
         secs /= comm.world_size * timed
         result.comm_s = {"a2a": float(secs[0] + secs[1]), "ag": float(secs[2]), "rs": float(secs[3])}
         result.payload_bytes_by_level = {lv: float(v) / timed for lv, v in zip(levels, b, strict=True)}

@@ -63,7 +63,10 @@ class LocalDispatcher:
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: ``y = sum_k w_k * expert_{e_k}(x)`` for each token of ``x`` [..., hidden].
 
-    After a forward pass ``self.aux_loss`` holds the router's load-balancing loss.
+    After a forward pass ``self.aux_loss`` holds the router's load-balancing loss, and
+    ``self.routed_tokens`` [experts] counts the token copies routed to each expert (kept ones) since
+    the last :meth:`reset_routing_stats` -- the measured routing histogram (not a buffer: DDP would
+    overwrite it with rank 0's).
     """
 
     def __init__(self, hidden: int, ffn: int, experts: int, top_k: int, kind: str = "gelu",
@@ -73,10 +76,16 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(experts, hidden, ffn, kind)
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.aux_loss: torch.Tensor | None = None
+        self.routed_tokens = torch.zeros(experts, dtype=torch.int64)
+
+    def reset_routing_stats(self) -> None:
+        self.routed_tokens = torch.zeros_like(self.routed_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         routing = self.router(flat)
         self.aux_loss = routing.aux_loss
+        kept = routing.expert_idx[routing.kept].detach()
+        self.routed_tokens = self.routed_tokens + torch.bincount(kept.cpu(), minlength=self.routed_tokens.numel())
         return self.dispatcher(flat, routing, self.experts).reshape(shape)

@@ -39,11 +39,13 @@ class Traffic:
 
     bytes_by_op_level: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     bytes_by_peer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_by_op_peer: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_op: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def reset(self) -> None:
-        for d in (self.bytes_by_op_level, self.bytes_by_peer, self.seconds_by_op, self.calls_by_op):
+        for d in (self.bytes_by_op_level, self.bytes_by_peer, self.bytes_by_op_peer, self.seconds_by_op,
+                  self.calls_by_op):
             d.clear()
 
     def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
@@ -133,6 +135,7 @@ class Communicator:
                 continue
             tr.bytes_by_op_level[(kind, self._level_name[peer])] += b
             tr.bytes_by_peer[peer] += b
+            tr.bytes_by_op_peer[(kind, peer)] += b
         tr.seconds_by_op[kind] += seconds
         tr.calls_by_op[kind] += 1
 

@@ -108,12 +108,13 @@ class IterationSim:
         ranks = np.arange(self.G)
         self.coords = np.stack(np.unravel_index(ranks, topo.counts), axis=1) if self.L > 1 else ranks[:, None]
         # share of all routed tokens that rank b's domain processes (b serves its rail's share)
-        grid = domain_load_grid(dom, w)
-        dom_ids = self.coords // np.asarray(dom.sizes)
-        self.share = grid[tuple(dom_ids.T)]
-        self.flow_bytes = w.dispatch_bytes * self.share  # one sender -> b, per A2A
+        dom_ids = tuple((self.coords // np.asarray(dom.sizes)).T)
+        # per MoE layer and rank: the share of the layer's routed tokens that the rank's domain serves
+        layer_ids = range(w.layers) if w.per_layer else [0] * w.layers
+        self.share = np.stack([domain_load_grid(dom, w, lv)[dom_ids] for lv in layer_ids])
+        self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         e = w.expert_s if terms.expert_compute else 0.0
-        self.expert_s = e * self.share * dom.rail_size  # forward expert compute of each rank
+        self.expert_s = e * self.share * dom.rail_size  # [layer, b]: forward expert compute
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
@@ -121,9 +122,10 @@ class IterationSim:
         self._a2a_peers = dom.peers_by_level("a2a")
 
     # ------------------------------------------------------------------ flow classes
-    def _a2a_batch(self, op: str, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
+    def _a2a_batch(self, op: str, layer: int, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
                    label: str) -> Batch:
-        """One all-to-all's flows into (``toward_b``) or out of the given ranks, per level."""
+        """One all-to-all of MoE layer ``layer``: its flows into (``toward_b``) or out of the given
+        ranks, per level."""
         sizes, counts, lats, rel, owner = [], [], [], [], []
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
@@ -134,7 +136,7 @@ class IterationSim:
                 continue
             if self.fold:
                 cls = n_cls + np.arange(len(ranks))
-                sizes.append(self.flow_bytes[ranks])
+                sizes.append(self.flow_bytes[layer, ranks])
                 counts.append(np.full(len(ranks), float(n)))
                 lats.append(np.full(len(ranks), self.lat[lv]))
                 rel.append(release)
@@ -152,7 +154,7 @@ class IterationSim:
                 b = np.repeat(ranks, n)
                 a = peers.reshape(-1)
                 cls = n_cls + np.arange(len(b))
-                sizes.append(self.flow_bytes[b])
+                sizes.append(self.flow_bytes[layer, b])
                 counts.append(np.ones(len(b)))
                 lats.append(np.full(len(b), self.lat[lv]))
                 rel.append(np.repeat(release, n))
@@ -248,7 +250,7 @@ class IterationSim:
         batch = self._stage_batch(op, lv, shard_bytes, f"{label} {self.dom.topology.names[lv]}")
         self._collective(batch, op, lambda t: self._staged(op, rest, shard_bytes, label, then))
 
-    def _moe_step(self, name: str, compute_factor: float, need_experts: int | None, then,
+    def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
                   on_experts=None) -> None:
         """Dispatch -> each rank's expert compute -> combine from that rank.
 
@@ -257,11 +259,11 @@ class IterationSim:
         start = self.eng.now
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         ranks = np.arange(self.G)
-        dispatch = self._a2a_batch("a2a", True, ranks, np.full(self.G, start), f"dispatch {name}")
+        dispatch = self._a2a_batch("a2a", layer, True, ranks, np.full(self.G, start), f"dispatch {name}")
         left = np.bincount(dispatch.owner, minlength=self.G)
         expected = dispatch.classes
         # the combine's classes exist from the start; each rank's are released when its experts end
-        combine = self._a2a_batch("a2a", False, ranks, np.full(self.G, np.inf), f"combine {name}")
+        combine = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, np.inf), f"combine {name}")
         order = np.argsort(combine.owner, kind="stable")
         first = np.searchsorted(combine.owner[order], ranks)
         per_rank = np.bincount(combine.owner, minlength=self.G)
@@ -273,7 +275,7 @@ class IterationSim:
             launch(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
 
         def launch(bs: np.ndarray, t: float) -> None:
-            end = t + compute_factor * self.expert_s[bs]
+            end = t + compute_factor * self.expert_s[layer, bs]
             st["launched"] += len(bs)
             st["expert_start"] = min(st["expert_start"], t)
             st["expert_end"] = max(st["expert_end"], float(end.max()))
@@ -360,7 +362,7 @@ class IterationSim:
             self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + w.pre_expert_s)
             need = layer if ag_levels else None
             self.eng.at(t0 + w.pre_expert_s, lambda: self._moe_step(
-                f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1)))
+                layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1)))
 
         def backward(m: int, layer: int) -> None:
             t0 = self.eng.now
@@ -378,7 +380,7 @@ class IterationSim:
                 self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + 2 * w.pre_expert_s)
                 self.eng.at(t + 2 * w.pre_expert_s, lambda: backward(m, layer - 1))
 
-            self._moe_step(f"bwd L{layer} mb{m}", 2.0, None, after, experts_done)
+            self._moe_step(layer, f"bwd L{layer} mb{m}", 2.0, None, after, experts_done)
 
         def nxt(m: int) -> None:
             if m + 1 < mb:

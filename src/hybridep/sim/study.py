@@ -94,7 +94,8 @@ def fold_for(cfg: Config, w: Workload) -> bool:
     mode = cfg.simulate.fold
     if mode != "auto":
         return mode == "on"
-    skewed = w.expert_load is not None and max(w.expert_load) - min(w.expert_load) > 1e-12
+    loads = [w.load_of_layer(lv) for lv in range(w.layers)]
+    skewed = any(x is not None and max(x) - min(x) > 1e-12 for x in loads)
     return not (skewed and cfg.topology.world_size <= FOLD_AUTO_MAX_RANKS)
 
 
@@ -250,7 +251,7 @@ def calibrate(bench_json: str | Path) -> dict:
     """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
     (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
     and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload
 
     try:
         report = json.loads(Path(bench_json).read_text())
@@ -273,7 +274,7 @@ def calibrate(bench_json: str | Path) -> dict:
         if sizes is None:
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = workload_from_config(cfg, flops, ratio)
+        w = measured_workload(cfg, flops, ratio, m)
         dom = Domains(net.topology, sizes)
         sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
         model_s = predict(dom, w, net, cfg.terms).iteration_s
