@@ -271,11 +271,16 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     return t, total
 
 
-def _layer_grids(dom: Domains, w: Workload) -> list[np.ndarray]:
-    """The domain-load grid of every MoE layer (one shared grid when the layers route alike)."""
+def per_layer(w: Workload, fn):
+    """``[fn(layer) for every MoE layer]``, evaluated once when the layers route alike."""
     if w.per_layer:
-        return [domain_load_grid(dom, w, lv) for lv in range(w.layers)]
-    return [domain_load_grid(dom, w)] * w.layers
+        return [fn(lv) for lv in range(w.layers)]
+    return [fn(0)] * w.layers
+
+
+def layer_grids(dom: Domains, w: Workload) -> list[np.ndarray]:
+    """The domain-load grid of every MoE layer (see :func:`domain_load_grid`)."""
+    return per_layer(w, lambda lv: domain_load_grid(dom, w, lv))
 
 
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
@@ -288,10 +293,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     topo = dom.topology
     names = topo.names
     L = topo.num_levels
-    grids = _layer_grids(dom, w)
-    phases = [_a2a_phase(dom, w, net, terms, grids[0])] * w.layers
-    if w.per_layer:
-        phases = [_a2a_phase(dom, w, net, terms, g) for g in grids]
+    grids = layer_grids(dom, w)
+    phases = per_layer(w, lambda lv: _a2a_phase(dom, w, net, terms, grids[lv]))
     a2a = [t for t, _ in phases]  # one dispatch A2A of each layer (seconds)
     # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
     # stage per level, outermost first, so the slow levels carry single shards ---
@@ -319,7 +322,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
 
     # --- compute per layer and micro-batch ---
     pe = w.pre_expert_s
-    e = [_expert_s(dom, w, terms, g) for g in grids]
+    e = per_layer(w, lambda lv: _expert_s(dom, w, terms, grids[lv]))
     mb, layers = w.micro_batches, w.layers
 
     steps = [pe + 2 * a + x for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
@@ -396,7 +399,7 @@ def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
     partition's :func:`predict` result, if already at hand.
     """
-    e = sum(_expert_s(dom, w, terms, g) for g in _layer_grids(dom, w))  # all layers
+    e = sum(_expert_s(dom, w, terms, g) for g in layer_grids(dom, w))  # all layers
     a2a_levels = [lv for lv, n in enumerate(dom.peers_by_level("a2a")) if n > 0]
     lat = min((net.latency_s[lv] for lv in a2a_levels), default=0.0) if terms.latency and a2a_levels else 0.0
     steps = w.layers * w.micro_batches

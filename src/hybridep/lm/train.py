@@ -150,8 +150,8 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         levels = list(comm.topology.names)
         by_level = tr.bytes_by_level(["a2a", "ag", "rs"])
         b = torch.tensor([float(by_level.get(lv, 0)) for lv in levels], dtype=torch.float64)
-        row = torch.tensor([float(tr.bytes_by_op_peer.get(("a2a", p), 0)) for p in range(comm.world_size)],
-                           dtype=torch.float64)
+        to_peer = tr.bytes_by_peer(["a2a"])
+        row = torch.tensor([float(to_peer.get(p, 0)) for p in range(comm.world_size)], dtype=torch.float64)
         pairs = [torch.empty_like(row) for _ in range(comm.world_size)]
         dist.all_gather(pairs, row)
         dist.all_reduce(secs)

@@ -86,6 +86,6 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         routing = self.router(flat)
         self.aux_loss = routing.aux_loss
-        kept = routing.expert_idx[routing.kept].detach()
-        self.routed_tokens = self.routed_tokens + torch.bincount(kept.cpu(), minlength=self.routed_tokens.numel())
+        counts = torch.bincount(routing.expert_idx[routing.kept].detach(), minlength=self.routed_tokens.numel())
+        self.routed_tokens = self.routed_tokens.to(counts.device) + counts  # stays on the device: no sync
         return self.dispatcher(flat, routing, self.experts).reshape(shape)

@@ -38,14 +38,12 @@ class Traffic:
     """Counters of one rank. Bytes are payload bytes sent; seconds are wall time."""
 
     bytes_by_op_level: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    bytes_by_peer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     bytes_by_op_peer: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_op: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def reset(self) -> None:
-        for d in (self.bytes_by_op_level, self.bytes_by_peer, self.bytes_by_op_peer, self.seconds_by_op,
-                  self.calls_by_op):
+        for d in (self.bytes_by_op_level, self.bytes_by_op_peer, self.seconds_by_op, self.calls_by_op):
             d.clear()
 
     def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
@@ -55,10 +53,18 @@ class Traffic:
                 out[level] += b
         return dict(out)
 
+    def bytes_by_peer(self, ops: Sequence[str] | None = None) -> dict[int, int]:
+        """Bytes sent to each peer rank by the operation families ``ops`` (None = all)."""
+        out: dict[int, int] = defaultdict(int)
+        for (op, peer), b in self.bytes_by_op_peer.items():
+            if ops is None or op in ops:
+                out[peer] += b
+        return dict(out)
+
     def to_dict(self) -> dict:
         return {
             "bytes_by_op_level": {f"{op}/{lv}": b for (op, lv), b in self.bytes_by_op_level.items()},
-            "bytes_by_peer": {str(k): v for k, v in self.bytes_by_peer.items()},
+            "bytes_by_peer": {str(k): v for k, v in self.bytes_by_peer().items()},
             "seconds_by_op": dict(self.seconds_by_op),
             "calls_by_op": dict(self.calls_by_op),
         }
@@ -134,7 +140,6 @@ class Communicator:
             if peer == self.rank or b == 0:
                 continue
             tr.bytes_by_op_level[(kind, self._level_name[peer])] += b
-            tr.bytes_by_peer[peer] += b
             tr.bytes_by_op_peer[(kind, peer)] += b
         tr.seconds_by_op[kind] += seconds
         tr.calls_by_op[kind] += 1

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, domain_load_grid
+from hybridep.costmodel import Network, Workload, layer_grids
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
 
@@ -110,8 +110,7 @@ class IterationSim:
         # share of all routed tokens that rank b's domain processes (b serves its rail's share)
         dom_ids = tuple((self.coords // np.asarray(dom.sizes)).T)
         # per MoE layer and rank: the share of the layer's routed tokens that the rank's domain serves
-        layer_ids = range(w.layers) if w.per_layer else [0] * w.layers
-        self.share = np.stack([domain_load_grid(dom, w, lv)[dom_ids] for lv in layer_ids])
+        self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         e = w.expert_s if terms.expert_compute else 0.0
         self.expert_s = e * self.share * dom.rail_size  # [layer, b]: forward expert compute
