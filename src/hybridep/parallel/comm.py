@@ -47,19 +47,12 @@ class Traffic:
             d.clear()
 
     def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (op, level), b in self.bytes_by_op_level.items():
-            if ops is None or op in ops:
-                out[level] += b
-        return dict(out)
+        """Bytes sent over each topology level by the operation families ``ops`` (None = all)."""
+        return _sum_over_ops(self.bytes_by_op_level, ops)
 
     def bytes_by_peer(self, ops: Sequence[str] | None = None) -> dict[int, int]:
         """Bytes sent to each peer rank by the operation families ``ops`` (None = all)."""
-        out: dict[int, int] = defaultdict(int)
-        for (op, peer), b in self.bytes_by_op_peer.items():
-            if ops is None or op in ops:
-                out[peer] += b
-        return dict(out)
+        return _sum_over_ops(self.bytes_by_op_peer, ops)
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +61,15 @@ class Traffic:
             "seconds_by_op": dict(self.seconds_by_op),
             "calls_by_op": dict(self.calls_by_op),
         }
+
+
+def _sum_over_ops(counter: dict, ops: Sequence[str] | None) -> dict:
+    """``{key: bytes}`` from an ``{(op, key): bytes}`` counter, summed over the ops in ``ops``."""
+    out: dict = defaultdict(int)
+    for (op, key), b in counter.items():
+        if ops is None or op in ops:
+            out[key] += b
+    return dict(out)
 
 
 def op_kind(op: str) -> str:
