@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridep.migration.sr import INDEX_BYTES, SRCodec
+from hybridep.migration.sr import SRCodec, index_bytes
 
 
 @settings(max_examples=60)
@@ -37,8 +37,33 @@ def test_ratio_one_is_exactly_dense():
 
 def test_bytes_at_ratio_50_count_indices():
     codec = SRCodec(50.0, 10_000, torch.float32)
-    assert codec.k == 10_000 * 4 // (50 * (4 + INDEX_BYTES))
+    assert index_bytes(10_000) == 2 and index_bytes(1 << 16) == 2 and index_bytes((1 << 16) + 1) == 4
+    assert codec.k == 10_000 * 4 // (50 * (4 + 2))
     assert 10_000 * 4 / codec.encoded_bytes(1) == pytest.approx(50.0, rel=0.01)
+    half = SRCodec(50.0, 10_000, torch.float32, torch.float16)  # 16-bit values: twice the entries of int32+fp32
+    assert half.k == 10_000 * 4 // (50 * (2 + 2)) == 2 * (10_000 * 4 // (50 * (4 + 4)))
+    assert 10_000 * 4 / half.encoded_bytes(1) == pytest.approx(50.0, rel=0.01)
+    big = SRCodec(50.0, 70_000, torch.float32)  # indices past 65 535 need 4 bytes
+    assert big.k == 70_000 * 4 // (50 * (4 + 4))
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [300, 70_000])
+def test_16_bit_values_round_trip_within_their_rounding(value_dtype, p):
+    g = torch.Generator().manual_seed(p)
+    shared = torch.randn(p, generator=g)
+    experts = shared + 0.1 * torch.randn(2, p, generator=g)
+    codec = SRCodec(10.0, p, torch.float32, value_dtype)
+    buf = codec.encode(experts, shared)
+    assert buf.numel() == codec.encoded_bytes(2) <= 2 * p * 4 / 10
+    out = codec.decode(buf, 2, shared)
+    residual = experts - shared
+    kth = residual.abs().sort(dim=1, descending=True).values[:, codec.k - 1:codec.k]
+    eps = torch.finfo(value_dtype).eps
+    # dropped entries err by at most the k-th residual, kept ones by the 16-bit rounding of their value
+    assert ((out - experts).abs() <= torch.maximum(kth, residual.abs() * eps) + 1e-6).all()
+    kept = (out != shared).sum(dim=1)
+    assert (kept <= codec.k).all() and (kept >= codec.k - 2).all()  # (a kept value may round to 0)
 
 
 @pytest.mark.parametrize("sizes", [(2, 2), (1, 2), (2, 1)])

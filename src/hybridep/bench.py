@@ -67,7 +67,8 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
     if any(x > 1 for x in choice):
         for ratio in b.sr_ratios:
             out.append({"name": strategy_name(topo, choice, ratio), "strategy": "hybridep+sr",
-                        "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis, **base})
+                        "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis,
+                        "sr_values": cfg.moe.sr_values if cfg.moe else "float16", **base})
     for peer in peers:
         out.append({"name": peer, "strategy": peer, **base})
     return out

@@ -181,6 +181,9 @@ class MoEConfig(_Strict):
     """None = dropless."""
     sr_ratio: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] | None = None
     """Shared + residual compression ratio of the expert gather (None = uncompressed)."""
+    sr_values: Literal["param", "float16", "bfloat16"] = "float16"
+    """Precision of the residual values sent under compression (``param``: the model's dtype); at a
+    given ratio, 2-byte values keep more entries (see ``hybridep.migration.sr``)."""
     expert_load: list[NonNegFloat] | None = None
     """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
     expert_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None

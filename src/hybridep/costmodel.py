@@ -14,7 +14,9 @@ the top level uses one link per DC pair instead of one port per DC.
 Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
 
 * forward:  ``max(Lat_PE, Lat_AG) + 2 * Lat_A2A (+ Lat_E)`` -- the expert all-gather overlaps
-  the pre-expert compute (parameters are known early); dispatch and combine cannot overlap.
+  the pre-expert compute (parameters are known early); dispatch and combine cannot overlap. With
+  ``overlap`` the gathers follow the runtime's prefetch chain: layer l+1's is issued when layer l
+  takes its experts, so it also overlaps layer l's all-to-all and expert compute.
   The all-gather happens once per iteration (first micro-batch); A2A every micro-batch.
 * backward (``full``): ``2 * Lat_A2A + 2 * Lat_E + 2 * Lat_PE``; the reduce-scatter of the
   gathered experts' gradients back to their owners overlaps the layer's pre-expert backward of
@@ -126,9 +128,10 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
     gather = None
     ratio = m.sr_ratio if sr_ratio is None else sr_ratio
     if ratio is not None:
-        from hybridep.migration.sr import encoded_bytes
+        from hybridep.migration.sr import encoded_bytes, value_bytes
 
-        gather = encoded_bytes(ratio, mats * m.hidden * m.ffn, m.dtype_bytes, m.experts // g)
+        gather = encoded_bytes(ratio, mats * m.hidden * m.ffn, m.dtype_bytes, m.experts // g,
+                               value_bytes(m.sr_values, m.dtype_bytes))
     load = None
     if m.expert_load is not None:
         total = sum(m.expert_load)
@@ -327,12 +330,13 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
 
     steps = [pe + 2 * a + x for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
     if terms.overlap:
-        # two streams: every layer's gather is issued at the start of the iteration (prefetch) and
-        # they complete back to back; layer l's experts wait for the l-th gather
-        t_c, ag_done = 0.0, 0.0
+        # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
+        # iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
+        # experts wait for its gather
+        t_c, ag_start = 0.0, 0.0
         for a, x in zip(a2a, e, strict=True):
-            ag_done += ag_t
-            t_c = max(t_c + pe, ag_done) + 2 * a + x
+            ag_start = max(t_c + pe + a, ag_start + ag_t)  # experts taken = the next gather issued
+            t_c = ag_start + a + x
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
         fwd = sum(max(pe, ag_t) + 2 * a + x for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)

@@ -35,6 +35,7 @@ class RunSpec:
     prefetch: bool = True
     sr_ratio: float | None = None
     sr_basis: str = "shared"
+    sr_values: str = "float16"
 
 
 @dataclass
@@ -101,7 +102,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
-                         spec.sr_basis)
+                         spec.sr_basis, spec.sr_values)
     return data_parallel(model), model, styles
 
 
@@ -113,9 +114,14 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
     result = RunResult()
     distributed = comm is not None and spec.strategy != "local"
+    # the compute-only reference under a launcher: all ranks step in lockstep (a barrier per step),
+    # so its iteration is the slowest rank's compute, as in every synchronous strategy
+    lockstep = spec.strategy == "local" and dist.is_available() and dist.is_initialized()
     before = None
     stamps = []
     for step in range(spec.steps):
+        if lockstep:
+            dist.barrier()
         if step == spec.warmup:
             # one barrier before the timed steps; after it, iteration i's time runs from its start to
             # the start of iteration i+1, so transfers left in flight (prefetch) are not hidden
@@ -137,6 +143,8 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         if styles and spec.prefetch and step < spec.steps - 1:
             prefetch_all(styles, model)
         result.losses.append(loss.item())
+    if lockstep:
+        dist.barrier()
     stamps.append(time.perf_counter())
     result.iter_s = [b - a for a, b in itertools.pairwise(stamps)]
     timed = max(1, spec.steps - spec.warmup)

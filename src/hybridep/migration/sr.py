@@ -4,11 +4,12 @@ An expert is sent as the top-k entries (by magnitude) of its residual ``expert -
 ``shared`` is a basis every rank holds identically (the mean of the layer's experts). The receiver
 rebuilds ``shared + scatter(residual entries)``.
 
-Byte accounting (honest): each kept entry costs its value (the parameter dtype's size) plus a
-4-byte int32 index. For a compression ratio CR over P parameters of ``b`` bytes each, the encoder
-keeps ``k = floor(P * b / (CR * (b + 4)))`` entries, so encoded bytes <= dense bytes / CR. When that
-would not be smaller than the dense expert (CR <= 1 + 4/b, e.g. CR = 1), the expert is sent dense,
-so CR = 1 is exactly uncompressed.
+Byte accounting (honest): each kept entry costs its value (``value_bytes``: the parameter dtype's
+size, or 2 when the values travel as float16/bfloat16) plus its index: 2 bytes (uint16) when the
+expert has at most 65 536 parameters, else 4 (int32). For a compression ratio CR over P parameters
+of ``b`` bytes each, the encoder keeps ``k = floor(P * b / (CR * (value_bytes + index_bytes)))``
+entries, so encoded bytes <= dense bytes / CR. When that would not be smaller than the dense
+expert (e.g. CR = 1), the expert is sent dense in its own dtype, so CR = 1 is exactly uncompressed.
 """
 
 from __future__ import annotations
@@ -18,59 +19,87 @@ from dataclasses import dataclass
 
 import torch
 
-INDEX_BYTES = 4
+VALUE_DTYPES = {"param": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Names of the residual value precisions (``param``: the parameters' own dtype)."""
 
 
-def kept_entries(ratio: float, p: int, value_bytes: int) -> int | None:
-    """Entries kept per expert of ``p`` parameters at ``ratio``; None = send the expert dense."""
-    k = math.floor(p * value_bytes / (ratio * (value_bytes + INDEX_BYTES)))
-    if ratio <= 1.0 or k * (value_bytes + INDEX_BYTES) >= p * value_bytes:
+def value_bytes(name: str, param_bytes: int) -> int:
+    """Bytes of one residual value sent in precision ``name`` (a key of :data:`VALUE_DTYPES`)."""
+    dtype = VALUE_DTYPES[name]
+    return param_bytes if dtype is None else torch.empty((), dtype=dtype).element_size()
+
+
+def index_bytes(p: int) -> int:
+    """Bytes of one entry index into an expert of ``p`` parameters: 2 (uint16) or 4 (int32)."""
+    return 2 if p <= 1 << 16 else 4
+
+
+def kept_entries(ratio: float, p: int, param_bytes: int, value_bytes: int | None = None) -> int | None:
+    """Entries kept per expert of ``p`` parameters of ``param_bytes`` each at ``ratio`` (values
+    sent with ``value_bytes``, default ``param_bytes``); None = send the expert dense."""
+    entry = (value_bytes or param_bytes) + index_bytes(p)
+    k = math.floor(p * param_bytes / (ratio * entry))
+    if ratio <= 1.0 or k * entry >= p * param_bytes:
         return None
     return max(1, k)
 
 
-def encoded_bytes(ratio: float, p: int, value_bytes: int, n: int = 1) -> int:
-    """Bytes of ``n`` encoded experts (values + int32 indices, or dense)."""
-    k = kept_entries(ratio, p, value_bytes)
-    return n * (p * value_bytes if k is None else k * (value_bytes + INDEX_BYTES))
+def encoded_bytes(ratio: float, p: int, param_bytes: int, n: int = 1, value_bytes: int | None = None) -> int:
+    """Bytes of ``n`` encoded experts (values + indices, or dense)."""
+    k = kept_entries(ratio, p, param_bytes, value_bytes)
+    return n * (p * param_bytes if k is None else k * ((value_bytes or param_bytes) + index_bytes(p)))
 
 
 @dataclass(frozen=True)
 class SRCodec:
-    """Top-k residual codec for ``n`` experts of ``p`` parameters each, at ratio ``ratio``."""
+    """Top-k residual codec for ``n`` experts of ``p`` parameters each, at ratio ``ratio``;
+    residual values travel as ``value_dtype`` (None: the parameters' ``dtype``)."""
 
     ratio: float
     p: int
     dtype: torch.dtype
+    value_dtype: torch.dtype | None = None
 
     @property
     def value_bytes(self) -> int:
+        """Bytes of one parameter (the dense unit the ratio is counted against)."""
         return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def _vdtype(self) -> torch.dtype:
+        return self.value_dtype or self.dtype
+
+    @property
+    def sent_value_bytes(self) -> int:
+        return torch.empty((), dtype=self._vdtype).element_size()
 
     @property
     def k(self) -> int | None:
         """Entries kept per expert, or None when the expert goes dense."""
-        return kept_entries(self.ratio, self.p, self.value_bytes)
+        return kept_entries(self.ratio, self.p, self.value_bytes, self.sent_value_bytes)
 
     def encoded_bytes(self, n: int) -> int:
-        return encoded_bytes(self.ratio, self.p, self.value_bytes, n)
+        return encoded_bytes(self.ratio, self.p, self.value_bytes, n, self.sent_value_bytes)
+
+    def _index_dtype(self) -> torch.dtype:
+        return torch.uint16 if index_bytes(self.p) == 2 else torch.int32
 
     def encode(self, experts: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-        """[n, p] experts -> one uint8 buffer (values then int32 indices; dense values if k is None)."""
+        """[n, p] experts -> one uint8 buffer (values then indices; dense values if k is None)."""
         if self.k is None:
             return experts.detach().contiguous().view(torch.uint8).reshape(-1)
         residual = experts.detach() - shared
         idx = residual.abs().topk(self.k, dim=1).indices
-        vals = residual.gather(1, idx)
+        vals = residual.gather(1, idx).to(self._vdtype)
         return torch.cat([vals.contiguous().view(torch.uint8).reshape(-1),
-                          idx.to(torch.int32).contiguous().view(torch.uint8).reshape(-1)])
+                          idx.to(torch.int32).to(self._index_dtype()).contiguous().view(torch.uint8).reshape(-1)])
 
     def decode(self, buf: torch.Tensor, n: int, shared: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: [n, p] experts (dense shared + scattered residual entries)."""
         if self.k is None:
             return buf.view(self.dtype).view(n, self.p)
-        split = n * self.k * self.value_bytes
-        vals = buf[:split].view(self.dtype).view(n, self.k)
-        idx = buf[split:].view(torch.int32).view(n, self.k).long()
+        split = n * self.k * self.sent_value_bytes
+        vals = buf[:split].view(self._vdtype).view(n, self.k).to(self.dtype)
+        idx = buf[split:].view(self._index_dtype()).view(n, self.k).to(torch.int64)
         out = shared.expand(n, self.p).clone()
         return out.scatter_add_(1, idx, vals)

@@ -4,9 +4,12 @@ One class serves EP and HybridEP, because EP *is* HybridEP with every domain siz
 
 * each rank owns ``n = E / G`` experts (rank r owns experts ``r*n .. r*n+n-1``) and its optimizer
   updates only those;
-* inside the rank's expert domain the members' experts are all-gathered before use (the gather can
-  be issued early: :meth:`ExpertParallelStyle.prefetch`), and the gradients of the gathered copies
-  are reduce-scattered back to their owners in backward (autograd dual of the gather);
+* inside the rank's expert domain the members' experts are all-gathered before use, and the
+  gradients of the gathered copies are reduce-scattered back to their owners in backward (autograd
+  dual of the gather). The gathers can be prefetched layer by layer (:func:`prefetch_all`): layer
+  0's is issued right after the optimizer step, and layer l+1's the moment layer l takes its
+  experts, so it is in flight while layer l's experts and layer l+1's pre-expert part compute and
+  the slow link carries one layer's gather at a time;
 * tokens travel only inside the rank's rail: a token for an expert goes to the rail member that
   lies in the owner's domain (same offsets as the source at every level). Split sizes are
   exchanged first, so uneven and empty token counts need no padding and no agreement;
@@ -20,12 +23,13 @@ when the (asynchronous) reduce-scatter lands at the end of the backward pass in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from hybridep.migration.sr import SRCodec
+from hybridep.migration.sr import VALUE_DTYPES, SRCodec
 from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, permute, unpermute
 from hybridep.moe.router import Routing
@@ -38,7 +42,7 @@ class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
     def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
-                 sr_basis: str = "shared"):
+                 sr_basis: str = "shared", sr_values: str = "float16"):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
@@ -49,7 +53,9 @@ class ExpertParallelStyle:
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
         comm.create_groups(domains.rail_groups())
         comm.create_groups([list(range(g))])
-        self.sr_ratio, self.sr_basis = sr_ratio, sr_basis
+        if sr_values not in VALUE_DTYPES:
+            raise ValueError(f"sr values must be one of {sorted(VALUE_DTYPES)}, got {sr_values!r}")
+        self.sr_ratio, self.sr_basis, self.sr_values = sr_ratio, sr_basis, sr_values
         self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
         self._shared_work = None
         s, n = len(self.domain), self.n_local
@@ -60,6 +66,8 @@ class ExpertParallelStyle:
             key.append(domains.domain_index(owner) * s * n + owner_domain.index(owner) * n + e % n)
         self.key_of_expert = torch.tensor(key)
         self._pending: PendingGather | None = None
+        self.next_prefetch: Callable[[], None] | None = None
+        """Issues the next layer's gather; called when this layer takes a prefetched gather."""
 
     @property
     def name(self) -> str:
@@ -79,7 +87,7 @@ class ExpertParallelStyle:
             setattr(experts, name, local)
         if self.sr_ratio and len(self.domain) > 1:
             p = sum(getattr(experts, name)[0].numel() for name in experts.weight_names)
-            self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype)
+            self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype, VALUE_DTYPES[self.sr_values])
             self.gatherer.basis = self.sr_basis
             if self.sr_basis == "shared":
                 self._start_shared_update(experts)
@@ -134,6 +142,8 @@ class ExpertParallelStyle:
         if pending is None:
             self._finish_shared_update()
         flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, self._accumulate(experts))
+        if pending is not None and self.next_prefetch is not None:
+            self.next_prefetch()  # the chain: the next layer's gather goes out now
         if self.gatherer.codec is not None and self.sr_basis == "shared":  # refresh during the backward
             self._start_shared_update(experts)
         rows = flat.view(s * self.n_local, -1)
@@ -149,14 +159,17 @@ class ExpertParallelStyle:
         comm, rail = self.comm, self.rail
         r, per_dest = len(rail), len(self.domain) * self.n_local
         p = permute(x, routing, self.key_of_expert.to(x.device))
+        if r == 1:  # the domain holds every expert: no token leaves this rank
+            weights = self.expert_weights(experts)
+            y = experts.compute(weights, p.x, torch.bincount(p.keys, minlength=per_dest).tolist())
+            return unpermute(y, p, x.shape[0])
         counts = torch.bincount(p.keys, minlength=r * per_dest).view(r, per_dest)
         recv_counts = torch.empty_like(counts)
         comm.all_to_all(recv_counts, counts, [1] * r, [1] * r, rail, "meta")
         send = counts.sum(1).tolist()
         recv = recv_counts.sum(1).tolist()
-        weights = self.expert_weights(experts)
-
         received = AllToAll.apply(p.x, comm, rail, send, recv, "a2a_dispatch")
+        weights = self.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
         # rows arrive grouped by source, then by expert: regroup by expert for the computation
         label = torch.arange(per_dest, device=x.device).repeat(r).repeat_interleave(recv_counts.reshape(-1))
         order = torch.argsort(label, stable=True)
@@ -170,15 +183,16 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
     return (m for m in model.modules() if isinstance(m, MoE))
 
 
-def parallelize(model: nn.Module, comm: Communicator, domains: Domains,
-                sr_ratio: float | None = None, sr_basis: str = "shared") -> list[ExpertParallelStyle]:
+def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio: float | None = None,
+                sr_basis: str = "shared", sr_values: str = "float16") -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
     ``sr_ratio`` enables residual top-k compression of the in-domain expert gather against ``sr_basis``:
     ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's synchronised copy of the
-    expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert)."""
+    expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert); ``sr_values``:
+    the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``)."""
     styles = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values)
         style.shard(layer.experts)
         layer.dispatcher = style
         styles.append(style)
@@ -203,6 +217,11 @@ def data_parallel(model: nn.Module) -> nn.Module:
 
 
 def prefetch_all(styles: list[ExpertParallelStyle], model: nn.Module) -> None:
-    """Issue every layer's expert all-gather at once (call right after the optimizer step)."""
-    for style, layer in zip(styles, moe_layers(model), strict=True):
-        style.prefetch(layer.experts)
+    """Prefetch every layer's expert all-gather as a chain (call right after the optimizer step):
+    layer 0's now, each next one when the previous layer takes its experts in the forward pass."""
+    layers = list(moe_layers(model))
+    for i, style in enumerate(styles):
+        nxt = i + 1 < len(styles) and len(styles[i + 1].domain) > 1
+        style.next_prefetch = functools.partial(styles[i + 1].prefetch, layers[i + 1].experts) if nxt else None
+    if styles:
+        styles[0].prefetch(layers[0].experts)

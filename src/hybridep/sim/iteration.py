@@ -14,8 +14,9 @@ come from :mod:`hybridep.costmodel`; this module adds contention, skew and overl
   same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
   in -> combine all-to-all from that rank -> next layer once every rank has its results back;
 * backward mirrors it (expert and pre-expert compute twice as long);
-* expert all-gathers: all layers back to back from the start of the iteration (prefetch) when
-  ``overlap`` is on, else each layer's at its forward start; stages outermost level first;
+* expert all-gathers: with ``overlap``, the runtime's prefetch chain -- layer 0's at the start of
+  the iteration, layer l+1's when layer l takes its experts (the first rank with its dispatched
+  tokens and its gather in); else each layer's at its forward start; stages outermost level first;
 * reduce-scatters of the gathered experts' gradients: after the last micro-batch's expert
   backward of each layer, one after the other, innermost stage first;
 * ring all-reduce of the dense gradients, released at the start of the last backward.
@@ -250,11 +251,12 @@ class IterationSim:
         self._collective(batch, op, lambda t: self._staged(op, rest, shard_bytes, label, then))
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
-                  on_experts=None) -> None:
+                  on_experts=None, on_launch=None) -> None:
         """Dispatch -> each rank's expert compute -> combine from that rank.
 
         ``then(t)`` runs when every rank has its results back; ``on_experts(t)`` when the last
-        rank's expert compute ends (its time is known once every rank has started)."""
+        rank's expert compute ends (its time is known once every rank has started); ``on_launch(t)``
+        when the first rank starts its experts (its tokens in, its layer's experts gathered)."""
         start = self.eng.now
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         ranks = np.arange(self.G)
@@ -274,6 +276,8 @@ class IterationSim:
             launch(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
 
         def launch(bs: np.ndarray, t: float) -> None:
+            if st["launched"] == 0 and on_launch is not None:
+                on_launch(t)
             end = t + compute_factor * self.expert_s[layer, bs]
             st["launched"] += len(bs)
             st["expert_start"] = min(st["expert_start"], t)
@@ -331,10 +335,24 @@ class IterationSim:
         rs_queue: list[int] = []
         rs_busy = {"on": False}
 
+        taken: set[int] = set()
+
         def gather(layer: int) -> None:
-            self._staged("ag", ag_levels, gather_bytes, f"gather L{layer}",
-                         lambda t: (self._gather_done(layer, t),
-                                    gather(layer + 1) if self.terms.overlap and layer + 1 < layers else None))
+            def done(t: float) -> None:
+                self._gather_done(layer, t)
+                if layer in taken:
+                    chain(layer)
+            self._staged("ag", ag_levels, gather_bytes, f"gather L{layer}", done)
+
+        def chain(layer: int) -> None:
+            """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather."""
+            if self.terms.overlap and layer + 1 < layers:
+                gather(layer + 1)
+
+        def take(layer: int) -> None:
+            taken.add(layer)
+            if layer in self.ag_done:
+                chain(layer)
 
         def next_rs() -> None:
             if rs_busy["on"] or not rs_queue:
@@ -360,8 +378,10 @@ class IterationSim:
                 gather(layer)
             self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + w.pre_expert_s)
             need = layer if ag_levels else None
+
+            on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and ag_levels else None
             self.eng.at(t0 + w.pre_expert_s, lambda: self._moe_step(
-                layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1)))
+                layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1), on_launch=on_launch))
 
         def backward(m: int, layer: int) -> None:
             t0 = self.eng.now
