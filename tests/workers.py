@@ -38,8 +38,11 @@ def adam_steps(rank, world, names, counts, sizes, steps, seed):
         ref_opt.step()
         opt.zero_grad()
         prefetch_all(styles, model)
+        if sizes != tuple(1 for _ in sizes):  # the chain: only layer 0's gather is in flight ...
+            assert [s._pending is not None for s in styles] == [True] + [False] * (len(styles) - 1)
         x = xs[rank]
         y = ddp(x)
+        assert all(s._pending is None for s in styles)  # ... and each layer issued the next one's
         ((y.square().mean() if len(x) else y.sum()) + 0.01 * model.aux_loss()).backward()
         opt.step()
     n = experts // world
