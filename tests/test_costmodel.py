@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridep.config import CostTerms, load_config
-from hybridep.costmodel import Network, Workload, _a2a_level_bytes, domain_load_grid, lower_bound, predict
+from hybridep.costmodel import (
+    Network,
+    Workload,
+    _a2a_level_bytes,
+    device_expert_s,
+    domain_load_grid,
+    lower_bound,
+    predict,
+)
 from hybridep.planner import paper_latency, plan, plan_workload
 from hybridep.topology import Domains, Topology, divisors
 
@@ -126,6 +134,24 @@ def test_hot_expert_slows_all_to_all_and_experts():
     d = Domains(net.topology, (1,))
     assert predict(d, hot, net, ALL).a2a_phase_s > predict(d, uniform, net, ALL).a2a_phase_s
     assert predict(d, hot, net, ALL).compute_s > predict(d, uniform, net, ALL).compute_s
+
+
+def test_ranks_sharing_processors_charge_the_busy_rank_less():
+    """G ranks on C < G cores, expert_s measured with every rank busy: the busy rank's phase takes
+    max(its work on one core, all work on C cores) = expert_s * max(factor * C / G, 1)."""
+    net = _net([4], [1e9])
+    d = Domains(net.topology, (1,))
+    hot = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, expert_load=(0.65,) + (0.05,) * 7)
+    # the busiest device owns experts 0, 1: 0.70 of the tokens = 2.8 x the uniform share
+    assert device_expert_s(hot, 2.8, 4) == pytest.approx(2.8e-3)
+    shared = dataclasses.replace(hot, processors=2)
+    assert device_expert_s(shared, 2.8, 4) == pytest.approx(1e-3 * 2.8 * 2 / 4)
+    assert device_expert_s(shared, 1.0, 4) == pytest.approx(1e-3)  # uniform: as measured
+    assert device_expert_s(dataclasses.replace(hot, processors=8), 2.8, 4) == pytest.approx(2.8e-3)
+    p_hot, p_shared = predict(d, hot, net, ALL), predict(d, shared, net, ALL)
+    assert p_shared.compute_s < p_hot.compute_s
+    assert p_shared.compute_s > predict(d, dataclasses.replace(shared, expert_load=None), net, ALL).compute_s
+    assert p_shared.iteration_s >= lower_bound(d, shared, net, ALL)
 
 
 def test_per_layer_routing():

@@ -93,7 +93,7 @@ def cases(draw):
                  pre_expert_s=float(rng.uniform(0, 0.05)), expert_s=float(rng.uniform(0, 0.05)),
                  layers=draw(st.integers(1, 3)), micro_batches=draw(st.integers(1, 2)),
                  dense_grad_bytes=float(rng.uniform(0, 1e6)), experts=2 * g if skew else 0, expert_load=load,
-                 gather_bytes=draw(st.sampled_from([None, 1e3])))
+                 gather_bytes=draw(st.sampled_from([None, 1e3])), processors=draw(st.sampled_from([None, 1, 2])))
     terms = CostTerms(**{k: draw(st.booleans()) for k in ("backward", "latency", "expert_compute", "grad_sync",
                                                           "overlap")})
     return Domains(topo, sizes), w, _net(topo, rng), terms

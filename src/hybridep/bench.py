@@ -102,10 +102,14 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     return net, flops / results[COMPUTE_ONLY]["median_iter_s"]
 
 
-def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict) -> Workload:
+def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
+                      processors: int | None = None) -> Workload:
     """The workload of a measured run: dimensions from the configuration, routing as measured --
-    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one."""
+    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and the
+    processors its ranks shared (``calibration.processors``: the host's cores, when fewer than ranks)."""
     w = workload_from_config(cfg, flops, sr_ratio)
+    if processors is not None and processors < cfg.topology.world_size:
+        w = dataclasses.replace(w, processors=processors)
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
         return w
@@ -113,7 +117,8 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
     return dataclasses.replace(w, layer_loads=loads, experts=len(loads[0]))
 
 
-def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict) -> dict[str, float | None]:
+def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
+                processors: int | None = None) -> dict[str, float | None]:
     """The calibrated model's iteration time per strategy we run, with each run's measured routing
     (peers are not modelled: their capacity padding is data-dependent)."""
     if model is None:
@@ -126,13 +131,13 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict)
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        out[name] = predict(Domains(net.topology, sizes), measured_workload(cfg, flops, ratio, results[name]),
-                            net, cfg.terms).iteration_s
+        w = measured_workload(cfg, flops, ratio, results[name], processors)
+        out[name] = predict(Domains(net.topology, sizes), w, net, cfg.terms).iteration_s
     return out
 
 
 def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_choice: str,
-            efficiency: list[float] | None = None) -> dict:
+            efficiency: list[float] | None = None, processors: int | None = None) -> dict:
     """Per-strategy figures for the report and JSON.
 
     ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
@@ -141,7 +146,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     model = None
     if rates_bps is not None:
         model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
-    preds = predictions(cfg, model, results)
+    preds = predictions(cfg, model, results, processors)
     planner_choice = config_choice
     if model is not None:
         cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)

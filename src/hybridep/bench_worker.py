@@ -8,6 +8,7 @@ then every strategy of the spec in turn; rank 0 writes OUT_DIR/results.json.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -93,6 +94,7 @@ def main(spec_path: str, out_dir: str) -> int:
         if rank == 0:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
+    calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     for run_spec in spec["runs"]:
         run_spec = dict(run_spec)
         name = run_spec.pop("name")

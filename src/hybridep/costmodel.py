@@ -67,6 +67,9 @@ class Workload:
     layer_loads: tuple[tuple[float, ...], ...] | None = None
     """Share of routed tokens per expert for each MoE layer (e.g. measured by a run); overrides
     ``expert_load`` layer by layer. None = ``expert_load`` for every layer."""
+    processors: int | None = None
+    """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
+    per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
 
     def load_of_layer(self, layer: int) -> tuple[float, ...] | None:
         """The expert-load shares that apply to MoE layer ``layer`` (None = uniform)."""
@@ -286,9 +289,23 @@ def layer_grids(dom: Domains, w: Workload) -> list[np.ndarray]:
     return per_layer(w, lambda lv: domain_load_grid(dom, w, lv))
 
 
+def device_expert_s(w: Workload, factor, world: int):
+    """Forward expert compute of a device whose work is ``factor`` times the uniform share (scalar or
+    array). One processor per rank: ``expert_s * factor``. G ranks sharing C < G processors, with
+    ``expert_s`` measured while all of them compute: the busy rank's phase takes
+    max(its own work on one core, all ranks' work on C cores) = ``expert_s * max(factor * C / G, 1)``
+    -- the idle ranks' cores serve the busy ones."""
+    if w.processors is None or w.processors >= world:
+        return w.expert_s * factor
+    return w.expert_s * np.maximum(np.asarray(factor) * w.processors / world, 1.0)
+
+
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
-    """Forward expert compute of the busiest domain: rail_size * its load share (1 when uniform)."""
-    return w.expert_s * float(grid.max()) * dom.rail_size if terms.expert_compute else 0.0
+    """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
+    load share times the uniform one (1 when uniform)."""
+    if not terms.expert_compute:
+        return 0.0
+    return float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, layer_grids
+from hybridep.costmodel import Network, Workload, device_expert_s, layer_grids
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
 
@@ -113,8 +113,8 @@ class IterationSim:
         # per MoE layer and rank: the share of the layer's routed tokens that the rank's domain serves
         self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
-        e = w.expert_s if terms.expert_compute else 0.0
-        self.expert_s = e * self.share * dom.rail_size  # [layer, b]: forward expert compute
+        factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
+        self.expert_s = device_expert_s(w, factor, self.G) if terms.expert_compute else 0.0 * factor
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
