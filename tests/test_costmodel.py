@@ -13,6 +13,7 @@ from hybridep.costmodel import (
     Network,
     Workload,
     _a2a_level_bytes,
+    codec_s,
     device_expert_s,
     domain_load_grid,
     lower_bound,
@@ -152,6 +153,21 @@ def test_ranks_sharing_processors_charge_the_busy_rank_less():
     assert p_shared.compute_s < p_hot.compute_s
     assert p_shared.compute_s > predict(d, dataclasses.replace(shared, expert_load=None), net, ALL).compute_s
     assert p_shared.iteration_s >= lower_bound(d, shared, net, ALL)
+
+
+def test_codec_time_is_charged_to_compressed_gathers_only():
+    """Per layer a device encodes its n own experts and decodes the other members' (S-1) n."""
+    net = _net([2, 2], [1e8, 1e9])
+    base = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, layers=2, gather_bytes=200.0)
+    slow = dataclasses.replace(base, codec_expert_s=1e-4)
+    full, ep = Domains(net.topology, (2, 2)), Domains(net.topology, (1, 1))
+    assert codec_s(full, slow) == pytest.approx(1e-4 * (2 + 3 * 2))
+    assert codec_s(ep, slow) == 0.0
+    assert codec_s(full, dataclasses.replace(slow, gather_bytes=None)) == 0.0  # uncompressed: no codec
+    p0, p1 = predict(full, base, net, ALL), predict(full, slow, net, ALL)
+    assert p1.compute_s == pytest.approx(p0.compute_s + 2 * 8e-4)
+    assert p1.iteration_s >= p0.iteration_s + 2 * 8e-4 - 1e-12
+    assert predict(ep, slow, net, ALL) == predict(ep, base, net, ALL)
 
 
 def test_per_layer_routing():

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridep.migration.sr import SRCodec, index_bytes
+from hybridep.migration.sr import SRCodec, index_bytes, measure_codec_expert_s
 
 
 @settings(max_examples=60)
@@ -84,3 +84,9 @@ def test_sr_in_the_runtime(sizes):
         assert r["delta_exact"]
         first, second = r["delta_bytes"]
         assert first == r["ag_bytes_none"] and (second == 0 or first / second >= 20.0)
+
+
+def test_codec_time_is_measured_per_expert():
+    small = measure_codec_expert_s(SRCodec(50.0, 1_000, torch.float32, torch.float16), 2, reps=3)
+    big = measure_codec_expert_s(SRCodec(50.0, 200_000, torch.float32, torch.float16), 2, reps=3)
+    assert 0 < small < big < 1.0

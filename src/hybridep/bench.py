@@ -103,13 +103,18 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
 
 
 def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
-                      processors: int | None = None) -> Workload:
+                      calibration: dict | None = None) -> Workload:
     """The workload of a measured run: dimensions from the configuration, routing as measured --
-    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and the
-    processors its ranks shared (``calibration.processors``: the host's cores, when fewer than ranks)."""
+    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and from
+    the bench's ``calibration``: the processors its ranks shared (the host's cores, when fewer than
+    ranks) and the measured SR encode/decode seconds per expert."""
     w = workload_from_config(cfg, flops, sr_ratio)
+    cal = calibration or {}
+    processors = cal.get("processors")
     if processors is not None and processors < cfg.topology.world_size:
         w = dataclasses.replace(w, processors=processors)
+    if cal.get("codec_expert_s") is not None and cfg.compute.codec_expert_s is None:
+        w = dataclasses.replace(w, codec_expert_s=cal["codec_expert_s"])
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
         return w
@@ -118,7 +123,7 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
 
 
 def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
-                processors: int | None = None) -> dict[str, float | None]:
+                calibration: dict | None = None) -> dict[str, float | None]:
     """The calibrated model's iteration time per strategy we run, with each run's measured routing
     (peers are not modelled: their capacity padding is data-dependent)."""
     if model is None:
@@ -131,22 +136,23 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, results[name], processors)
+        w = measured_workload(cfg, flops, ratio, results[name], calibration)
         out[name] = predict(Domains(net.topology, sizes), w, net, cfg.terms).iteration_s
     return out
 
 
 def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_choice: str,
-            efficiency: list[float] | None = None, processors: int | None = None) -> dict:
+            calibration: dict | None = None) -> dict:
     """Per-strategy figures for the report and JSON.
 
     ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
     from the configuration alone (``planner_choice_config``).
     """
     model = None
+    efficiency = (calibration or {}).get("efficiency_by_level")
     if rates_bps is not None:
         model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
-    preds = predictions(cfg, model, results, processors)
+    preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None:
         cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)

@@ -69,6 +69,16 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     return {"efficiency_by_level": efficiency, "seconds_by_level": seconds}
 
 
+def codec_time(cfg: LMConfig, run: dict, world: int) -> float:
+    """Measured seconds to SR-encode or -decode one expert of the bench model (all ranks at once)."""
+    from hybridep.migration.sr import VALUE_DTYPES, SRCodec, measure_codec_expert_s
+
+    p = (3 if cfg.expert_kind == "swiglu" else 2) * cfg.hidden * cfg.ffn
+    codec = SRCodec(run["sr_ratio"], p, torch.float32, VALUE_DTYPES[run.get("sr_values", "float16")])
+    dist.barrier()
+    return measure_codec_expert_s(codec, max(1, cfg.experts // world))
+
+
 def main(spec_path: str, out_dir: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
@@ -95,6 +105,9 @@ def main(spec_path: str, out_dir: str) -> int:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
+    sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
+    if sr_runs:  # every rank at once, as in training: the contended encode/decode time
+        calibration["codec_expert_s"] = codec_time(cfg, sr_runs[0], topo.world_size)
     for run_spec in spec["runs"]:
         run_spec = dict(run_spec)
         name = run_spec.pop("name")

@@ -271,8 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             netns.down()
     raw = json.loads((out / "results.json").read_text())
     results, calibration = raw["results"], raw["calibration"]
-    report = bench.analyse(cfg, results, rates, choice, calibration.get("efficiency_by_level"),
-                           calibration.get("processors"))
+    report = bench.analyse(cfg, results, rates, choice, calibration)
     report["calibration"] = calibration
     report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
                    "notes": notes, "steps": steps})

@@ -230,6 +230,9 @@ class WorkloadConfig(_Strict):
 class ComputeConfig(_Strict):
     flops: Flops | None = None
     """Achieved FLOP/s of one device; None = measure with a short matmul probe (cached)."""
+    codec_expert_s: TimeS | None = None
+    """Seconds to SR-encode or -decode one expert on one device (compressed gathers); None = not
+    charged (``hybridep bench`` measures it on its ranks and uses the measurement)."""
 
 
 class CostTerms(_Strict):

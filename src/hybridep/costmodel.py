@@ -67,6 +67,9 @@ class Workload:
     layer_loads: tuple[tuple[float, ...], ...] | None = None
     """Share of routed tokens per expert for each MoE layer (e.g. measured by a run); overrides
     ``expert_load`` layer by layer. None = ``expert_load`` for every layer."""
+    codec_expert_s: float = 0.0
+    """Seconds to encode or decode one expert (compressed gathers): per layer and iteration a device
+    encodes its own experts and decodes the domain's, on its compute stream."""
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
@@ -152,6 +155,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         experts=m.experts,
         expert_load=load,
         gather_bytes=gather,
+        codec_expert_s=cfg.compute.codec_expert_s or 0.0,
     )
 
 
@@ -300,6 +304,16 @@ def device_expert_s(w: Workload, factor, world: int):
     return w.expert_s * np.maximum(np.asarray(factor) * w.processors / world, 1.0)
 
 
+def codec_s(dom: Domains, w: Workload) -> float:
+    """Seconds per layer a device spends encoding its own experts and decoding the other domain
+    members' (compressed gathers only; 0 when the expert count is unknown)."""
+    g = dom.topology.world_size
+    if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
+        return 0.0
+    n = w.experts // g
+    return w.codec_expert_s * (n + (dom.domain_size - 1) * n)
+
+
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
     """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
     load share times the uniform one (1 when uniform)."""
@@ -340,8 +354,9 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     rs_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
     ag_t, rs_t = stages_time(gather_bytes), stages_time(w.expert_bytes)
 
-    # --- compute per layer and micro-batch ---
+    # --- compute per layer and micro-batch (the first micro-batch also encodes and decodes) ---
     pe = w.pre_expert_s
+    codec = codec_s(dom, w)
     e = per_layer(w, lambda lv: _expert_s(dom, w, terms, grids[lv]))
     mb, layers = w.micro_batches, w.layers
 
@@ -353,14 +368,14 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         t_c, ag_start = 0.0, 0.0
         for a, x in zip(a2a, e, strict=True):
             ag_start = max(t_c + pe + a, ag_start + ag_t)  # experts taken = the next gather issued
-            t_c = ag_start + a + x
+            t_c = ag_start + codec + a + x
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
-        fwd = sum(max(pe, ag_t) + 2 * a + x for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
+        fwd = sum(max(pe, ag_t) + codec + 2 * a + x for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
     iteration = fwd
-    compute = mb * sum(pe + x for x in e)
+    compute = mb * sum(pe + x for x in e) + layers * codec
     a2a_sum = mb * 2 * sum(a2a)
-    exposed_ag = fwd - mb * sum(steps)
+    exposed_ag = fwd - mb * sum(steps) - layers * codec
     exposed_rs = 0.0
     grad_sync = exposed_gs = 0.0
     if terms.backward:

@@ -50,6 +50,22 @@ def encoded_bytes(ratio: float, p: int, param_bytes: int, n: int = 1, value_byte
     return n * (p * param_bytes if k is None else k * ((value_bytes or param_bytes) + index_bytes(p)))
 
 
+def measure_codec_expert_s(codec: SRCodec, n: int, reps: int = 9) -> float:
+    """Seconds to encode or decode one expert with ``codec`` on this process: the median over
+    ``reps`` of (encode ``n`` experts + decode them) / (2 n), on random experts."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(codec.p, generator=g, dtype=codec.dtype)
+    experts = shared + 0.01 * torch.randn(n, codec.p, generator=g, dtype=codec.dtype)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        codec.decode(codec.encode(experts, shared), n, shared)
+        times.append((time.perf_counter() - start) / (2 * n))
+    return sorted(times[1:])[reps // 2]
+
+
 @dataclass(frozen=True)
 class SRCodec:
     """Top-k residual codec for ``n`` experts of ``p`` parameters each, at ratio ``ratio``;

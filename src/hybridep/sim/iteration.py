@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, device_expert_s, layer_grids
+from hybridep.costmodel import Network, Workload, codec_s, device_expert_s, layer_grids
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
 
@@ -331,6 +331,7 @@ class IterationSim:
         self.waiting: dict[int, list] = {}
         gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
         ag_levels = dom.gather_levels()
+        codec = codec_s(dom, w)
         end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0}
         rs_queue: list[int] = []
         rs_busy = {"on": False}
@@ -376,11 +377,12 @@ class IterationSim:
                 return nxt(m)
             if m == 0 and not self.terms.overlap and ag_levels:
                 gather(layer)
-            self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + w.pre_expert_s)
+            pre = w.pre_expert_s + (codec if m == 0 else 0.0)  # the first micro-batch also (en/de)codes
+            self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
             need = layer if ag_levels else None
 
             on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and ag_levels else None
-            self.eng.at(t0 + w.pre_expert_s, lambda: self._moe_step(
+            self.eng.at(t0 + pre, lambda: self._moe_step(
                 layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1), on_launch=on_launch))
 
         def backward(m: int, layer: int) -> None:

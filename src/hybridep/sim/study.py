@@ -274,7 +274,7 @@ def calibrate(bench_json: str | Path) -> dict:
         if sizes is None:
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, m, (report.get("calibration") or {}).get("processors"))
+        w = measured_workload(cfg, flops, ratio, m, report.get("calibration"))
         dom = Domains(net.topology, sizes)
         sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
         model_s = predict(dom, w, net, cfg.terms).iteration_s
