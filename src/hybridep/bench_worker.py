@@ -72,8 +72,9 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
 def codec_time(cfg: LMConfig, run: dict, world: int) -> float:
     """Measured seconds to SR-encode or -decode one expert of the bench model (all ranks at once)."""
     from hybridep.migration.sr import VALUE_DTYPES, SRCodec, measure_codec_expert_s
+    from hybridep.moe.experts import WEIGHT_NAMES
 
-    p = (3 if cfg.expert_kind == "swiglu" else 2) * cfg.hidden * cfg.ffn
+    p = len(WEIGHT_NAMES[cfg.expert_kind]) * cfg.hidden * cfg.ffn
     codec = SRCodec(run["sr_ratio"], p, torch.float32, VALUE_DTYPES[run.get("sr_values", "float16")])
     dist.barrier()
     return measure_codec_expert_s(codec, max(1, cfg.experts // world))

@@ -310,8 +310,7 @@ def codec_s(dom: Domains, w: Workload) -> float:
     g = dom.topology.world_size
     if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
         return 0.0
-    n = w.experts // g
-    return w.codec_expert_s * (n + (dom.domain_size - 1) * n)
+    return w.codec_expert_s * dom.domain_size * (w.experts // g)  # n own + (S - 1) n others
 
 
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:

@@ -26,7 +26,7 @@ VALUE_DTYPES = {"param": None, "float16": torch.float16, "bfloat16": torch.bfloa
 def value_bytes(name: str, param_bytes: int) -> int:
     """Bytes of one residual value sent in precision ``name`` (a key of :data:`VALUE_DTYPES`)."""
     dtype = VALUE_DTYPES[name]
-    return param_bytes if dtype is None else torch.empty((), dtype=dtype).element_size()
+    return param_bytes if dtype is None else dtype.itemsize
 
 
 def index_bytes(p: int) -> int:
@@ -79,7 +79,7 @@ class SRCodec:
     @property
     def value_bytes(self) -> int:
         """Bytes of one parameter (the dense unit the ratio is counted against)."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def _vdtype(self) -> torch.dtype:
@@ -87,7 +87,7 @@ class SRCodec:
 
     @property
     def sent_value_bytes(self) -> int:
-        return torch.empty((), dtype=self._vdtype).element_size()
+        return self._vdtype.itemsize
 
     @property
     def k(self) -> int | None:
@@ -108,7 +108,7 @@ class SRCodec:
         idx = residual.abs().topk(self.k, dim=1).indices
         vals = residual.gather(1, idx).to(self._vdtype)
         return torch.cat([vals.contiguous().view(torch.uint8).reshape(-1),
-                          idx.to(torch.int32).to(self._index_dtype()).contiguous().view(torch.uint8).reshape(-1)])
+                          idx.to(self._index_dtype()).contiguous().view(torch.uint8).reshape(-1)])
 
     def decode(self, buf: torch.Tensor, n: int, shared: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: [n, p] experts (dense shared + scattered residual entries)."""

@@ -50,14 +50,20 @@ class Dispatcher(Protocol):
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor: ...
 
 
+def compute_in_place(x: torch.Tensor, routing: Routing, experts: GroupedExperts, weights: dict[str, torch.Tensor],
+                     key_of_expert: torch.Tensor) -> torch.Tensor:
+    """Every routed token through its expert in this process: ``weights`` holds all experts, expert
+    ``e`` at row ``key_of_expert[e]``."""
+    p = permute(x, routing, key_of_expert.to(x.device))
+    counts = torch.bincount(p.keys, minlength=len(key_of_expert)).tolist()
+    return unpermute(experts.compute(weights, p.x, counts), p, x.shape[0])
+
+
 class LocalDispatcher:
     """Single-process dispatch: permute by expert, run every expert, unpermute."""
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
-        e = experts.num_experts
-        p = permute(x, routing, torch.arange(e, device=x.device))
-        counts = torch.bincount(p.keys, minlength=e).tolist()
-        return unpermute(experts.compute(experts.weights(), p.x, counts), p, x.shape[0])
+        return compute_in_place(x, routing, experts, experts.weights(), torch.arange(experts.num_experts))
 
 
 class MoE(nn.Module):

@@ -31,7 +31,7 @@ from torch import nn
 
 from hybridep.migration.sr import VALUE_DTYPES, SRCodec
 from hybridep.moe.experts import GroupedExperts
-from hybridep.moe.layer import MoE, permute, unpermute
+from hybridep.moe.layer import MoE, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.functional import AllToAll, ExpertGatherer, GatherExperts, PendingGather
@@ -158,11 +158,9 @@ class ExpertParallelStyle:
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         comm, rail = self.comm, self.rail
         r, per_dest = len(rail), len(self.domain) * self.n_local
-        p = permute(x, routing, self.key_of_expert.to(x.device))
         if r == 1:  # the domain holds every expert: no token leaves this rank
-            weights = self.expert_weights(experts)
-            y = experts.compute(weights, p.x, torch.bincount(p.keys, minlength=per_dest).tolist())
-            return unpermute(y, p, x.shape[0])
+            return compute_in_place(x, routing, experts, self.expert_weights(experts), self.key_of_expert)
+        p = permute(x, routing, self.key_of_expert.to(x.device))
         counts = torch.bincount(p.keys, minlength=r * per_dest).view(r, per_dest)
         recv_counts = torch.empty_like(counts)
         comm.all_to_all(recv_counts, counts, [1] * r, [1] * r, rail, "meta")
@@ -190,11 +188,13 @@ def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio
     ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's synchronised copy of the
     expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert); ``sr_values``:
     the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``)."""
-    styles = []
+    styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
         style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values)
         style.shard(layer.experts)
         layer.dispatcher = style
+        if styles:  # the prefetch chain: the previous layer, taking its experts, issues this one's gather
+            styles[-1].next_prefetch = functools.partial(style.prefetch, layer.experts)
         styles.append(style)
     return styles
 
@@ -218,10 +218,7 @@ def data_parallel(model: nn.Module) -> nn.Module:
 
 def prefetch_all(styles: list[ExpertParallelStyle], model: nn.Module) -> None:
     """Prefetch every layer's expert all-gather as a chain (call right after the optimizer step):
-    layer 0's now, each next one when the previous layer takes its experts in the forward pass."""
-    layers = list(moe_layers(model))
-    for i, style in enumerate(styles):
-        nxt = i + 1 < len(styles) and len(styles[i + 1].domain) > 1
-        style.next_prefetch = functools.partial(styles[i + 1].prefetch, layers[i + 1].experts) if nxt else None
+    layer 0's now, each next one when the previous layer takes its experts in the forward pass
+    (the links are set by :func:`parallelize`)."""
     if styles:
-        styles[0].prefetch(layers[0].experts)
+        styles[0].prefetch(next(moe_layers(model)).experts)

@@ -114,7 +114,7 @@ class IterationSim:
         self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
-        self.expert_s = device_expert_s(w, factor, self.G) if terms.expert_compute else 0.0 * factor
+        self.expert_s = device_expert_s(w, factor, self.G) if terms.expert_compute else np.zeros_like(factor)
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
