@@ -81,6 +81,11 @@ def test_sr_in_the_runtime(sizes):
     none, cr50 = res[0]["ag_total"]
     assert none / cr50 >= 20.0, (none, cr50)
     for r in res:
+        pe = r["per_expert"]
+        assert pe["same"], pe
+        assert pe["alive_after_forward"] == 0 and pe["decoded_total"] == 2 * pe["decoded_forward"], pe
+    assert sum(r["per_expert"]["decoded_forward"] for r in res) > 0
+    for r in res:
         assert r["delta_exact"]
         first, second = r["delta_bytes"]
         assert first == r["ag_bytes_none"] and (second == 0 or first / second >= 20.0)

@@ -105,6 +105,36 @@ def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):
     return "no error"
 
 
+def _decode_one_at_a_time(comm, dom, experts, x):
+    """Shared basis at CR 50, decoding the layer at once vs one expert at a time: equal outputs and
+    gradients; with ``expert`` no decoded expert survives the forward pass, and each is decoded
+    again (recomputed) in backward."""
+    import weakref
+
+    runs = {}
+    for mode in ("layer", "expert"):
+        torch.manual_seed(1)
+        m = MoEStack(2, 64, 128, experts, 2, "gelu").double()
+        styles = parallelize(m, comm, dom, sr_ratio=50.0, sr_basis="shared", sr_decode=mode)
+        decoded = []
+        for st in styles:
+            def spy(*args, real=st.gatherer.decode_row, decoded=decoded):
+                t = real(*args)
+                decoded.append(weakref.ref(t))
+                return t
+            st.gatherer.decode_row = spy
+        prefetch_all(styles, m)
+        y = m(x)
+        alive, forward = sum(r() is not None for r in decoded), len(decoded)
+        y.square().sum().backward()
+        runs[mode] = (y.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None],
+                      alive, forward, len(decoded))
+    (y0, g0, *_), (y1, g1, alive, forward, total) = runs["layer"], runs["expert"]
+    same = torch.allclose(y0, y1, rtol=0, atol=1e-12) and len(g0) == len(g1) and all(
+        torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(g0, g1, strict=True))
+    return {"same": same, "alive_after_forward": alive, "decoded_forward": forward, "decoded_total": total}
+
+
 def sr_checks(rank, world, sizes):
     """SR compression: CR=1 is bit-identical to no compression; CR=50 shrinks the gather and still
     returns gradients to owners that computed no token themselves."""
@@ -117,7 +147,7 @@ def sr_checks(rank, world, sizes):
     def build(ratio):
         torch.manual_seed(1)
         m = MoEStack(1, 64, 128, experts, 2, "gelu").double()
-        styles = parallelize(m, comm, dom, sr_ratio=ratio)
+        styles = parallelize(m, comm, dom, sr_ratio=ratio, sr_basis="shared")
         return m, styles
 
     g = torch.Generator().manual_seed(2)
@@ -156,6 +186,7 @@ def sr_checks(rank, world, sizes):
         ags.append(sum(b for (op, _), b in comm.traffic.bytes_by_op_level.items() if op == "ag"))
     out["delta_exact"] = all(torch.allclose(y, y0, rtol=0, atol=1e-12) for y in ys)
     out["delta_bytes"] = ags
+    out["per_expert"] = _decode_one_at_a_time(comm, dom, experts, xs[rank])
     tensors = torch.tensor([float(out["ag_bytes_none"]), float(out["ag_bytes_cr50"])])
     dist.all_reduce(tensors)
     out["ag_total"] = tensors.tolist()

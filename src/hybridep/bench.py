@@ -68,6 +68,7 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
         for ratio in b.sr_ratios:
             out.append({"name": strategy_name(topo, choice, ratio), "strategy": "hybridep+sr",
                         "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis,
+                        "sr_decode": b.sr_decode,
                         "sr_values": cfg.moe.sr_values, **base})
     for peer in peers:
         out.append({"name": peer, "strategy": peer, **base})

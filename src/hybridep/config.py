@@ -264,6 +264,9 @@ class BenchConfig(_Strict):
     sr_basis: Literal["shared", "delta", "zero"] = "delta"
     """Residual basis of those runs: ``shared`` (mean expert, the paper's), ``delta`` (receivers'
     synchronised copies), ``zero`` (ablation)."""
+    sr_decode: Literal["layer", "expert"] = "layer"
+    """``expert``: keep gathered experts encoded and decode one at a time in the expert computation
+    (recomputed in backward; ``shared``/``zero`` basis only)."""
     prefetch: StrictBool = True
     """Issue each layer's expert gather right after the optimizer step (False: in the forward pass)."""
     all_domain_sizes: StrictBool = True
@@ -274,6 +277,10 @@ class BenchConfig(_Strict):
     def _check(self) -> BenchConfig:
         if self.warmup >= self.steps:
             raise _FieldError("bench.warmup", self.warmup, f"fewer than bench.steps ({self.steps})")
+        if self.sr_decode == "expert" and self.sr_basis == "delta":
+            raise _FieldError("bench.sr_decode", self.sr_decode,
+                              "'layer' with bench.sr_basis 'delta' (its receivers keep dense copies); "
+                              "'expert' needs sr_basis 'shared' or 'zero'")
         return self
 
 

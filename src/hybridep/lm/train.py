@@ -34,8 +34,9 @@ class RunSpec:
     seed: int = 0
     prefetch: bool = True
     sr_ratio: float | None = None
-    sr_basis: str = "shared"
+    sr_basis: str = "delta"
     sr_values: str = "float16"
+    sr_decode: str = "layer"
 
 
 @dataclass
@@ -102,7 +103,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
-                         spec.sr_basis, spec.sr_values)
+                         spec.sr_basis, spec.sr_values, spec.sr_decode)
     return data_parallel(model), model, styles
 
 

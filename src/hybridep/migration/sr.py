@@ -110,12 +110,24 @@ class SRCodec:
         return torch.cat([vals.contiguous().view(torch.uint8).reshape(-1),
                           idx.to(self._index_dtype()).contiguous().view(torch.uint8).reshape(-1)])
 
+    def _entries(self, buf: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of an encoded buffer of ``n`` experts: values [n, k] (sent precision), indices [n, k]."""
+        split = n * self.k * self.sent_value_bytes
+        return (buf[:split].view(self._vdtype).view(n, self.k),
+                buf[split:].view(self._index_dtype()).view(n, self.k))
+
     def decode(self, buf: torch.Tensor, n: int, shared: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode`: [n, p] experts (dense shared + scattered residual entries)."""
         if self.k is None:
             return buf.view(self.dtype).view(n, self.p)
-        split = n * self.k * self.sent_value_bytes
-        vals = buf[:split].view(self._vdtype).view(n, self.k).to(self.dtype)
-        idx = buf[split:].view(self._index_dtype()).view(n, self.k).to(torch.int64)
+        vals, idx = self._entries(buf, n)
         out = shared.expand(n, self.p).clone()
-        return out.scatter_add_(1, idx, vals)
+        return out.scatter_add_(1, idx.to(torch.int64), vals.to(self.dtype))
+
+    def decode_one(self, buf: torch.Tensor, n: int, i: int, shared: torch.Tensor) -> torch.Tensor:
+        """Expert ``i`` [p] of an encoded buffer of ``n`` experts, the only dense tensor it creates
+        (equal to ``decode(buf, n, shared)[i]``)."""
+        if self.k is None:
+            return buf.view(self.dtype).view(n, self.p)[i]
+        vals, idx = self._entries(buf, n)
+        return shared.clone().scatter_add_(0, idx[i].to(torch.int64), vals[i].to(self.dtype))

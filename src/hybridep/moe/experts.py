@@ -7,11 +7,24 @@ Shapes: ``w1``, ``w3``: [E, hidden, ffn]; ``w2``: [E, ffn, hidden]. No biases.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 WEIGHT_NAMES = {"gelu": ("w1", "w2"), "swiglu": ("w1", "w2", "w3")}
+
+
+class ExpertSource(Protocol):
+    """Expert weights produced on demand (e.g. decoded from a compressed copy), one expert at a time."""
+
+    anchor: torch.Tensor
+    """A scalar every output must depend on (carries the source's backward)."""
+
+    def expert(self, i: int) -> dict[str, torch.Tensor]:
+        """Weights {name: tensor without the expert axis} of expert ``i``."""
+        ...
 
 
 class GroupedExperts(nn.Module):
@@ -44,20 +57,31 @@ class GroupedExperts(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.weight_names}
 
-    def compute(self, weights: dict[str, torch.Tensor], x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def run_expert(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One expert with weights ``w`` ({name: tensor without the expert axis}) on rows ``x``."""
+        h = x @ w["w1"]
+        h = torch.nn.functional.silu(h) * (x @ w["w3"]) if self.kind == "swiglu" else torch.nn.functional.gelu(h)
+        return h @ w["w2"]
+
+    def compute(self, weights: dict[str, torch.Tensor] | ExpertSource, x: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
         """Run expert i on the i-th block of ``counts[i]`` rows of ``x`` (rows sorted by expert).
 
-        The result always depends on ``x`` and on every weight (through a zero term), so that in
-        backward every rank reaches the same collectives even when it computed no token.
+        ``weights``: stacked tensors {name: [E, ...]}, or an :class:`ExpertSource`, whose experts
+        are made one at a time inside activation checkpointing (made again in backward), so only
+        one of them exists at any moment. The result always depends on ``x`` and on every weight
+        (through a zero term), so that in backward every rank reaches the same collectives even
+        when it computed no token.
         """
+        source = None if isinstance(weights, dict) else weights
         outs = []
         for i, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
                 continue
-            h = chunk @ weights["w1"][i]
-            h = torch.nn.functional.silu(h) * (chunk @ weights["w3"][i]) if self.kind == "swiglu" \
-                else torch.nn.functional.gelu(h)
-            outs.append(h @ weights["w2"][i])
+            if source is None:
+                outs.append(self.run_expert({name: w[i] for name, w in weights.items()}, chunk))
+            else:
+                outs.append(checkpoint(lambda c, i=i: self.run_expert(source.expert(i), c), chunk, use_reentrant=False))
         y = torch.cat(outs) if outs else x * 0.0
-        anchor = x.sum() * 0.0 + sum(w.sum() for w in weights.values()) * 0.0
-        return y + anchor
+        tie = source.anchor if source is not None else sum(w.sum() for w in weights.values())
+        return y + (x.sum() * 0.0 + tie * 0.0)

@@ -8,6 +8,8 @@
 * :class:`GatherExperts` -- the autograd function: forward gathers (or takes a prefetched gather);
   backward starts the reduce-scatter, runs its slow outer stage asynchronously while the backward
   pass goes on, and adds the owner's gradient (scaled) when the backward pass ends.
+* :class:`GatherEncoded` + :class:`EncodedExperts` -- the same with compressed experts left encoded
+  and decoded one at a time inside the expert computation (``sr_decode="expert"``).
 """
 
 from __future__ import annotations
@@ -47,10 +49,14 @@ class PendingGather:
         self.buffer = payload.new_empty(len(first) * payload.numel())
         self.work = gatherer.comm.all_gather(self.buffer, payload, first, "ag", async_op=True)
 
-    def result(self) -> torch.Tensor:
+    def encoded(self) -> torch.Tensor:
+        """All members' payloads (encoded when compressing) in domain order, flat."""
         g = self.gatherer
         g.comm.wait(self.work, "ag", g.groups[0])
-        return g.decode(g.finish_gather(self.buffer), self.local)
+        return g.finish_gather(self.buffer)
+
+    def result(self) -> torch.Tensor:
+        return self.gatherer.decode(self.encoded(), self.local)
 
 
 class ExpertGatherer:
@@ -115,6 +121,15 @@ class ExpertGatherer:
         dense[self.member * n:(self.member + 1) * n] = rows
         return dense.reshape(-1)
 
+    def decode_row(self, gathered: torch.Tensor, local: torch.Tensor, j: int) -> torch.Tensor:
+        """Dense expert ``j`` [p] (domain order) of a gathered payload -- the own slot exact, others
+        decoded alone (``shared``/``zero`` basis; the ``delta`` basis keeps dense copies anyway)."""
+        rows = local.view(-1, self.codec.p)
+        member, i = divmod(j, rows.shape[0])
+        if member == self.member:
+            return rows[i]
+        return self.codec.decode_one(gathered.view(self.domain_size, -1)[member], rows.shape[0], i, self.shared)
+
     def finish_gather(self, first: torch.Tensor) -> torch.Tensor:
         """Run the inner stages on the first stage's result; return all shards in domain order."""
         data = first
@@ -143,6 +158,79 @@ class ExpertGatherer:
         return self.comm.reduce_scatter_async(shard, data.contiguous(), self.groups[0], "rs")
 
 
+def _reduce_scatter_to_owners(gatherer: ExpertGatherer, grad: torch.Tensor,
+                              accumulate: Callable[[torch.Tensor], None]) -> None:
+    """Start the reduce-scatter of ``grad`` (all domain experts); ``accumulate`` gets this rank's
+    summed shard when the backward pass ends (the slow stage runs meanwhile)."""
+    handle = gatherer.reduce_scatter_start(grad)
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: accumulate(handle.wait()))
+
+
+class EncodedExperts:
+    """A domain's gathered experts kept encoded, decoded one at a time (:meth:`expert`), with the
+    dense gradient of all of them collected for the reduce-scatter. The expert computation runs
+    each expert under activation checkpointing, so a decoded expert lives only while that expert
+    computes (forward, and again in its backward): the layer never holds more than one dense copy
+    besides the rank's own experts. ``anchor`` (a zero scalar) ties every output to the gather."""
+
+    def __init__(self, gatherer: ExpertGatherer, local: torch.Tensor, split: Callable[[torch.Tensor], dict]):
+        self.gatherer, self.local, self.split = gatherer, local.detach(), split
+        self.payload: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
+        self.decoded = 0
+        """Experts decoded so far (forward and recomputation), for tests and diagnostics."""
+
+    def row(self, j: int) -> torch.Tensor:
+        self.decoded += 1
+        return self.gatherer.decode_row(self.payload, self.local, j)
+
+    def dense_grad(self) -> torch.Tensor:
+        """The gradient of all the domain's experts, flat in domain order (zeros until added to)."""
+        if self.grad is None:
+            self.grad = self.local.new_zeros(self.gatherer.domain_size * self.local.numel())
+        return self.grad
+
+    def add_grad(self, j: int, grad: torch.Tensor) -> None:
+        self.dense_grad().view(-1, grad.numel())[j] += grad
+
+    def expert(self, j: int) -> dict[str, torch.Tensor]:
+        """Expert ``j``'s weights {name: tensor}, decoded now (call inside a checkpointed region)."""
+        return self.split(DecodeExpert.apply(self.anchor, self, j))
+
+
+class DecodeExpert(torch.autograd.Function):
+    """Forward: expert ``j`` decoded. Backward: its gradient goes into the domain's dense gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, experts: EncodedExperts, j: int) -> torch.Tensor:
+        ctx.experts, ctx.j = experts, j
+        return experts.row(j)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.experts.add_grad(ctx.j, grad)
+        return grad.new_zeros(()), None, None
+
+
+class GatherEncoded(torch.autograd.Function):
+    """Forward: completes the gather into ``experts`` (encoded) and returns its anchor (a zero
+    scalar). Backward -- after every expert's gradient is in -- reduce-scatters the dense gradient
+    to the owners, as :class:`GatherExperts` does."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, gatherer: ExpertGatherer, pending: PendingGather | None,
+                accumulate: Callable[[torch.Tensor], None], experts: EncodedExperts) -> torch.Tensor:
+        ctx.experts, ctx.accumulate = experts, accumulate
+        experts.payload = (pending or gatherer.start(local)).encoded()
+        return local.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        _reduce_scatter_to_owners(ctx.experts.gatherer, ctx.experts.dense_grad(), ctx.accumulate)
+        return None, None, None, None, None
+
+
 class GatherExperts(torch.autograd.Function):
     """Forward: the domain's experts (decoded copies, own slot exact). Backward: dense gradients of
     all copies reduce-scattered to the owners (straight-through for decoded copies); ``accumulate``
@@ -156,7 +244,5 @@ class GatherExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        handle = ctx.gatherer.reduce_scatter_start(grad.contiguous())
-        accumulate = ctx.accumulate
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: accumulate(handle.wait()))
+        _reduce_scatter_to_owners(ctx.gatherer, grad.contiguous(), ctx.accumulate)
         return None, None, None, None

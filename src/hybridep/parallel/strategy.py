@@ -34,7 +34,14 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.functional import AllToAll, ExpertGatherer, GatherExperts, PendingGather
+from hybridep.parallel.functional import (
+    AllToAll,
+    EncodedExperts,
+    ExpertGatherer,
+    GatherEncoded,
+    GatherExperts,
+    PendingGather,
+)
 from hybridep.topology import Domains
 
 
@@ -42,7 +49,7 @@ class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
     def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
-                 sr_basis: str = "shared", sr_values: str = "float16"):
+                 sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer"):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
@@ -55,7 +62,12 @@ class ExpertParallelStyle:
         comm.create_groups([list(range(g))])
         if sr_values not in VALUE_DTYPES:
             raise ValueError(f"sr values must be one of {sorted(VALUE_DTYPES)}, got {sr_values!r}")
-        self.sr_ratio, self.sr_basis, self.sr_values = sr_ratio, sr_basis, sr_values
+        if sr_decode not in ("layer", "expert"):
+            raise ValueError(f"sr decode must be 'layer' or 'expert', got {sr_decode!r}")
+        if sr_decode == "expert" and sr_ratio and sr_basis == "delta":
+            raise ValueError("sr decode 'expert' needs sr basis 'shared' or 'zero': the 'delta' basis keeps "
+                             "dense copies of the domain's experts by design")
+        self.sr_ratio, self.sr_basis, self.sr_values, self.sr_decode = sr_ratio, sr_basis, sr_values, sr_decode
         self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
         self._shared_work = None
         s, n = len(self.domain), self.n_local
@@ -132,8 +144,9 @@ class ExpertParallelStyle:
             self._finish_shared_update()
             self._pending = self.gatherer.start(self._local_flat(experts).detach())
 
-    def expert_weights(self, experts: GroupedExperts) -> dict[str, torch.Tensor]:
-        """All experts of this rank's domain, in domain order: {name: [S*n, ...]}."""
+    def expert_weights(self, experts: GroupedExperts) -> dict[str, torch.Tensor] | EncodedExperts:
+        """All experts of this rank's domain, in domain order: {name: [S*n, ...]}, or -- compressed
+        with ``sr_decode="expert"`` -- an :class:`EncodedExperts` that decodes them one at a time."""
         own = experts.weights()
         s = len(self.domain)
         if s == 1:
@@ -141,17 +154,17 @@ class ExpertParallelStyle:
         pending, self._pending = self._pending, None
         if pending is None:
             self._finish_shared_update()
-        flat = GatherExperts.apply(self._local_flat(experts), self.gatherer, pending, self._accumulate(experts))
+        local = self._local_flat(experts)
+        if self.gatherer.codec is not None and self.sr_decode == "expert":
+            out = EncodedExperts(self.gatherer, local, functools.partial(_split_row, own))
+            out.anchor = GatherEncoded.apply(local, self.gatherer, pending, self._accumulate(experts), out)
+        else:
+            flat = GatherExperts.apply(local, self.gatherer, pending, self._accumulate(experts))
+            out = _split_row(own, flat.view(s * self.n_local, -1))
         if pending is not None and self.next_prefetch is not None:
             self.next_prefetch()  # the chain: the next layer's gather goes out now
         if self.gatherer.codec is not None and self.sr_basis == "shared":  # refresh during the backward
             self._start_shared_update(experts)
-        rows = flat.view(s * self.n_local, -1)
-        out, col = {}, 0
-        for name, w in own.items():
-            width = w[0].numel()
-            out[name] = rows[:, col: col + width].reshape(s * self.n_local, *w.shape[1:])
-            col += width
         return out
 
     # --- tokens --------------------------------------------------------------------------
@@ -177,20 +190,36 @@ class ExpertParallelStyle:
         return unpermute(back, p, x.shape[0])
 
 
+def _split_row(like: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Expert-major rows ([m, p] or one expert [p]) back into named weights shaped like ``like``'s
+    (without the expert axis for a single row)."""
+    out, col = {}, 0
+    for name, w in like.items():
+        width = w[0].numel()
+        piece = rows[..., col: col + width]
+        out[name] = piece.reshape(*rows.shape[:-1], *w.shape[1:])
+        col += width
+    return out
+
+
 def moe_layers(model: nn.Module) -> Iterator[MoE]:
     return (m for m in model.modules() if isinstance(m, MoE))
 
 
 def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio: float | None = None,
-                sr_basis: str = "shared", sr_values: str = "float16") -> list[ExpertParallelStyle]:
+                sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer"
+                ) -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
     ``sr_ratio`` enables residual top-k compression of the in-domain expert gather against ``sr_basis``:
     ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's synchronised copy of the
     expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert); ``sr_values``:
-    the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``)."""
+    the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``); ``sr_decode``:
+    ``layer`` (decode the domain's experts when the layer takes them) or ``expert`` (keep them encoded
+    and decode one at a time inside the expert computation, recomputed in backward)."""
     styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values,
+                                    sr_decode)
         style.shard(layer.experts)
         layer.dispatcher = style
         if styles:  # the prefetch chain: the previous layer, taking its experts, issues this one's gather
