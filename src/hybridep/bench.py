@@ -171,7 +171,9 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
         if cross is None:
             cross = r["payload_bytes_by_level"].get(top.name)
         util = None
-        if cross is not None and comm and rates_bps is not None and name != COMPUTE_ONLY:
+        sizes = parse_name(name)[0]
+        overlapped = bool(sizes) and sizes[0] > 1  # cross-DC traffic = gathers hidden behind compute
+        if cross is not None and comm and rates_bps is not None and name != COMPUTE_ONLY and not overlapped:
             util = cross / (n_uplinks * rate / 8 * comm)
         breakdown = None
         if compute is not None and name != COMPUTE_ONLY:
