@@ -1,5 +1,6 @@
 """A short bench smoke run end to end (shaped on the testbed when root, else unshaped)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -52,3 +53,23 @@ def test_bench_smoke(tmp_path):
     # same seed, same data: our strategies compute the same model, so the same losses
     losses = [v["final_loss"] for n, v in strategies.items() if n == "ep" or n.startswith("hybridep(")]
     assert max(losses) - min(losses) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
+    """The compute-only ranks hold and update every expert; strategies update only their own. The
+    compute rate comes from the compute-only time less its measured optimizer step."""
+    from hybridep.bench import BenchError, calibrated_model
+    from hybridep.costmodel import optimizer_s, workload_from_config
+
+    cfg = load_config()
+    rates = [lv.bandwidth_bps for lv in cfg.topology.levels]
+    results = {COMPUTE_ONLY: {"median_iter_s": 0.5}}
+    _, flops0 = calibrated_model(cfg, results, rates, [1.0, 1.0])
+    per_byte = 1e-9
+    w = workload_from_config(cfg, flops=1.0, sr_ratio=None)
+    opt_all = optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte), cfg.topology.world_size)
+    assert opt_all > optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte)) > 0
+    _, flops1 = calibrated_model(cfg, results, rates, [1.0, 1.0], per_byte)
+    assert flops1 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all))
+    with pytest.raises(BenchError, match="optimizer step"):
+        calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates, [1.0, 1.0], per_byte)

@@ -17,6 +17,7 @@ from hybridep.costmodel import (
     device_expert_s,
     domain_load_grid,
     lower_bound,
+    optimizer_s,
     predict,
 )
 from hybridep.planner import paper_latency, plan, plan_workload
@@ -168,6 +169,25 @@ def test_codec_time_is_charged_to_compressed_gathers_only():
     assert p1.compute_s == pytest.approx(p0.compute_s + 2 * 8e-4)
     assert p1.iteration_s >= p0.iteration_s + 2 * 8e-4 - 1e-12
     assert predict(ep, slow, net, ALL) == predict(ep, base, net, ALL)
+
+
+def test_optimizer_step_is_charged_after_the_backward_on_owned_parameters():
+    """Every strategy steps the same owned parameters (dense + own experts): the same seconds are
+    added to the model's and the simulator's iteration, whatever the domain sizes."""
+    from hybridep.sim.iteration import simulate
+
+    net = _net([2, 2], [1e8, 1e9])
+    base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2, dense_grad_bytes=3e4)
+    slow = dataclasses.replace(base, optimizer_byte_s=1e-8)
+    opt = 1e-8 * (3e4 + 2 * 4e4)
+    assert optimizer_s(slow) == pytest.approx(opt)
+    assert optimizer_s(slow, expert_copies=4) == pytest.approx(1e-8 * (3e4 + 4 * 2 * 4e4))
+    for sizes in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+        dom = Domains(net.topology, sizes)
+        for fn in (predict, simulate):
+            assert fn(dom, slow, net, ALL).iteration_s == pytest.approx(fn(dom, base, net, ALL).iteration_s + opt)
+    full = Domains(net.topology, (2, 2))
+    assert predict(full, slow, net, OFF) == predict(full, base, net, OFF)  # forward-only: no step
 
 
 def test_per_layer_routing():

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, Workload, predict, workload_from_config
+from hybridep.costmodel import Network, Workload, optimizer_s, predict, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
@@ -87,10 +87,12 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
 
 
 def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
-                     efficiency: list[float]) -> tuple[Network, float] | None:
+                     efficiency: list[float], optimizer_byte_s: float = 0.0) -> tuple[Network, float] | None:
     """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
-    compute-only run, each level's links by its probed rate times the measured all-to-all efficiency,
-    latency zero (what the testbed has; the configured latencies apply to the real WAN)."""
+    compute-only run less its optimizer step (each of its ranks holds and updates every expert;
+    ``optimizer_byte_s`` measured), each level's links by its probed rate times the measured
+    all-to-all efficiency, latency zero (what the testbed has; the configured latencies apply to
+    the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
@@ -99,8 +101,21 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
-    flops = predict(ep, workload_from_config(cfg, flops=1.0), net, cfg.terms).compute_s
-    return net, flops / results[COMPUTE_ONLY]["median_iter_s"]
+    w = workload_from_config(cfg, flops=1.0)
+    flops = predict(ep, w, net, cfg.terms).compute_s
+    opt = optimizer_s(dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s), topo.world_size)
+    compute = results[COMPUTE_ONLY]["median_iter_s"] - opt
+    if compute <= 0:
+        raise BenchError(f"the compute-only run ({results[COMPUTE_ONLY]['median_iter_s']:.3f} s) is not longer "
+                         f"than its measured optimizer step ({opt:.3f} s)")
+    return net, flops / compute
+
+
+def optimizer_byte_s(cfg: Config, calibration: dict | None) -> float:
+    """Optimizer seconds per parameter byte: configured, else measured by the bench, else 0."""
+    if cfg.compute.optimizer_byte_s is not None:
+        return cfg.compute.optimizer_byte_s
+    return (calibration or {}).get("optimizer_byte_s") or 0.0
 
 
 def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
@@ -116,6 +131,7 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
         w = dataclasses.replace(w, processors=processors)
     if cal.get("codec_expert_s") is not None and cfg.compute.codec_expert_s is None:
         w = dataclasses.replace(w, codec_expert_s=cal["codec_expert_s"])
+    w = dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s(cfg, cal))
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
         return w
@@ -152,7 +168,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     model = None
     efficiency = (calibration or {}).get("efficiency_by_level")
     if rates_bps is not None:
-        model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps))
+        model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps),
+                                 optimizer_byte_s(cfg, calibration))
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None:

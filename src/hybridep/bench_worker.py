@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hybridep.lm.model import LMConfig
 from hybridep.lm.train import RunSpec, run
 from hybridep.parallel.comm import Communicator
+from hybridep.probe import measure_optimizer_byte_s
 from hybridep.topology import Topology
 
 
@@ -69,13 +70,23 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     return {"efficiency_by_level": efficiency, "seconds_by_level": seconds}
 
 
+def expert_params(cfg: LMConfig) -> int:
+    """Parameters of one expert of the bench model."""
+    from hybridep.moe.experts import WEIGHT_NAMES
+
+    return len(WEIGHT_NAMES[cfg.expert_kind]) * cfg.hidden * cfg.ffn
+
+
+def own_params(cfg: LMConfig, world: int) -> int:
+    """Expert parameters one rank owns (all layers)."""
+    return cfg.layers * (cfg.experts // world) * expert_params(cfg)
+
+
 def codec_time(cfg: LMConfig, run: dict, world: int) -> float:
     """Measured seconds to SR-encode or -decode one expert of the bench model (all ranks at once)."""
     from hybridep.migration.sr import VALUE_DTYPES, SRCodec, measure_codec_expert_s
-    from hybridep.moe.experts import WEIGHT_NAMES
 
-    p = len(WEIGHT_NAMES[cfg.expert_kind]) * cfg.hidden * cfg.ffn
-    codec = SRCodec(run["sr_ratio"], p, torch.float32, VALUE_DTYPES[run.get("sr_values", "float16")])
+    codec = SRCodec(run["sr_ratio"], expert_params(cfg), torch.float32, VALUE_DTYPES[run.get("sr_values", "float16")])
     dist.barrier()
     return measure_codec_expert_s(codec, max(1, cfg.experts // world))
 
@@ -106,6 +117,8 @@ def main(spec_path: str, out_dir: str) -> int:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
+    dist.barrier()  # every rank at once, as after a training step: the contended optimizer time
+    calibration["optimizer_byte_s"] = measure_optimizer_byte_s(max(1 << 20, own_params(cfg, topo.world_size)))
     sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
     if sr_runs:  # every rank at once, as in training: the contended encode/decode time
         calibration["codec_expert_s"] = codec_time(cfg, sr_runs[0], topo.world_size)

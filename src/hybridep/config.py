@@ -233,6 +233,9 @@ class ComputeConfig(_Strict):
     codec_expert_s: TimeS | None = None
     """Seconds to SR-encode or -decode one expert on one device (compressed gathers); None = not
     charged (``hybridep bench`` measures it on its ranks and uses the measurement)."""
+    optimizer_byte_s: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = None
+    """Seconds per byte of parameters for one device's optimizer step (its dense parameters and its
+    own experts); None = not charged (``hybridep bench`` measures Adam on its ranks)."""
 
 
 class CostTerms(_Strict):

@@ -23,6 +23,8 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
   the last micro-batch: ``max(2 * Lat_PE, Lat_RS)``.
 * gradient sync of non-expert parameters (``full``): a ring all-reduce overlapping the whole
   backward compute; only the part longer than the backward compute is exposed.
+* optimizer step (``full``, when ``optimizer_byte_s`` is known): after the backward pass, over the
+  device's dense parameters and the experts it owns (:func:`optimizer_s`).
 * port sharing (``full``): overlapped streams still share the ports, so the iteration is at least
   the busiest level's bytes per port over its rate (the flow simulator shows the contention the
   two-stream recurrence alone misses).
@@ -70,6 +72,9 @@ class Workload:
     codec_expert_s: float = 0.0
     """Seconds to encode or decode one expert (compressed gathers): per layer and iteration a device
     encodes its own experts and decodes the domain's, on its compute stream."""
+    optimizer_byte_s: float = 0.0
+    """Seconds per byte of parameters for the optimizer step, after the backward pass (see
+    :func:`optimizer_s`)."""
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
@@ -156,6 +161,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         expert_load=load,
         gather_bytes=gather,
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
+        optimizer_byte_s=cfg.compute.optimizer_byte_s or 0.0,
     )
 
 
@@ -304,6 +310,13 @@ def device_expert_s(w: Workload, factor, world: int):
     return w.expert_s * np.maximum(np.asarray(factor) * w.processors / world, 1.0)
 
 
+def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
+    """Seconds of one device's optimizer step: its dense parameters and ``expert_copies`` times its
+    own experts (1 under every strategy -- a device updates only the experts it owns; G for a
+    device that holds and updates all experts, the compute-only reference)."""
+    return w.optimizer_byte_s * (w.dense_grad_bytes + expert_copies * w.layers * w.expert_bytes)
+
+
 def codec_s(dom: Domains, w: Workload) -> float:
     """Seconds per layer a device spends encoding its own experts and decoding the other domain
     members' (compressed gathers only; 0 when the expert count is unknown)."""
@@ -403,6 +416,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
                 grad_sync += 2 * math.ceil(math.log2(g)) * max(net.latency_s)
             exposed_gs = max(0.0, grad_sync - bwd_compute)
             iteration += exposed_gs
+        iteration += optimizer_s(w)
+        compute += optimizer_s(w)
 
     directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
     by_level = {}

@@ -27,6 +27,24 @@ def measure_flops(size: int = 512, repeats: int = 5, device: str = "cpu") -> flo
     return 2.0 * size**3 / best
 
 
+def measure_optimizer_byte_s(numel: int, repeats: int = 7, dtype=None) -> float:
+    """Seconds per parameter byte of one ``torch.optim.Adam`` step (the trainer's optimizer) over
+    ``numel`` parameters with gradients: the median of ``repeats`` steps after a first one (which
+    allocates the moment buffers)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    p = torch.nn.Parameter(torch.randn(numel, dtype=dtype))
+    p.grad = torch.randn(numel, dtype=dtype)
+    opt = torch.optim.Adam([p], lr=1e-3)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2] / (numel * p.element_size())
+
+
 def probe_flops(cache: Path | None = DEFAULT_CACHE, device: str = "cpu") -> float:
     """Return the cached measurement for this machine, measuring (and caching) it if absent."""
     import torch

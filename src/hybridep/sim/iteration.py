@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, codec_s, device_expert_s, layer_grids
+from hybridep.costmodel import Network, Workload, codec_s, device_expert_s, layer_grids, optimizer_s
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
 
@@ -412,6 +412,9 @@ class IterationSim:
         forward(0, 0)
         self.eng.run()
         iteration = max(end.values())
+        if self.terms.backward and w.optimizer_byte_s > 0:
+            self._span("compute", "optimizer step", iteration, iteration + optimizer_s(w))
+            iteration += optimizer_s(w)
         return SimResult(dom.sizes, iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
                          self.eng.events, self.classes)
 
