@@ -74,12 +74,15 @@ class GroupedExperts(nn.Module):
         when it computed no token.
         """
         source = None if isinstance(weights, dict) else weights
+        # unbind once: its backward stacks the experts' gradients (one [E, ...] tensor), where
+        # indexing w[i] per expert would build E zero-padded [E, ...] gradients and sum them
+        rows = {} if source is not None else {name: w.unbind(0) for name, w in weights.items()}
         outs = []
         for i, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
                 continue
             if source is None:
-                outs.append(self.run_expert({name: w[i] for name, w in weights.items()}, chunk))
+                outs.append(self.run_expert({name: r[i] for name, r in rows.items()}, chunk))
             else:
                 outs.append(checkpoint(lambda c, i=i: self.run_expert(source.expert(i), c), chunk, use_reentrant=False))
         y = torch.cat(outs) if outs else x * 0.0
