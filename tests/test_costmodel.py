@@ -190,6 +190,26 @@ def test_optimizer_step_is_charged_after_the_backward_on_owned_parameters():
     assert predict(full, slow, net, OFF) == predict(full, base, net, OFF)  # forward-only: no step
 
 
+def test_recomputed_experts_cost_one_more_expert_forward_and_decode_in_backward():
+    from hybridep.costmodel import recompute_s
+    from hybridep.sim.iteration import simulate
+
+    net = _net([2, 2], [1e8, 1e9])
+    base = Workload(1e6, 4e4, 1e-3, expert_s=2e-3, experts=8, layers=2, gather_bytes=800.0, codec_expert_s=1e-4)
+    redo = dataclasses.replace(base, expert_recompute=True)
+    full = Domains(net.topology, (2, 2))
+    assert recompute_s(full, base) == (0.0, 0.0)
+    rc, dec = recompute_s(full, redo)
+    assert rc == 1.0 and dec == pytest.approx(1e-4 * 3 * 2)  # the 3 other members' 2 experts each
+    p0, p1 = predict(full, base, net, ALL), predict(full, redo, net, ALL)
+    extra = 2 * (2e-3 + dec)  # 2 layers x (expert forward + decode)
+    assert p1.compute_s == pytest.approx(p0.compute_s + extra)
+    # more backward compute: a longer iteration, by at most the extra (it may hide the gradient tail)
+    assert p0.iteration_s < p1.iteration_s <= p0.iteration_s + extra + 1e-12
+    s0, s1 = simulate(full, base, net, ALL).iteration_s, simulate(full, redo, net, ALL).iteration_s
+    assert s0 < s1 <= s0 + extra + 1e-9
+
+
 def test_per_layer_routing():
     """Measured per-layer histograms: the same histogram on every layer equals ``expert_load``; two
     layers each hot on a different DC cost more than their averaged histogram (which looks even)."""
@@ -266,7 +286,7 @@ def test_overlap_never_slower_and_exact_for_one_layer(w, layers, mb):
 def test_compression_shrinks_the_gather_and_can_enlarge_the_chosen_domain():
     from hybridep.costmodel import workload_from_config
 
-    over = ["moe.tokens_per_gpu=1024"]
+    over = ["moe.tokens_per_gpu=1024", "moe.ffn=1024"]
     base = load_config(CONFIGS / "bench_ep_wins.yaml", over)
     comp = load_config(CONFIGS / "bench_ep_wins.yaml", [*over, "moe.sr_ratio=50"])
     w = workload_from_config(comp)

@@ -131,7 +131,8 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
         w = dataclasses.replace(w, processors=processors)
     if cal.get("codec_expert_s") is not None and cfg.compute.codec_expert_s is None:
         w = dataclasses.replace(w, codec_expert_s=cal["codec_expert_s"])
-    w = dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s(cfg, cal))
+    w = dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s(cfg, cal),
+                            expert_recompute=sr_ratio is not None and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
         return w

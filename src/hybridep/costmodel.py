@@ -72,6 +72,9 @@ class Workload:
     codec_expert_s: float = 0.0
     """Seconds to encode or decode one expert (compressed gathers): per layer and iteration a device
     encodes its own experts and decodes the domain's, on its compute stream."""
+    expert_recompute: bool = False
+    """The expert forward runs again in the backward pass, with its decode (compressed experts
+    decoded one at a time under activation checkpointing, ``sr_decode="expert"``)."""
     optimizer_byte_s: float = 0.0
     """Seconds per byte of parameters for the optimizer step, after the backward pass (see
     :func:`optimizer_s`)."""
@@ -317,6 +320,16 @@ def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
     return w.optimizer_byte_s * (w.dense_grad_bytes + expert_copies * w.layers * w.expert_bytes)
 
 
+def recompute_s(dom: Domains, w: Workload) -> tuple[float, float]:
+    """(factor, seconds) the backward adds per layer and micro-batch when the experts are recomputed
+    (``expert_recompute``): the expert forward again (factor 1 of the forward expert time) and the
+    decode of the other members' experts; (0, 0) otherwise."""
+    if not w.expert_recompute:
+        return 0.0, 0.0
+    s = dom.domain_size
+    return 1.0, codec_s(dom, w) * (s - 1) / s
+
+
 def codec_s(dom: Domains, w: Workload) -> float:
     """Seconds per layer a device spends encoding its own experts and decoding the other domain
     members' (compressed gathers only; 0 when the expert count is unknown)."""
@@ -391,14 +404,15 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     exposed_rs = 0.0
     grad_sync = exposed_gs = 0.0
     if terms.backward:
-        bwd_steps = [2 * a + 2 * x + 2 * pe for a, x in zip(a2a, e, strict=True)]
-        bwd_compute = mb * sum(2 * pe + 2 * x for x in e)
+        rc, redo = recompute_s(dom, w)
+        bwd_steps = [2 * a + (2 + rc) * x + redo + 2 * pe for a, x in zip(a2a, e, strict=True)]
+        bwd_compute = mb * sum(2 * pe + (2 + rc) * x + redo for x in e)
         if terms.overlap:
             # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
             # run one after the other while the earlier layers' backward goes on
             t, rs_free = 0.0, 0.0
             for a, x in zip(reversed(a2a), reversed(e), strict=True):
-                t += 2 * a + 2 * x
+                t += 2 * a + (2 + rc) * x + redo
                 rs_free = max(t, rs_free) + rs_t
                 t += 2 * pe
             bwd = (mb - 1) * sum(bwd_steps) + max(t, rs_free)

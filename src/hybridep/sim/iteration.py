@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, codec_s, device_expert_s, layer_grids, optimizer_s
+from hybridep.costmodel import (
+    Network,
+    Workload,
+    codec_s,
+    device_expert_s,
+    layer_grids,
+    optimizer_s,
+    recompute_s,
+)
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
 
@@ -332,6 +340,7 @@ class IterationSim:
         gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
         ag_levels = dom.gather_levels()
         codec = codec_s(dom, w)
+        rc, redo = recompute_s(dom, w)
         end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0}
         rs_queue: list[int] = []
         rs_busy = {"on": False}
@@ -398,10 +407,11 @@ class IterationSim:
                     self.eng.at(t, lambda: (rs_queue.append(layer), next_rs()))
 
             def after(t: float) -> None:
-                self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + 2 * w.pre_expert_s)
-                self.eng.at(t + 2 * w.pre_expert_s, lambda: backward(m, layer - 1))
+                span = 2 * w.pre_expert_s + redo  # (with recompute: the decode again)
+                self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
+                self.eng.at(t + span, lambda: backward(m, layer - 1))
 
-            self._moe_step(layer, f"bwd L{layer} mb{m}", 2.0, None, after, experts_done)
+            self._moe_step(layer, f"bwd L{layer} mb{m}", 2.0 + rc, None, after, experts_done)
 
         def nxt(m: int) -> None:
             if m + 1 < mb:
