@@ -49,6 +49,8 @@ def test_bench_smoke(tmp_path):
         # the testbed's own counters: full-domain HybridEP moves far fewer bytes across the DCs than EP
         assert strategies["hybridep(dc=2,gpu=2)"]["cross_dc_bytes"] < strategies["ep"]["cross_dc_bytes"] / 2
         assert strategies["ep"]["predicted_iter_s"] > 0
+    cal = report["calibration"]
+    assert cal["processors"] >= 1 and cal["optimizer_byte_s"] > 0 and cal["expert_weight_byte_s"] >= 0
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000
     # same seed, same data: our strategies compute the same model, so the same losses
     losses = [v["final_loss"] for n, v in strategies.items() if n == "ep" or n.startswith("hybridep(")]
@@ -57,7 +59,8 @@ def test_bench_smoke(tmp_path):
 
 def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     """The compute-only ranks hold and update every expert; strategies update only their own. The
-    compute rate comes from the compute-only time less its measured optimizer step."""
+    compute rate comes from the compute-only time less its measured optimizer step and the cost of
+    holding every expert in the expert computation."""
     from hybridep.bench import BenchError, calibrated_model
     from hybridep.costmodel import optimizer_s, workload_from_config
 
@@ -73,3 +76,6 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     assert flops1 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all))
     with pytest.raises(BenchError, match="optimizer step"):
         calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates, [1.0, 1.0], per_byte)
+    held = 1e-9 * cfg.topology.world_size * w.expert_bytes * w.layers  # all experts, forward + backward
+    _, flops2 = calibrated_model(cfg, results, rates, [1.0, 1.0], per_byte, 1e-9)
+    assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))

@@ -210,6 +210,26 @@ def test_recomputed_experts_cost_one_more_expert_forward_and_decode_in_backward(
     assert s0 < s1 <= s0 + extra + 1e-9
 
 
+def test_holding_more_experts_costs_the_expert_computation_per_byte_held():
+    """A device holds its domain's experts: S times its own; the cost is per byte held, a third in
+    the forward and two thirds in the backward, the same in the model and the simulator."""
+    from hybridep.costmodel import held_weights_s
+    from hybridep.sim.iteration import simulate
+
+    net = _net([2, 2], [1e8, 1e9])
+    base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2)
+    held = dataclasses.replace(base, expert_weight_byte_s=3e-8)
+    assert held_weights_s(held, 4) == pytest.approx(4 * 4e4 * 1e-8)
+    for sizes in [(1, 1), (1, 2), (2, 2)]:
+        dom = Domains(net.topology, sizes)
+        extra = 2 * 3e-8 * dom.domain_size * 4e4  # 2 layers x (forward + backward)
+        p0, p1 = predict(dom, base, net, ALL), predict(dom, held, net, ALL)
+        assert p1.compute_s == pytest.approx(p0.compute_s + extra)
+        assert p0.iteration_s < p1.iteration_s <= p0.iteration_s + extra + 1e-12
+        s0, s1 = simulate(dom, base, net, ALL).iteration_s, simulate(dom, held, net, ALL).iteration_s
+        assert s0 < s1 <= s0 + extra + 1e-9
+
+
 def test_per_layer_routing():
     """Measured per-layer histograms: the same histogram on every layer equals ``expert_load``; two
     layers each hot on a different DC cost more than their averaged histogram (which looks even)."""

@@ -86,13 +86,14 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
-                     efficiency: list[float], optimizer_byte_s: float = 0.0) -> tuple[Network, float] | None:
+def calibrated_model(cfg: Config, results: dict, rates_bps: list[float], efficiency: list[float],
+                     optimizer_byte_s: float = 0.0, expert_weight_byte_s: float = 0.0
+                     ) -> tuple[Network, float] | None:
     """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
-    compute-only run less its optimizer step (each of its ranks holds and updates every expert;
-    ``optimizer_byte_s`` measured), each level's links by its probed rate times the measured
-    all-to-all efficiency, latency zero (what the testbed has; the configured latencies apply to
-    the real WAN)."""
+    compute-only run less what holding every expert costs its ranks (their optimizer step over all
+    experts and the per-expert cost of the expert computation, both measured), each level's links
+    by its probed rate times the measured all-to-all efficiency, latency zero (what the testbed
+    has; the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
@@ -101,21 +102,27 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
-    w = workload_from_config(cfg, flops=1.0)
+    # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
+    w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,
+                            codec_expert_s=0.0)
     flops = predict(ep, w, net, cfg.terms).compute_s
-    opt = optimizer_s(dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s), topo.world_size)
-    compute = results[COMPUTE_ONLY]["median_iter_s"] - opt
+    g = topo.world_size
+    opt = optimizer_s(dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s), g)
+    held = expert_weight_byte_s * g * w.expert_bytes * w.layers * w.micro_batches  # all experts, fwd + bwd
+    compute = results[COMPUTE_ONLY]["median_iter_s"] - opt - held
     if compute <= 0:
         raise BenchError(f"the compute-only run ({results[COMPUTE_ONLY]['median_iter_s']:.3f} s) is not longer "
-                         f"than its measured optimizer step ({opt:.3f} s)")
+                         f"than its measured optimizer step ({opt:.3f} s) and held-expert cost ({held:.3f} s)")
     return net, flops / compute
 
 
-def optimizer_byte_s(cfg: Config, calibration: dict | None) -> float:
-    """Optimizer seconds per parameter byte: configured, else measured by the bench, else 0."""
-    if cfg.compute.optimizer_byte_s is not None:
-        return cfg.compute.optimizer_byte_s
-    return (calibration or {}).get("optimizer_byte_s") or 0.0
+def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
+    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else 0
+    (``optimizer_byte_s``, ``expert_weight_byte_s``)."""
+    configured = getattr(cfg.compute, key)
+    if configured is not None:
+        return configured
+    return (calibration or {}).get(key) or 0.0
 
 
 def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
@@ -131,7 +138,8 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
         w = dataclasses.replace(w, processors=processors)
     if cal.get("codec_expert_s") is not None and cfg.compute.codec_expert_s is None:
         w = dataclasses.replace(w, codec_expert_s=cal["codec_expert_s"])
-    w = dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s(cfg, cal),
+    w = dataclasses.replace(w, optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
+                            expert_weight_byte_s=measured_rate(cfg, cal, "expert_weight_byte_s"),
                             expert_recompute=sr_ratio is not None and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
@@ -170,7 +178,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     efficiency = (calibration or {}).get("efficiency_by_level")
     if rates_bps is not None:
         model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps),
-                                 optimizer_byte_s(cfg, calibration))
+                                 measured_rate(cfg, calibration, "optimizer_byte_s"),
+                                 measured_rate(cfg, calibration, "expert_weight_byte_s"))
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from hybridep.lm.model import LMConfig
 from hybridep.lm.train import RunSpec, run
 from hybridep.parallel.comm import Communicator
-from hybridep.probe import measure_optimizer_byte_s
+from hybridep.probe import measure_expert_weight_byte_s, measure_optimizer_byte_s
 from hybridep.topology import Topology
 
 
@@ -119,6 +119,9 @@ def main(spec_path: str, out_dir: str) -> int:
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # every rank at once, as after a training step: the contended optimizer time
     calibration["optimizer_byte_s"] = measure_optimizer_byte_s(max(1 << 20, own_params(cfg, topo.world_size)))
+    dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
+    copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k
+    calibration["expert_weight_byte_s"] = measure_expert_weight_byte_s(cfg.hidden, cfg.ffn, cfg.expert_kind, copies)
     sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
     if sr_runs:  # every rank at once, as in training: the contended encode/decode time
         calibration["codec_expert_s"] = codec_time(cfg, sr_runs[0], topo.world_size)

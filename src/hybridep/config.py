@@ -236,6 +236,10 @@ class ComputeConfig(_Strict):
     optimizer_byte_s: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = None
     """Seconds per byte of parameters for one device's optimizer step (its dense parameters and its
     own experts); None = not charged (``hybridep bench`` measures Adam on its ranks)."""
+    expert_weight_byte_s: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = None
+    """Seconds per byte of expert weights a device holds for a layer, per forward + backward of the
+    layer (the expert computation's cost beyond FLOPs); None = not charged (``hybridep bench``
+    measures it on its ranks)."""
 
 
 class CostTerms(_Strict):

@@ -21,8 +21,9 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
 * backward (``full``): ``2 * Lat_A2A + 2 * Lat_E + 2 * Lat_PE``; the reduce-scatter of the
   gathered experts' gradients back to their owners overlaps the layer's pre-expert backward of
   the last micro-batch: ``max(2 * Lat_PE, Lat_RS)``.
-* gradient sync of non-expert parameters (``full``): a ring all-reduce overlapping the whole
-  backward compute; only the part longer than the backward compute is exposed.
+* gradient sync of non-expert parameters (``full``): DDP's ring all-reduces per gradient bucket;
+  the earlier buckets overlap the backward compute, the last one (the first layers' parameters,
+  all of them in a small model) starts when the backward pass ends and is exposed.
 * optimizer step (``full``, when ``optimizer_byte_s`` is known): after the backward pass, over the
   device's dense parameters and the experts it owns (:func:`optimizer_s`).
 * port sharing (``full``): overlapped streams still share the ports, so the iteration is at least
@@ -72,6 +73,10 @@ class Workload:
     codec_expert_s: float = 0.0
     """Seconds to encode or decode one expert (compressed gathers): per layer and iteration a device
     encodes its own experts and decodes the domain's, on its compute stream."""
+    expert_weight_byte_s: float = 0.0
+    """Seconds per byte of expert weights a device holds for a layer (its domain's experts), per
+    forward + backward of that layer: the expert computation's cost beyond its FLOPs (more, smaller
+    matmuls and weight gradients per expert held), see :func:`held_weights_s`."""
     expert_recompute: bool = False
     """The expert forward runs again in the backward pass, with its decode (compressed experts
     decoded one at a time under activation checkpointing, ``sr_decode="expert"``)."""
@@ -165,6 +170,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         gather_bytes=gather,
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
         optimizer_byte_s=cfg.compute.optimizer_byte_s or 0.0,
+        expert_weight_byte_s=cfg.compute.expert_weight_byte_s or 0.0,
     )
 
 
@@ -313,6 +319,30 @@ def device_expert_s(w: Workload, factor, world: int):
     return w.expert_s * np.maximum(np.asarray(factor) * w.processors / world, 1.0)
 
 
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+"""PyTorch DDP's first gradient bucket (the last layers' parameters, ready first)."""
+DDP_BUCKET_BYTES = 25 << 20
+"""PyTorch DDP's other buckets (``bucket_cap_mb`` = 25)."""
+
+
+def ddp_last_bucket_bytes(dense_grad_bytes: float) -> float:
+    """Bytes of the gradient bucket DDP fills last: it holds the first layers' parameters, so its
+    all-reduce can only start when the backward pass ends (with small models: all of them)."""
+    if dense_grad_bytes <= DDP_FIRST_BUCKET_BYTES:
+        return dense_grad_bytes
+    rest = (dense_grad_bytes - DDP_FIRST_BUCKET_BYTES) % DDP_BUCKET_BYTES
+    return rest if rest > 0 else float(DDP_BUCKET_BYTES)
+
+
+def ring_allreduce_s(nbytes: float, world: int, net: Network, latency: bool) -> float:
+    """Seconds of a ring all-reduce of ``nbytes`` over ``world`` ranks: 2 (G-1)/G of the bytes
+    through the slowest port, plus 2 log2(G) latencies of the slowest level when charged."""
+    if nbytes <= 0 or world <= 1:
+        return 0.0
+    t = max(2.0 * nbytes * (world - 1) / world / b for b in net.port_bytes_per_s)
+    return t + (2 * math.ceil(math.log2(world)) * max(net.latency_s) if latency else 0.0)
+
+
 def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
     """Seconds of one device's optimizer step: its dense parameters and ``expert_copies`` times its
     own experts (1 under every strategy -- a device updates only the experts it owns; G for a
@@ -339,12 +369,19 @@ def codec_s(dom: Domains, w: Workload) -> float:
     return w.codec_expert_s * dom.domain_size * (w.experts // g)  # n own + (S - 1) n others
 
 
+def held_weights_s(w: Workload, experts_held: float) -> float:
+    """Forward share (1/3; the backward takes 2/3) of the per-layer cost of holding
+    ``experts_held`` times a device's own experts (the domain size; G for the compute-only run)."""
+    return w.expert_weight_byte_s * experts_held * w.expert_bytes / 3.0
+
+
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
     """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
-    load share times the uniform one (1 when uniform)."""
+    load share times the uniform one (1 when uniform), plus the cost of the domain's experts held."""
     if not terms.expert_compute:
         return 0.0
-    return float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
+    busy = float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
+    return busy + held_weights_s(w, dom.domain_size)
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
@@ -423,12 +460,12 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         compute += bwd_compute
         a2a_sum *= 2
         if terms.grad_sync and w.dense_grad_bytes > 0 and topo.world_size > 1:
-            g = topo.world_size
-            ring_bytes = 2.0 * w.dense_grad_bytes * (g - 1) / g
-            grad_sync = max(ring_bytes / b for b in net.port_bytes_per_s)
-            if terms.latency:
-                grad_sync += 2 * math.ceil(math.log2(g)) * max(net.latency_s)
-            exposed_gs = max(0.0, grad_sync - bwd_compute)
+            g, dense = topo.world_size, w.dense_grad_bytes
+            last = ddp_last_bucket_bytes(dense)
+            grad_sync = ring_allreduce_s(dense, g, net, terms.latency)
+            # the earlier buckets overlap the backward compute; the last one follows it
+            early = ring_allreduce_s(dense - last, g, net, terms.latency)
+            exposed_gs = max(0.0, early - bwd_compute) + ring_allreduce_s(last, g, net, terms.latency)
             iteration += exposed_gs
         iteration += optimizer_s(w)
         compute += optimizer_s(w)

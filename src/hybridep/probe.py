@@ -45,6 +45,31 @@ def measure_optimizer_byte_s(numel: int, repeats: int = 7, dtype=None) -> float:
     return sorted(times[1:])[repeats // 2] / (numel * p.element_size())
 
 
+def measure_expert_weight_byte_s(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
+                                 repeats: int = 5) -> float:
+    """Seconds per byte of expert weights held, per forward + backward of one MoE layer's expert
+    computation, beyond its FLOPs: the same ``tokens`` spread over ``many`` instead of ``few``
+    experts (same FLOPs, more and smaller matmuls, more weight gradients); the slope of the median
+    times over the extra experts' bytes (0 if not positive)."""
+    import torch
+
+    from hybridep.moe.experts import GroupedExperts
+
+    def median_s(n: int) -> tuple[float, int]:
+        ex = GroupedExperts(n, hidden, ffn, kind)
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        counts = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            ex.compute(ex.weights(), x, counts).square().sum().backward()
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[repeats // 2], sum(p.numel() * p.element_size() for p in ex.parameters())
+
+    (t_few, b_few), (t_many, b_many) = median_s(few), median_s(many)
+    return max(0.0, (t_many - t_few) / (b_many - b_few))
+
+
 def probe_flops(cache: Path | None = DEFAULT_CACHE, device: str = "cpu") -> float:
     """Return the cached measurement for this machine, measuring (and caching) it if absent."""
     import torch

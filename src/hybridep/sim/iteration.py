@@ -41,7 +41,9 @@ from hybridep.costmodel import (
     Network,
     Workload,
     codec_s,
+    ddp_last_bucket_bytes,
     device_expert_s,
+    held_weights_s,
     layer_grids,
     optimizer_s,
     recompute_s,
@@ -122,7 +124,8 @@ class IterationSim:
         self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
-        self.expert_s = device_expert_s(w, factor, self.G) if terms.expert_compute else np.zeros_like(factor)
+        self.expert_s = (device_expert_s(w, factor, self.G) + held_weights_s(w, dom.domain_size)
+                         if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
@@ -341,7 +344,8 @@ class IterationSim:
         ag_levels = dom.gather_levels()
         codec = codec_s(dom, w)
         rc, redo = recompute_s(dom, w)
-        end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0}
+        last_bucket = ddp_last_bucket_bytes(w.dense_grad_bytes)
+        end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
         rs_queue: list[int] = []
         rs_busy = {"on": False}
 
@@ -398,9 +402,11 @@ class IterationSim:
             t0 = self.eng.now
             if layer < 0:
                 end["bwd"] = t0
+                if m == mb - 1 and self.terms.grad_sync:  # DDP's last bucket: ready when the backward ends
+                    self._grad_sync(last_bucket, lambda t: end.__setitem__("gs", t))
                 return nxt(m)
-            if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:
-                self._grad_sync(lambda t: end.__setitem__("gs", t))
+            if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
+                self._grad_sync(w.dense_grad_bytes - last_bucket, lambda t: end.__setitem__("gs0", t))
 
             def experts_done(t: float) -> None:
                 if m == mb - 1 and ag_levels:
@@ -428,17 +434,17 @@ class IterationSim:
         return SimResult(dom.sizes, iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
                          self.eng.events, self.classes)
 
-    def _grad_sync(self, then) -> None:
-        """Ring all-reduce of the dense gradients: 2 (G-1)/G of the bytes to the next rank."""
-        w, g = self.w, self.G
-        if w.dense_grad_bytes <= 0 or g == 1:
+    def _grad_sync(self, nbytes: float, then) -> None:
+        """Ring all-reduce of ``nbytes`` of dense gradients: 2 (G-1)/G of them to the next rank."""
+        g = self.G
+        if nbytes <= 0 or g == 1:
             return
         src = np.arange(g)
         dst = (src + 1) % g
         diff = self.coords[src] != self.coords[dst]
         lv = np.argmax(diff, axis=1)
         lat = 2 * math.ceil(math.log2(g)) * max(self.lat)
-        batch = self._p2p_batch("allreduce", src, dst, 2.0 * w.dense_grad_bytes * (g - 1) / g, lv,
+        batch = self._p2p_batch("allreduce", src, dst, 2.0 * nbytes * (g - 1) / g, lv,
                                 "dense grad all-reduce", latency=lat)
         self._collective(batch, "grad_sync", then)
 

@@ -251,7 +251,7 @@ def calibrate(bench_json: str | Path) -> dict:
     """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
     (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
     and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload, optimizer_byte_s
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_rate, measured_workload
 
     try:
         report = json.loads(Path(bench_json).read_text())
@@ -264,7 +264,9 @@ def calibrate(bench_json: str | Path) -> dict:
     rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
     eff = (report.get("calibration") or {}).get("efficiency_by_level") or [1.0] * len(rates)
     measured = {k: v for k, v in report["strategies"].items()}
-    model = calibrated_model(cfg, measured, rates, eff, optimizer_byte_s(cfg, report.get("calibration")))
+    cal = report.get("calibration")
+    model = calibrated_model(cfg, measured, rates, eff, measured_rate(cfg, cal, "optimizer_byte_s"),
+                             measured_rate(cfg, cal, "expert_weight_byte_s"))
     if model is None:
         raise ConfigError([("--calibrate", str(bench_json), f"needs the {COMPUTE_ONLY!r} run")])
     net, flops = model
