@@ -108,6 +108,19 @@ def test_simulated_iteration_never_below_the_cost_model_lower_bound(case, fold):
 
 
 @settings(max_examples=40)
+@given(case=cases(), fold=st.booleans())
+def test_every_layer_gathers_and_reduce_scatters_its_experts_once(case, fold):
+    """Gather and reduce-scatter bytes per level equal the cost model's (one of each per layer),
+    however many ranks report taking a layer's experts to the prefetch chain."""
+    dom, w, net, terms = case
+    res, model = simulate(dom, w, net, terms, fold), predict(dom, w, net, terms)
+    for name in dom.topology.names:
+        for op in ("ag", "rs"):
+            assert res.bytes_by_level[name].get(op, 0.0) == pytest.approx(model.bytes_by_level[name][op], rel=1e-9), \
+                (name, op)
+
+
+@settings(max_examples=40)
 @given(case=cases())
 def test_folding_is_exact_under_uniform_routing(case):
     """(The dense-gradient ring is left out: its flows differ per rank, so next to folded classes

@@ -358,9 +358,13 @@ class IterationSim:
                     chain(layer)
             self._staged("ag", ag_levels, gather_bytes, f"gather L{layer}", done)
 
+        chained: set[int] = set()
+
         def chain(layer: int) -> None:
-            """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather."""
-            if self.terms.overlap and layer + 1 < layers:
+            """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather
+            (once: every rank that launches the layer's experts reports it)."""
+            if self.terms.overlap and layer + 1 < layers and layer not in chained:
+                chained.add(layer)
                 gather(layer + 1)
 
         def take(layer: int) -> None:
