@@ -116,8 +116,8 @@ def test_every_layer_gathers_and_reduce_scatters_its_experts_once(case, fold):
     res, model = simulate(dom, w, net, terms, fold), predict(dom, w, net, terms)
     for name in dom.topology.names:
         for op in ("ag", "rs"):
-            assert res.bytes_by_level[name].get(op, 0.0) == pytest.approx(model.bytes_by_level[name][op], rel=1e-9), \
-                (name, op)
+            got, want = res.bytes_by_level[name].get(op, 0.0), model.bytes_by_level[name][op]
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-3), (name, op)  # (levels: differences)
 
 
 @settings(max_examples=40)
