@@ -178,11 +178,9 @@ class EncodedExperts:
         self.payload: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
-        self.decoded = 0
-        """Experts decoded so far (forward and recomputation), for tests and diagnostics."""
 
     def row(self, j: int) -> torch.Tensor:
-        self.decoded += 1
+        """Expert ``j`` [p], decoded now (the own slot: the exact expert)."""
         return self.gatherer.decode_row(self.payload, self.local, j)
 
     def dense_grad(self) -> torch.Tensor:
@@ -222,7 +220,7 @@ class GatherEncoded(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor, gatherer: ExpertGatherer, pending: PendingGather | None,
                 accumulate: Callable[[torch.Tensor], None], experts: EncodedExperts) -> torch.Tensor:
         ctx.experts, ctx.accumulate = experts, accumulate
-        experts.payload = (pending or gatherer.start(local)).encoded()
+        experts.payload = (pending if pending is not None else gatherer.start(local)).encoded()
         return local.new_zeros(())
 
     @staticmethod
