@@ -145,6 +145,20 @@ def test_simulator_agrees_with_cost_model_without_contention():
                                                                          rel=1e-9)
 
 
+def test_gather_efficiency_slows_gathers_alike_in_model_and_simulator_and_keeps_bytes():
+    topo = Topology(("dc",), (8,))
+    w = Workload(dispatch_bytes=0.0, expert_bytes=1e6, pre_expert_s=0.001, layers=1)
+    terms = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
+    dom = Domains(topo, (8,))
+    base, slow = Network(topo, (1e8,), (0.0,)), Network(topo, (1e8,), (0.0,), gather_efficiency=(0.5,))
+    p0, p1 = predict(dom, w, base, terms), predict(dom, w, slow, terms)
+    assert p1.ag_phase_s == pytest.approx(2 * p0.ag_phase_s)
+    s0, s1 = simulate(dom, w, base, terms), simulate(dom, w, slow, terms)
+    assert s1.iteration_s == pytest.approx(p1.iteration_s, rel=1e-9)
+    assert s0.iteration_s == pytest.approx(p0.iteration_s, rel=1e-9)
+    assert s1.bytes_by_level == s0.bytes_by_level  # slower, not more bytes
+
+
 def test_shared_uplink_contention_slows_gathers_that_the_model_hides():
     # the prefetched gathers share the DC uplink with the all-to-all: the simulator sees it
     topo = Topology(("dc", "gpu"), (64, 8))

@@ -87,20 +87,24 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
 
 
 def calibrated_model(cfg: Config, results: dict, rates_bps: list[float], efficiency: list[float],
-                     optimizer_byte_s: float = 0.0, expert_weight_byte_s: float = 0.0
-                     ) -> tuple[Network, float] | None:
+                     optimizer_byte_s: float = 0.0, expert_weight_byte_s: float = 0.0,
+                     gather_efficiency: list[float] | None = None) -> tuple[Network, float] | None:
     """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
     compute-only run less what holding every expert costs its ranks (their optimizer step over all
     experts and the per-expert cost of the expert computation, both measured), each level's links
     by its probed rate times the measured all-to-all efficiency, latency zero (what the testbed
-    has; the configured latencies apply to the real WAN)."""
+    has; the configured latencies apply to the real WAN). ``gather_efficiency`` (measured, per level)
+    makes the expert gather's rate relative to the all-to-all's."""
     if COMPUTE_ONLY not in results:
         return None
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
     topo = net0.topology
+    relative = None
+    if gather_efficiency is not None:
+        relative = tuple(g / e for g, e in zip(gather_efficiency, efficiency, strict=True))
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
-                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s)
+                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
     # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
     w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,
@@ -179,7 +183,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     if rates_bps is not None:
         model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps),
                                  measured_rate(cfg, calibration, "optimizer_byte_s"),
-                                 measured_rate(cfg, calibration, "expert_weight_byte_s"))
+                                 measured_rate(cfg, calibration, "expert_weight_byte_s"),
+                                 (calibration or {}).get("gather_efficiency_by_level"))
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None:

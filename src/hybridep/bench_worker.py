@@ -7,6 +7,7 @@ then every strategy of the spec in turn; rank 0 writes OUT_DIR/results.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -30,7 +31,11 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     capped at 1. The fastest, not the median: on the testbed these times are bimodal -- at the
     probed rate, or ~170 ms later (a fixed stall, not a lower rate; 3 of 7 reps in one run) -- and
     the stall does not show in training, where the busier direction of every all-to-all streams
-    at ~97 % of the probed rate. All times are reported (``seconds_by_level``)."""
+    at ~97 % of the probed rate. All times are reported (``seconds_by_level``).
+
+    The same for the expert all-gather (``gather_efficiency_by_level``): for level l, every group
+    of siblings at level l gathers a shard of ``mib / count`` MiB per rank at once, as the first
+    stage of a domain spanning that level does."""
     import time
 
     from hybridep.config import CostTerms
@@ -40,12 +45,32 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     topo = comm.topology
     off = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
     net = Network(topo, tuple(r / 8 for r in rates_bps), (0.0,) * topo.num_levels)
-    efficiency, seconds = [], []
+    def fastest(op) -> list[float]:
+        times = []
+        for _ in range(reps + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            op()
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        return times[1:]
+
+    efficiency, seconds, gather_eff = [], [], []
     for level, count in enumerate(topo.counts):
         if count == 1:
             efficiency.append(1.0)
+            gather_eff.append(1.0)
             seconds.append([])
             continue
+        gdom = Domains(topo, tuple(count if i == level else 1 for i in range(topo.num_levels)))
+        groups = gdom.stage_groups(level)
+        comm.create_groups(groups)
+        group = next(g for g in groups if comm.rank in g)
+        shard = torch.zeros(int(mib * 2**20 / 4) // count)
+        gathered = torch.empty(count * shard.numel())
+        gtimes = fastest(functools.partial(comm.all_gather, gathered, shard, group, "calibrate"))
+        gw = Workload(dispatch_bytes=0.0, expert_bytes=float(shard.numel() * 4), pre_expert_s=0.0)
+        gather_eff.append(min(1.0, predict(gdom, gw, net, off).ag_phase_s / min(gtimes)))
         sizes = tuple(1 if i == level else c for i, c in enumerate(topo.counts))
         dom = Domains(topo, sizes)
         rail = dom.rail_groups()[dom.offset_index(comm.rank)]
@@ -54,20 +79,13 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
         inp = torch.zeros(rows, 256)
         out = torch.empty_like(inp)
         split = [rows // count] * count
-        times = []
-        for _ in range(reps + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            comm.all_to_all(out, inp, split, split, rail, "calibrate")
-            dist.barrier()
-            times.append(time.perf_counter() - start)
-        times = times[1:]
+        times = fastest(functools.partial(comm.all_to_all, out, inp, split, split, rail, "calibrate"))
         w = Workload(dispatch_bytes=float(inp.numel() * 4), expert_bytes=0.0, pre_expert_s=0.0)
         ideal = predict(dom, w, net, off).a2a_phase_s
         efficiency.append(min(1.0, ideal / min(times)))
         seconds.append(times)
     comm.traffic.reset()
-    return {"efficiency_by_level": efficiency, "seconds_by_level": seconds}
+    return {"efficiency_by_level": efficiency, "seconds_by_level": seconds, "gather_efficiency_by_level": gather_eff}
 
 
 def expert_params(cfg: LMConfig) -> int:

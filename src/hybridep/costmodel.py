@@ -183,6 +183,12 @@ class Network:
     latency_s: tuple[float, ...]
     dc_link_bytes_per_s: np.ndarray | None = None
     """Optional (SF_0 x SF_0) matrix of pairwise top-level link rates (bytes/s)."""
+    gather_efficiency: tuple[float, ...] | None = None
+    """Per level, the rate the expert gather (and its reduce-scatter) achieves relative to
+    ``port_bytes_per_s`` (a calibration: the bench measures it); None = 1."""
+
+    def gather_rate_factor(self, level: int) -> float:
+        return 1.0 if self.gather_efficiency is None else self.gather_efficiency[level]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Network:
@@ -399,7 +405,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
 
     def stages_time(shard_bytes: float) -> float:
         """The gather's (or reduce-scatter's) stages one after the other (seconds)."""
-        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes for lv in range(L)]
+        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes / net.gather_rate_factor(lv)
+                for lv in range(L)]
         first = 1 if net.dc_link_bytes_per_s is not None else 0
         t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency)
                 for lv in range(first, L))
@@ -407,7 +414,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
             c0 = topo.counts[0]
             d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
             same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
-            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes)
+            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes / net.gather_rate_factor(0))
             t0 = _top_link_time(dom, net, pair, same_dom)
             t += t0 + (net.latency_s[0] if terms.latency else 0.0) if t0 > 0 else 0.0
         return t

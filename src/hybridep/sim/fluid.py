@@ -50,6 +50,9 @@ class Batch:
     group_entries: tuple[np.ndarray, np.ndarray, np.ndarray] = field(
         default_factory=lambda: (np.zeros(0, int), np.zeros(0, int), np.zeros(0)))
     """(class, link group, flows on every link of the group)."""
+    cost: np.ndarray | None = None
+    """Link capacity one byte of a class uses, per class (1 / the operation's efficiency; None = 1):
+    it slows the class down without changing the bytes it carries."""
     on_delivered: Callable[[np.ndarray, float], None] | None = None
     """Called with the indices of classes delivered at a time (once per distinct time)."""
     on_all_delivered: Callable[[float], None] | None = None
@@ -134,7 +137,8 @@ class Engine:
             b.rate[:] = 0.0
         residual = self.capacity.copy()
         while any(u.any() for u in unfrozen):
-            coef = sum(self._link_load(b, u) for b, u in zip(self._batches, unfrozen, strict=True))
+            coef = sum(self._link_load(b, u if b.cost is None else u * b.cost)
+                       for b, u in zip(self._batches, unfrozen, strict=True))
             used = coef > 0
             if not used.any():
                 raise RuntimeError("a sending flow class crosses no link")

@@ -187,7 +187,15 @@ class IterationSim:
                            for r in ranks.tolist()], dtype=int)
 
     def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
-        """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``."""
+        """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``, at the
+        network's gather efficiency of that level."""
+        batch = self._stage_flows(op, lv, shard_bytes, label)
+        factor = self.net.gather_rate_factor(lv)
+        if factor != 1.0:
+            batch.cost = np.full(batch.classes, 1.0 / factor)
+        return batch
+
+    def _stage_flows(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
         s = self.dom.sizes[lv]
         per_flow = shard_bytes * math.prod(self.dom.sizes[:lv])
         n_flows = self.G * (s - 1)

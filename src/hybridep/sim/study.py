@@ -266,7 +266,8 @@ def calibrate(bench_json: str | Path) -> dict:
     measured = {k: v for k, v in report["strategies"].items()}
     cal = report.get("calibration")
     model = calibrated_model(cfg, measured, rates, eff, measured_rate(cfg, cal, "optimizer_byte_s"),
-                             measured_rate(cfg, cal, "expert_weight_byte_s"))
+                             measured_rate(cfg, cal, "expert_weight_byte_s"),
+                             (cal or {}).get("gather_efficiency_by_level"))
     if model is None:
         raise ConfigError([("--calibrate", str(bench_json), f"needs the {COMPUTE_ONLY!r} run")])
     net, flops = model
