@@ -67,15 +67,15 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     cfg = load_config()
     rates = [lv.bandwidth_bps for lv in cfg.topology.levels]
     results = {COMPUTE_ONLY: {"median_iter_s": 0.5}}
-    _, flops0 = calibrated_model(cfg, results, rates, [1.0, 1.0])
+    _, flops0 = calibrated_model(cfg, results, rates, {"efficiency_by_level": [1.0, 1.0]})
     per_byte = 1e-9
     w = workload_from_config(cfg, flops=1.0, sr_ratio=None)
     opt_all = optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte), cfg.topology.world_size)
     assert opt_all > optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte)) > 0
-    _, flops1 = calibrated_model(cfg, results, rates, [1.0, 1.0], per_byte)
+    _, flops1 = calibrated_model(cfg, results, rates, {"optimizer_byte_s": per_byte})
     assert flops1 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all))
     with pytest.raises(BenchError, match="optimizer step"):
-        calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates, [1.0, 1.0], per_byte)
+        calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates, {"optimizer_byte_s": per_byte})
     held = 1e-9 * cfg.topology.world_size * w.expert_bytes * w.layers  # all experts, forward + backward
-    _, flops2 = calibrated_model(cfg, results, rates, [1.0, 1.0], per_byte, 1e-9)
+    _, flops2 = calibrated_model(cfg, results, rates, {"optimizer_byte_s": per_byte, "expert_weight_byte_s": 1e-9})
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, Workload, optimizer_s, predict, workload_from_config
+from hybridep.costmodel import Network, Workload, all_experts_fixed_s, predict, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
@@ -86,17 +86,19 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def calibrated_model(cfg: Config, results: dict, rates_bps: list[float], efficiency: list[float],
-                     optimizer_byte_s: float = 0.0, expert_weight_byte_s: float = 0.0,
-                     gather_efficiency: list[float] | None = None) -> tuple[Network, float] | None:
-    """The cost model's network and compute rate calibrated by microbenchmarks only -- compute by the
-    compute-only run less what holding every expert costs its ranks (their optimizer step over all
-    experts and the per-expert cost of the expert computation, both measured), each level's links
-    by its probed rate times the measured all-to-all efficiency, latency zero (what the testbed
-    has; the configured latencies apply to the real WAN). ``gather_efficiency`` (measured, per level)
-    makes the expert gather's rate relative to the all-to-all's."""
+def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
+                     calibration: dict | None = None) -> tuple[Network, float] | None:
+    """The cost model's network and compute rate calibrated by microbenchmarks only (the bench's
+    ``calibration``) -- compute by the compute-only run less what holding every expert costs its
+    ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
+    both measured), each level's links by its probed rate times the measured all-to-all efficiency
+    (the expert gather's measured efficiency relative to it), latency zero (what the testbed has;
+    the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
+    cal = calibration or {}
+    efficiency = cal.get("efficiency_by_level") or [1.0] * len(rates_bps)
+    gather_efficiency = cal.get("gather_efficiency_by_level")
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
     topo = net0.topology
@@ -110,19 +112,19 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float], efficie
     w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,
                             codec_expert_s=0.0)
     flops = predict(ep, w, net, cfg.terms).compute_s
-    g = topo.world_size
-    opt = optimizer_s(dataclasses.replace(w, optimizer_byte_s=optimizer_byte_s), g)
-    held = expert_weight_byte_s * g * w.expert_bytes * w.layers * w.micro_batches  # all experts, fwd + bwd
-    compute = results[COMPUTE_ONLY]["median_iter_s"] - opt - held
+    fixed = all_experts_fixed_s(dataclasses.replace(
+        w, optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
+        expert_weight_byte_s=measured_rate(cfg, cal, "expert_weight_byte_s")), topo.world_size)
+    compute = results[COMPUTE_ONLY]["median_iter_s"] - fixed
     if compute <= 0:
         raise BenchError(f"the compute-only run ({results[COMPUTE_ONLY]['median_iter_s']:.3f} s) is not longer "
-                         f"than its measured optimizer step ({opt:.3f} s) and held-expert cost ({held:.3f} s)")
+                         f"than its measured optimizer step and held-expert cost ({fixed:.3f} s)")
     return net, flops / compute
 
 
 def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
     """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else 0
-    (``optimizer_byte_s``, ``expert_weight_byte_s``)."""
+    (``optimizer_byte_s``, ``expert_weight_byte_s``, ``codec_expert_s``)."""
     configured = getattr(cfg.compute, key)
     if configured is not None:
         return configured
@@ -140,9 +142,8 @@ def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result:
     processors = cal.get("processors")
     if processors is not None and processors < cfg.topology.world_size:
         w = dataclasses.replace(w, processors=processors)
-    if cal.get("codec_expert_s") is not None and cfg.compute.codec_expert_s is None:
-        w = dataclasses.replace(w, codec_expert_s=cal["codec_expert_s"])
-    w = dataclasses.replace(w, optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
+    w = dataclasses.replace(w, codec_expert_s=measured_rate(cfg, cal, "codec_expert_s"),
+                            optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
                             expert_weight_byte_s=measured_rate(cfg, cal, "expert_weight_byte_s"),
                             expert_recompute=sr_ratio is not None and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
@@ -178,13 +179,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
     from the configuration alone (``planner_choice_config``).
     """
-    model = None
-    efficiency = (calibration or {}).get("efficiency_by_level")
-    if rates_bps is not None:
-        model = calibrated_model(cfg, results, rates_bps, efficiency or [1.0] * len(rates_bps),
-                                 measured_rate(cfg, calibration, "optimizer_byte_s"),
-                                 measured_rate(cfg, calibration, "expert_weight_byte_s"),
-                                 (calibration or {}).get("gather_efficiency_by_level"))
+    model = calibrated_model(cfg, results, rates_bps, calibration) if rates_bps is not None else None
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None:

@@ -45,7 +45,9 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     topo = comm.topology
     off = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
     net = Network(topo, tuple(r / 8 for r in rates_bps), (0.0,) * topo.num_levels)
-    def fastest(op) -> list[float]:
+
+    def timed(op) -> list[float]:
+        """Seconds of ``reps`` calls of ``op`` on all ranks at once, after one warm-up."""
         times = []
         for _ in range(reps + 1):
             dist.barrier()
@@ -68,7 +70,7 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
         group = next(g for g in groups if comm.rank in g)
         shard = torch.zeros(int(mib * 2**20 / 4) // count)
         gathered = torch.empty(count * shard.numel())
-        gtimes = fastest(functools.partial(comm.all_gather, gathered, shard, group, "calibrate"))
+        gtimes = timed(functools.partial(comm.all_gather, gathered, shard, group, "calibrate"))
         gw = Workload(dispatch_bytes=0.0, expert_bytes=float(shard.numel() * 4), pre_expert_s=0.0)
         gather_eff.append(min(1.0, predict(gdom, gw, net, off).ag_phase_s / min(gtimes)))
         sizes = tuple(1 if i == level else c for i, c in enumerate(topo.counts))
@@ -79,7 +81,7 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
         inp = torch.zeros(rows, 256)
         out = torch.empty_like(inp)
         split = [rows // count] * count
-        times = fastest(functools.partial(comm.all_to_all, out, inp, split, split, rail, "calibrate"))
+        times = timed(functools.partial(comm.all_to_all, out, inp, split, split, rail, "calibrate"))
         w = Workload(dispatch_bytes=float(inp.numel() * 4), expert_bytes=0.0, pre_expert_s=0.0)
         ideal = predict(dom, w, net, off).a2a_phase_s
         efficiency.append(min(1.0, ideal / min(times)))

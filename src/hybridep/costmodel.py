@@ -381,6 +381,14 @@ def held_weights_s(w: Workload, experts_held: float) -> float:
     return w.expert_weight_byte_s * experts_held * w.expert_bytes / 3.0
 
 
+def all_experts_fixed_s(w: Workload, world: int) -> float:
+    """Seconds per iteration a device that holds and updates every expert (the compute-only
+    reference) spends beyond its FLOPs: the optimizer step over all experts and the cost of holding
+    them in the expert computation (forward + backward, every layer and micro-batch)."""
+    held = 3.0 * held_weights_s(w, world) * w.layers * w.micro_batches
+    return optimizer_s(w, world) + held
+
+
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
     """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
     load share times the uniform one (1 when uniform), plus the cost of the domain's experts held."""

@@ -27,6 +27,17 @@ def measure_flops(size: int = 512, repeats: int = 5, device: str = "cpu") -> flo
     return 2.0 * size**3 / best
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
 def measure_optimizer_byte_s(numel: int, repeats: int = 7, dtype=None) -> float:
     """Seconds per parameter byte of one ``torch.optim.Adam`` step (the trainer's optimizer) over
     ``numel`` parameters with gradients: the median of ``repeats`` steps after a first one (which
@@ -37,12 +48,7 @@ def measure_optimizer_byte_s(numel: int, repeats: int = 7, dtype=None) -> float:
     p = torch.nn.Parameter(torch.randn(numel, dtype=dtype))
     p.grad = torch.randn(numel, dtype=dtype)
     opt = torch.optim.Adam([p], lr=1e-3)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2] / (numel * p.element_size())
+    return median_seconds(opt.step, repeats) / (numel * p.element_size())
 
 
 def measure_expert_weight_byte_s(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
@@ -59,12 +65,8 @@ def measure_expert_weight_byte_s(hidden: int, ffn: int, kind: str, tokens: int, 
         ex = GroupedExperts(n, hidden, ffn, kind)
         x = torch.randn(tokens, hidden, requires_grad=True)
         counts = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            ex.compute(ex.weights(), x, counts).square().sum().backward()
-            times.append(time.perf_counter() - start)
-        return sorted(times[1:])[repeats // 2], sum(p.numel() * p.element_size() for p in ex.parameters())
+        seconds = median_seconds(lambda: ex.compute(ex.weights(), x, counts).square().sum().backward(), repeats)
+        return seconds, sum(p.numel() * p.element_size() for p in ex.parameters())
 
     (t_few, b_few), (t_many, b_many) = median_s(few), median_s(many)
     return max(0.0, (t_many - t_few) / (b_many - b_few))

@@ -53,17 +53,12 @@ def encoded_bytes(ratio: float, p: int, param_bytes: int, n: int = 1, value_byte
 def measure_codec_expert_s(codec: SRCodec, n: int, reps: int = 9) -> float:
     """Seconds to encode or decode one expert with ``codec`` on this process: the median over
     ``reps`` of (encode ``n`` experts + decode them) / (2 n), on random experts."""
-    import time
+    from hybridep.probe import median_seconds
 
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(codec.p, generator=g, dtype=codec.dtype)
     experts = shared + 0.01 * torch.randn(n, codec.p, generator=g, dtype=codec.dtype)
-    times = []
-    for _ in range(reps + 1):
-        start = time.perf_counter()
-        codec.decode(codec.encode(experts, shared), n, shared)
-        times.append((time.perf_counter() - start) / (2 * n))
-    return sorted(times[1:])[reps // 2]
+    return median_seconds(lambda: codec.decode(codec.encode(experts, shared), n, shared), reps) / (2 * n)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from hybridep.moe.experts import GroupedExperts
+from hybridep.moe.experts import ExpertSource, GroupedExperts
 from hybridep.moe.router import Routing, TopKRouter
 
 
@@ -50,8 +50,8 @@ class Dispatcher(Protocol):
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor: ...
 
 
-def compute_in_place(x: torch.Tensor, routing: Routing, experts: GroupedExperts, weights: dict[str, torch.Tensor],
-                     key_of_expert: torch.Tensor) -> torch.Tensor:
+def compute_in_place(x: torch.Tensor, routing: Routing, experts: GroupedExperts,
+                     weights: dict[str, torch.Tensor] | ExpertSource, key_of_expert: torch.Tensor) -> torch.Tensor:
     """Every routed token through its expert in this process: ``weights`` holds all experts, expert
     ``e`` at row ``key_of_expert[e]``."""
     p = permute(x, routing, key_of_expert.to(x.device))

@@ -251,7 +251,7 @@ def calibrate(bench_json: str | Path) -> dict:
     """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
     (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
     and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_rate, measured_workload
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload
 
     try:
         report = json.loads(Path(bench_json).read_text())
@@ -262,12 +262,8 @@ def calibrate(bench_json: str | Path) -> dict:
             raise ConfigError([("--calibrate", str(bench_json), f"bench JSON lacks {key!r}")])
     cfg = config_from_dict(report["config"])
     rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
-    eff = (report.get("calibration") or {}).get("efficiency_by_level") or [1.0] * len(rates)
     measured = {k: v for k, v in report["strategies"].items()}
-    cal = report.get("calibration")
-    model = calibrated_model(cfg, measured, rates, eff, measured_rate(cfg, cal, "optimizer_byte_s"),
-                             measured_rate(cfg, cal, "expert_weight_byte_s"),
-                             (cal or {}).get("gather_efficiency_by_level"))
+    model = calibrated_model(cfg, measured, rates, report.get("calibration"))
     if model is None:
         raise ConfigError([("--calibrate", str(bench_json), f"needs the {COMPUTE_ONLY!r} run")])
     net, flops = model
