@@ -77,6 +77,22 @@ def op_kind(op: str) -> str:
     return op.split("_", 1)[0]
 
 
+def _chunks(inp: torch.Tensor, splits: Sequence[int]) -> list[torch.Tensor]:
+    """``inp`` cut into consecutive row blocks of the given sizes."""
+    return list(torch.split(inp, list(splits)))
+
+
+class Requests:
+    """In-flight point-to-point requests as one work handle: ``wait()`` waits for all of them."""
+
+    def __init__(self, reqs: list):
+        self.reqs = reqs
+
+    def wait(self) -> None:
+        for req in self.reqs:
+            req.wait()
+
+
 class AsyncReduceScatter:
     """An in-flight reduce-scatter: ``wait()`` completes the transfers and sums into ``out``."""
 
@@ -85,11 +101,7 @@ class AsyncReduceScatter:
         self.comm, self.reqs, self.recv, self.out, self.n, self.ranks, self.op = comm, reqs, recv, out, n, ranks, op
 
     def wait(self) -> torch.Tensor:
-        def finish() -> None:
-            for req in self.reqs:
-                req.wait()
-
-        _, secs = self.comm._run(self.op, self.ranks, finish)
+        _, secs = self.comm._run(self.op, self.ranks, Requests(self.reqs).wait)
         self.comm.traffic.seconds_by_op[op_kind(self.op)] += secs
         torch.sum(self.recv.view(self.n, -1), dim=0, out=self.out)
         return self.out
@@ -172,25 +184,28 @@ class Communicator:
 
     def _p2p_all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                         ranks: Sequence[int]) -> None:
-        """All-to-all as concurrent point-to-point transfers, the slowest (outermost) links first, so
-        that every cross-DC transfer is in flight from the start instead of waiting for its turn."""
-        for req in self._p2p_start(out, inp, out_splits, in_splits, ranks):
+        """All-to-all as concurrent point-to-point transfers (see :meth:`_p2p_start`)."""
+        for req in self._p2p_start(out, out_splits, _chunks(inp, in_splits), ranks):
             req.wait()
 
-    def _p2p_start(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+    def _p2p_start(self, out: torch.Tensor, out_splits: list[int], sends: Sequence[torch.Tensor],
                    ranks: Sequence[int]) -> list:
+        """Start receiving member i's rows into the i-th ``out_splits`` part of ``out`` and sending
+        ``sends[i]`` to member i (our own part is copied). Returns the requests.
+
+        Every receive is posted before any send: gloo's sender waits until the receiver has posted,
+        and a receiver's notice travels on the same connection as its own outgoing data, so posting
+        a send first can queue that notice behind megabytes of data -- one direction of a DC link
+        then idles until the other's transfer ends (measured: the two directions of each exchange
+        ran one after the other). The slowest (outermost) links go first, so every cross-DC
+        transfer is in flight from the start."""
         group = self.group(ranks)
-        in_off = [0, *itertools.accumulate(in_splits)]
         out_off = [0, *itertools.accumulate(out_splits)]
         me = ranks.index(self.rank)
-        out[out_off[me]:out_off[me + 1]].copy_(inp[in_off[me]:in_off[me + 1]])
+        out[out_off[me]:out_off[me + 1]].copy_(sends[me].reshape(-1, *out.shape[1:]))
         peers = sorted((i for i, r in enumerate(ranks) if r != self.rank), key=lambda i: self._level[ranks[i]])
-        ops = []
-        for i in peers:
-            if in_splits[i]:
-                ops.append(dist.P2POp(dist.isend, inp[in_off[i]:in_off[i + 1]].contiguous(), ranks[i], group))
-            if out_splits[i]:
-                ops.append(dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group))
+        ops = [dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group) for i in peers if out_splits[i]]
+        ops += [dist.P2POp(dist.isend, sends[i].contiguous(), ranks[i], group) for i in peers if sends[i].numel()]
         return dist.batch_isend_irecv(ops) if ops else []
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
@@ -199,8 +214,16 @@ class Communicator:
         if len(ranks) == 1:
             out.copy_(inp)
             return None
-        work, secs = self._run(op, ranks, lambda: dist.all_gather_single(
-            out, inp, group=self.group(ranks), async_op=async_op))
+        if self.a2a_impl == "p2p":  # direct transfers, receives first (see _p2p_start)
+            n = len(ranks)
+            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(out.view(n, -1), [1] * n, [inp] * n, ranks))
+            work = Requests(reqs)
+            if not async_op:
+                _, more = self._run(op, ranks, work.wait)
+                secs, work = secs + more, None
+        else:
+            work, secs = self._run(op, ranks, lambda: dist.all_gather_single(
+                out, inp, group=self.group(ranks), async_op=async_op))
         self._record(op, ranks, [inp.numel() * inp.element_size()] * len(ranks), secs)
         return work
 
@@ -224,7 +247,7 @@ class Communicator:
         recv = inp.new_empty(inp.numel())
         split = [out.numel()] * n
         if self.a2a_impl == "p2p":
-            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(recv, inp, split, split, ranks))
+            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(recv, split, _chunks(inp, split), ranks))
         else:
             work, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
                 recv, inp, split, split, group=self.group(ranks), async_op=True))
