@@ -5,8 +5,11 @@ import time
 
 import pytest
 import workers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridep.launch import RankFailedError, run_local
+from hybridep.parallel.comm import union_seconds
 from hybridep.topology import Topology
 from hybridep.verify import TOLERANCE, verify_worker
 
@@ -95,3 +98,12 @@ def test_moe_counts_routed_tokens_without_dropped_ones():
     assert int(layer.routed_tokens.sum()) < 2 * 40 * 2  # capacity 0.5 drops some
     layer.reset_routing_stats()
     assert int(layer.routed_tokens.sum()) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 20)), max_size=12))
+def test_union_seconds_counts_each_covered_instant_once(raw):
+    """The cross-DC busy time of the bench: the union of the ranks' intervals, against a unit grid."""
+    intervals = [(float(a), float(a + n)) for a, n in raw]
+    covered = {t for a, b in intervals for t in range(int(a), int(b))}
+    assert union_seconds(intervals) == len(covered)

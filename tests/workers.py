@@ -66,7 +66,10 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
     model = MoEStack(1, hidden, ffn, experts, top_k, "gelu").double()
     parallelize(model, comm, Domains(topo, sizes))
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    comm.traffic.reset()
+    start = time.perf_counter()
     model(x).sum().backward()
+    window = (start, time.perf_counter())
     routing = model.blocks[0].moe.router(model.blocks[0].dense(x).tanh() + x)
     hist = torch.bincount(routing.expert_idx.reshape(-1), minlength=experts).double()
     counted = {}
@@ -84,6 +87,10 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
     pred = predict(Domains(topo, sizes), w, net, CostTerms(latency=False, grad_sync=False))
     simulated = [simulate(Domains(topo, sizes), w, net, CostTerms(grad_sync=False), fold).bytes_by_level
                  for fold in (True, False)]
+    spans = comm.traffic.outer_intervals
+    assert all(window[0] <= a <= b <= window[1] for a, b in spans)
+    crossing = sum(b for (op, level), b in comm.traffic.bytes_by_op_level.items() if level == names[0])
+    assert (len(spans) > 0) == (crossing > 0), (spans, crossing)
     return total, pred.bytes_by_level, simulated
 
 

@@ -191,7 +191,9 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     rate = (rates_bps or [top.bandwidth_bps])[0]
     out = {}
     for name, r in results.items():
-        comm = sum(r["comm_s"].values()) if r["comm_s"] else None
+        # time in cross-DC communication: while any rank is in an exchange that crosses DCs (the
+        # ranks' own mean would overlap one rail's transfer with another's compute)
+        comm = r.get("outer_busy_s") or (sum(r["comm_s"].values()) if r["comm_s"] else None)
         if comm is None and compute is not None and name != COMPUTE_ONLY:
             comm = max(r["median_iter_s"] - compute, 1e-9)
         cross = r["uplink_bytes"]
@@ -209,6 +211,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
             breakdown = parts
         out[name] = {"median_iter_s": r["median_iter_s"], "p10_iter_s": r["p10_iter_s"], "p90_iter_s": r["p90_iter_s"],
                      "cross_dc_bytes": cross, "payload_bytes_by_level": r["payload_bytes_by_level"],
+                     "cross_dc_comm_s": comm if name != COMPUTE_ONLY else None,
                      "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
                      "losses": r["losses"], "breakdown_s": breakdown,
                      "expert_tokens": r.get("expert_tokens"), "a2a_pair_bytes": r.get("a2a_pair_bytes")}

@@ -18,7 +18,7 @@ from torch import nn
 
 from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
-from hybridep.parallel.comm import Communicator
+from hybridep.parallel.comm import Communicator, union_seconds
 from hybridep.parallel.strategy import data_parallel, moe_layers, parallelize, prefetch_all
 from hybridep.topology import Domains
 
@@ -49,6 +49,10 @@ class RunResult:
     """Payload bytes per timed iteration, all ranks together, by topology level."""
     uplink_bytes: float | None = None
     """Bytes per timed iteration through the top-level uplinks (testbed counters), if shaped."""
+    outer_busy_s: float | None = None
+    """Seconds per timed iteration during which at least one rank was in an operation whose group
+    spans the outermost level (the union over ranks of those calls' intervals; meaningful where the
+    ranks share a host clock, as on the testbed)."""
     a2a_pair_bytes: list[list[float]] | None = None
     """All-to-all payload bytes per timed iteration from rank i (row) to rank j (column)."""
     expert_tokens: list[list[float]] | None = None
@@ -61,8 +65,8 @@ class RunResult:
         return {"median_iter_s": statistics.median(it), "p10_iter_s": q[0], "p90_iter_s": q[-1],
                 "iter_s": self.iter_s, "losses": self.losses, "final_loss": self.losses[-1],
                 "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
-                "uplink_bytes": self.uplink_bytes, "a2a_pair_bytes": self.a2a_pair_bytes,
-                "expert_tokens": self.expert_tokens}
+                "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
+                "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens}
 
 
 class DeepSpeedMoE(nn.Module):
@@ -166,6 +170,9 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         dist.all_reduce(secs)
         dist.all_reduce(b)
         result.a2a_pair_bytes = [(p / timed).tolist() for p in pairs]
+        spans: list = [None] * comm.world_size  # the ranks share one host clock on the testbed
+        dist.all_gather_object(spans, tr.outer_intervals)
+        result.outer_busy_s = union_seconds([iv for s in spans for iv in s]) / timed
         routed = torch.stack([layer.routed_tokens for layer in moe_layers(model)]).to(torch.float64)
         dist.all_reduce(routed)
         result.expert_tokens = (routed / timed).tolist()

@@ -41,10 +41,14 @@ class Traffic:
     bytes_by_op_peer: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_op: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    outer_intervals: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) in seconds of the host's monotonic clock of every call that kept this rank busy
+    in an operation whose group spans the outermost level (issue, blocking transfer or wait)."""
 
     def reset(self) -> None:
         for d in (self.bytes_by_op_level, self.bytes_by_op_peer, self.seconds_by_op, self.calls_by_op):
             d.clear()
+        self.outer_intervals.clear()
 
     def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
         """Bytes sent over each topology level by the operation families ``ops`` (None = all)."""
@@ -70,6 +74,16 @@ def _sum_over_ops(counter: dict, ops: Sequence[str] | None) -> dict:
         if ops is None or op in ops:
             out[key] += b
     return dict(out)
+
+
+def union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def op_kind(op: str) -> str:
@@ -166,7 +180,10 @@ class Communicator:
             raise CommunicationError(
                 f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
                 "Another rank probably failed or stalled; see its output.") from err
-        return work, time.perf_counter() - start
+        end = time.perf_counter()
+        if min(self._level[r] for r in ranks) == 0:
+            self.traffic.outer_intervals.append((start, end))
+        return work, end - start
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    ranks: Sequence[int], op: str = "a2a") -> None:
