@@ -314,3 +314,24 @@ def test_compression_shrinks_the_gather_and_can_enlarge_the_chosen_domain():
     assert workload_from_config(base).gather_bytes is None
     assert plan(base).choice.domains.domain_size == 1
     assert plan(comp).choice.domains.domain_size > 1
+
+
+def test_rails_sharing_an_uplink_interleave_under_skew():
+    """Two rails per DC ((dc=1,gpu=2)): each direction of the DC uplink carries the mean of the two
+    directions' dispatch loads; one rail (EP) keeps the heavier direction; uniform routing: no change."""
+    net = _net([2, 2], [1e8, 1e9])
+    hot = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, expert_load=(0.2,) * 3 + (0.1,) + (0.1 / 3,) * 3 + (0.1,))
+    lockstep = OFF.model_copy(update={"rail_interleave": False})
+    on = OFF.model_copy(update={"rail_interleave": True})
+    rails = Domains(net.topology, (1, 2))
+    eg, ing = _a2a_level_bytes(rails, hot, domain_load_grid(rails, hot), 0)
+    assert eg.max() != ing.max() or eg.tolist() != ing.tolist()  # the skew makes the directions differ
+    mean_s = float(((eg + ing) / 2).max()) / net.port_bytes_per_s[0]
+    heavy_s = float(max(eg.max(), ing.max())) / net.port_bytes_per_s[0]
+    assert predict(rails, hot, net, on).a2a_phase_s == pytest.approx(mean_s)
+    assert predict(rails, hot, net, lockstep).a2a_phase_s == pytest.approx(heavy_s)
+    assert mean_s < heavy_s
+    ep = Domains(net.topology, (1, 1))
+    assert predict(ep, hot, net, on) == predict(ep, hot, net, lockstep)
+    uniform = dataclasses.replace(hot, expert_load=None)
+    assert predict(rails, uniform, net, on) == predict(rails, uniform, net, lockstep)

@@ -284,7 +284,10 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     port, total = [], []
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
-        port.append(float(max(eg.max(), ing.max())))
+        if lv == 0 and terms.rail_interleave and math.prod(dom.sizes[1:]) > 1:
+            port.append(float(((eg + ing) / 2).max()))  # rails interleave (see CostTerms)
+        else:
+            port.append(float(max(eg.max(), ing.max())))
         total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
     t = _phase_time(port, net, terms.latency)
     if net.dc_link_bytes_per_s is not None:
