@@ -259,7 +259,8 @@ class CostTerms(_Strict):
     """Several all-to-all rails share each top-level uplink (domains inside a DC): their exchanges
     drift apart, so one rail's dispatch (heavy towards the hot DC) meets another's combine (heavy
     the other way) and each direction of the uplink carries the mean of the two directions' loads,
-    not the heavier one. One rail (plain EP) stays in lockstep. Only skewed routing is affected."""
+    not the heavier one. One rail (plain EP) stays in lockstep. Only skewed routing is affected.
+    Closed form only: the simulator runs every rail in lockstep (compare both with ``--calibrate``)."""
 
 
 class BenchConfig(_Strict):
@@ -335,7 +336,7 @@ class Config(_Strict):
         """The cost terms in force: all off in ``paper`` mode."""
         if self.cost_model == "paper":
             return CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False,
-                             port_sharing=False)
+                             port_sharing=False, rail_interleave=False)
         return self.cost_terms
 
 
