@@ -218,3 +218,26 @@ def test_calibrate_compares_every_strategy_of_a_bench_result(tmp_path):
     assert {"ep", "hybridep(dc=2,gpu=2)"} <= names
     for r in rep["strategies"]:
         assert r["simulated_s"] > 0 and r["sim_error"] == pytest.approx(r["simulated_s"] / r["measured_s"] - 1)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_interleaving_rails_share_both_directions_of_the_uplink(fold):
+    """Skewed routing, two rails per DC ((dc=1,gpu=2)): with rail_interleave the top-level all-to-all
+    runs on the pooled uplink and the iteration is shorter; bytes per level are unchanged; plain EP
+    (one rail) and uniform routing are unaffected."""
+    topo = Topology(("dc", "gpu"), (2, 2))
+    net = Network(topo, (1e8 / 8, 1e9 / 8), (0.0, 0.0))
+    hot = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, layers=2,
+                   expert_load=(0.2,) * 3 + (0.1,) + (0.1 / 3,) * 3 + (0.1,))
+    on, off = CostTerms(grad_sync=False), CostTerms(grad_sync=False, rail_interleave=False)
+    rails = Domains(topo, (1, 2))
+    a, b = simulate(rails, hot, net, on, fold), simulate(rails, hot, net, off, fold)
+    assert a.iteration_s < b.iteration_s
+    for level in ("dc", "gpu"):
+        for op, v in b.bytes_by_level[level].items():
+            assert a.bytes_by_level[level].get(op, 0.0) == pytest.approx(v, rel=1e-9, abs=1e-6)
+    ep = Domains(topo, (1, 1))
+    assert simulate(ep, hot, net, on, fold).iteration_s == simulate(ep, hot, net, off, fold).iteration_s
+    uniform = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, layers=2)
+    assert simulate(rails, uniform, net, on, fold).iteration_s == pytest.approx(
+        simulate(rails, uniform, net, off, fold).iteration_s, rel=1e-9)

@@ -260,7 +260,8 @@ class CostTerms(_Strict):
     drift apart, so one rail's dispatch (heavy towards the hot DC) meets another's combine (heavy
     the other way) and each direction of the uplink carries the mean of the two directions' loads,
     not the heavier one. One rail (plain EP) stays in lockstep. Only skewed routing is affected.
-    Closed form only: the simulator runs every rail in lockstep (compare both with ``--calibrate``)."""
+    The simulator pools the two directions of each DC uplink (one resource at twice the rate) for
+    those rails' all-to-all flows."""
 
 
 class BenchConfig(_Strict):

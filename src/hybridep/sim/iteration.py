@@ -96,13 +96,23 @@ class _Fabric:
                 cap.append(np.full(self.workers[j], net.port_bytes_per_s[j]))
                 grp.append(np.full(self.workers[j], 2 * j + direction))
                 start += self.workers[j]
-        self.offset = offs  # index 2j: egress of level j, 2j+1: ingress
+        # pooled top-level uplinks (both directions as one resource at twice the rate), group 2L: the
+        # all-to-alls of rails that interleave (CostTerms.rail_interleave)
+        offs.append(start)
+        cap.append(np.full(self.workers[0], 2 * net.port_bytes_per_s[0]))
+        grp.append(np.full(self.workers[0], 2 * self.L))
+        self.offset = offs  # index 2j: egress of level j, 2j+1: ingress, 2L: pooled top level
         self.capacity = np.concatenate(cap)
         self.group = np.concatenate(grp)
+        self.groups = 2 * self.L + 1
 
     def link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
         """Link ids of the given ranks' level-``level`` workers."""
         return self.offset[2 * level + int(ingress)] + ranks // self.per_worker[level]
+
+    def pooled(self, ranks: np.ndarray) -> np.ndarray:
+        """Pooled top-level uplink ids of the given ranks' DCs."""
+        return self.offset[2 * self.L] + ranks // self.per_worker[0]
 
 
 class IterationSim:
@@ -127,7 +137,9 @@ class IterationSim:
         self.expert_s = (device_expert_s(w, factor, self.G) + held_weights_s(w, dom.domain_size)
                          if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
-        self.eng = Engine(self.fab.capacity, self.fab.group, 2 * self.L, coalesce=COALESCE if fold else 0.0)
+        self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
+        # rails sharing a DC uplink interleave: their top-level all-to-all flows use the pooled uplinks
+        self.pool = terms.rail_interleave and math.prod(dom.sizes[1:]) > 1
         self.spans: list[Span] = []
         self.classes = 0
         self._a2a_peers = dom.peers_by_level("a2a")
@@ -153,11 +165,12 @@ class IterationSim:
                 rel.append(release)
                 owner.append(ranks)
                 for j in range(lv, self.L):
+                    pooled = j == 0 and self.pool
                     ent[0].append(cls)
-                    ent[1].append(self.fab.link(j, toward_b, ranks))
+                    ent[1].append(self.fab.pooled(ranks) if pooled else self.fab.link(j, toward_b, ranks))
                     ent[2].append(np.full(len(ranks), float(n)))
                     gent[0].append(cls)
-                    gent[1].append(np.full(len(ranks), 2 * j + int(not toward_b)))
+                    gent[1].append(np.full(len(ranks), 2 * self.L if pooled else 2 * j + int(not toward_b)))
                     gent[2].append(np.full(len(ranks), n / self.fab.workers[j]))
                 n_cls += len(ranks)
             else:
@@ -174,7 +187,7 @@ class IterationSim:
                 for j in range(lv, self.L):
                     for side, r in ((False, src), (True, dst)):
                         ent[0].append(cls)
-                        ent[1].append(self.fab.link(j, side, r))
+                        ent[1].append(self.fab.pooled(r) if j == 0 and self.pool else self.fab.link(j, side, r))
                         ent[2].append(np.ones(len(b)))
                 n_cls += len(b)
         return self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
@@ -465,8 +478,11 @@ class IterationSim:
         out: dict[str, dict[str, float]] = {n: {} for n in self.dom.topology.names}
         for op, per_link in self.eng.link_bytes.items():
             prev = 0.0
+            pool = self.fab.offset[2 * self.L]
+            pooled = float(per_link[pool: pool + self.fab.workers[0]].sum()) / 2  # each flow crosses 2 pools
             for j, name in enumerate(self.dom.topology.names):
                 e = float(per_link[self.fab.offset[2 * j]: self.fab.offset[2 * j] + self.fab.workers[j]].sum())
+                e += pooled if j == 0 else 0.0
                 out[name][op] = e - prev
                 prev = e
         return out
