@@ -92,8 +92,10 @@ def test_real_testbed_rates_and_cleanup():
         netns.up(topo, (100e6, 1e9))
         assert netns.state() is not None
         netns.up(topo, (100e6, 1e9))  # idempotent: replaces the previous one
-        cross = measure(0, 2, seconds=1.0)
-        inside = measure(0, 1, seconds=1.0)
+        # best of three 1-s probes: the probe's sender and receiver are Python processes on the
+        # host's shared cores, and at 1 Gbit/s a busy host can hold one probe below the link rate
+        cross = max(measure(0, 2, seconds=1.0) for _ in range(3))
+        inside = max(measure(0, 1, seconds=1.0) for _ in range(3))
         assert cross == pytest.approx(100e6, rel=0.15)
         assert inside == pytest.approx(1e9, rel=0.15)
     finally:
