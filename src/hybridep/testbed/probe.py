@@ -14,7 +14,7 @@ import time
 
 from hybridep.testbed.netns import rank_ip, rank_ns
 
-CHUNK = 1 << 16
+CHUNK = 1 << 20
 
 
 def serve(ip: str, port: int) -> float:
@@ -23,14 +23,17 @@ def serve(ip: str, port: int) -> float:
         conn, _ = srv.accept()
         with conn:
             total, first, last = 0, None, None
+            buf = bytearray(CHUNK)
             while True:
-                data = conn.recv(CHUNK)
-                if not data:
+                n = conn.recv_into(buf)
+                if not n:
                     break
                 now = time.perf_counter()
-                first = first or now
+                if first is None:  # the clock starts at the first bytes, which are not counted
+                    first = now
+                else:
+                    total += n
                 last = now
-                total += len(data)
     return 8.0 * total / (last - first) if first and last and last > first else 0.0
 
 
