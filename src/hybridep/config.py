@@ -256,8 +256,8 @@ class CostTerms(_Strict):
     """Prefetched gathers of all layers and asynchronous reduce-scatters overlap compute across
     layers (two-stream schedule); off = the paper's per-layer max(Lat_PE, Lat_AG)."""
     rail_interleave: StrictBool = True
-    """Several all-to-all rails share each top-level uplink (domains inside a DC): their exchanges
-    drift apart, so one rail's dispatch (heavy towards the hot DC) meets another's combine (heavy
+    """Several all-to-all rails share each top-level uplink (domains inside a DC, none spanning DCs): their
+    exchanges drift apart, so one rail's dispatch (heavy towards the hot DC) meets another's combine (heavy
     the other way) and each direction of the uplink carries the mean of the two directions' loads,
     not the heavier one. One rail (plain EP) stays in lockstep. Only skewed routing is affected.
     The simulator pools the two directions of each DC uplink (one resource at twice the rate) for

@@ -284,7 +284,7 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     port, total = [], []
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
-        if lv == 0 and terms.rail_interleave and math.prod(dom.sizes[1:]) > 1:
+        if lv == 0 and rails_interleave(dom, terms):
             port.append(float(((eg + ing) / 2).max()))  # rails interleave (see CostTerms)
         else:
             port.append(float(max(eg.max(), ing.max())))
@@ -303,6 +303,12 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
         inner = _phase_time([0.0, *port[1:]], net, terms.latency)
         t = max(inner, t0 + lat if t0 > 0 else 0.0)
     return t, total
+
+
+def rails_interleave(dom: Domains, terms: CostTerms) -> bool:
+    """Whether the top-level all-to-all is several interleaving rails per DC uplink: domains inside
+    a DC (no gather crosses DCs) with more than one member, and ``terms.rail_interleave``."""
+    return terms.rail_interleave and dom.sizes[0] == 1 and math.prod(dom.sizes[1:]) > 1
 
 
 def per_layer(w: Workload, fn):

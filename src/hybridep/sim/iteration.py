@@ -46,6 +46,7 @@ from hybridep.costmodel import (
     held_weights_s,
     layer_grids,
     optimizer_s,
+    rails_interleave,
     recompute_s,
 )
 from hybridep.sim.fluid import Batch, Engine
@@ -139,7 +140,7 @@ class IterationSim:
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
         # rails sharing a DC uplink interleave: their top-level all-to-all flows use the pooled uplinks
-        self.pool = terms.rail_interleave and math.prod(dom.sizes[1:]) > 1
+        self.pool = rails_interleave(dom, terms)
         self.spans: list[Span] = []
         self.classes = 0
         self._a2a_peers = dom.peers_by_level("a2a")
