@@ -28,10 +28,10 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     """Measured efficiency of our all-to-all on each level's links: for level l, every group of
     siblings at level l runs one uniform all-to-all at once (one warm-up, then ``reps`` timed);
     efficiency = the cost model's time for it at the probed rates / the fastest measured time,
-    capped at 1. The fastest, not the median: on the testbed these times are bimodal -- at the
-    probed rate, or ~170 ms later (a fixed stall, not a lower rate; 3 of 7 reps in one run) -- and
-    the stall does not show in training, where the busier direction of every all-to-all streams
-    at ~97 % of the probed rate. All times are reported (``seconds_by_level``).
+    capped at 1. The fastest, not the median: these times used to be bimodal -- at the probed
+    rate, or ~170 ms later (3 of 7 reps in one run), which ended when our exchanges started posting
+    their receives before their sends; now they agree within 5 % at the DC level. All times are
+    reported (``seconds_by_level``).
 
     The same for the expert all-gather (``gather_efficiency_by_level``): for level l, every group
     of siblings at level l gathers a shard of ``mib / count`` MiB per rank at once, as the first
