@@ -67,6 +67,7 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
     parallelize(model, comm, Domains(topo, sizes))
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     comm.traffic.reset()
+    comm.traffic.record_outer_intervals = True
     start = time.perf_counter()
     model(x).sum().backward()
     window = (start, time.perf_counter())

@@ -134,6 +134,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
                 dist.barrier()
             if comm:
                 comm.traffic.reset()
+                comm.traffic.record_outer_intervals = True  # for the cross-DC busy time
             for layer in moe_layers(model):
                 layer.reset_routing_stats()
             if uplink_counter is not None:

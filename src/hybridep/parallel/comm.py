@@ -41,6 +41,8 @@ class Traffic:
     bytes_by_op_peer: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
     seconds_by_op: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    record_outer_intervals: bool = False
+    """Keep :attr:`outer_intervals` (off by default: the list grows with every cross-DC call)."""
     outer_intervals: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) in seconds of the host's monotonic clock of every call that kept this rank busy
     in an operation whose group spans the outermost level (issue, blocking transfer or wait)."""
@@ -181,7 +183,7 @@ class Communicator:
                 f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
                 "Another rank probably failed or stalled; see its output.") from err
         end = time.perf_counter()
-        if min(self._level[r] for r in ranks) == 0:
+        if self.traffic.record_outer_intervals and min(self._level[r] for r in ranks) == 0:
             self.traffic.outer_intervals.append((start, end))
         return work, end - start
 
@@ -202,8 +204,7 @@ class Communicator:
     def _p2p_all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                         ranks: Sequence[int]) -> None:
         """All-to-all as concurrent point-to-point transfers (see :meth:`_p2p_start`)."""
-        for req in self._p2p_start(out, out_splits, _chunks(inp, in_splits), ranks):
-            req.wait()
+        Requests(self._p2p_start(out, out_splits, _chunks(inp, in_splits), ranks)).wait()
 
     def _p2p_start(self, out: torch.Tensor, out_splits: list[int], sends: Sequence[torch.Tensor],
                    ranks: Sequence[int]) -> list:

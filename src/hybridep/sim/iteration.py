@@ -81,9 +81,10 @@ class SimResult:
 
 
 class _Fabric:
-    """Link numbering: egress then ingress links of every level's workers; one group per both."""
+    """Link numbering: egress then ingress links of every level's workers, one group per both;
+    with ``pooled``, then the pooled top-level uplinks (group 2L)."""
 
-    def __init__(self, dom: Domains, net: Network):
+    def __init__(self, dom: Domains, net: Network, pooled: bool):
         topo = dom.topology
         self.L = topo.num_levels
         self.G = topo.world_size
@@ -97,23 +98,31 @@ class _Fabric:
                 cap.append(np.full(self.workers[j], net.port_bytes_per_s[j]))
                 grp.append(np.full(self.workers[j], 2 * j + direction))
                 start += self.workers[j]
-        # pooled top-level uplinks (both directions as one resource at twice the rate), group 2L: the
-        # all-to-alls of rails that interleave (CostTerms.rail_interleave)
-        offs.append(start)
-        cap.append(np.full(self.workers[0], 2 * net.port_bytes_per_s[0]))
-        grp.append(np.full(self.workers[0], 2 * self.L))
+        self.pooled_links = pooled
+        if pooled:  # top-level uplinks with both directions as one resource at twice the rate (group
+            # 2L): the all-to-alls of rails that interleave (CostTerms.rail_interleave)
+            offs.append(start)
+            cap.append(np.full(self.workers[0], 2 * net.port_bytes_per_s[0]))
+            grp.append(np.full(self.workers[0], 2 * self.L))
         self.offset = offs  # index 2j: egress of level j, 2j+1: ingress, 2L: pooled top level
         self.capacity = np.concatenate(cap)
         self.group = np.concatenate(grp)
-        self.groups = 2 * self.L + 1
+        self.groups = 2 * self.L + int(pooled)
 
     def link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
         """Link ids of the given ranks' level-``level`` workers."""
         return self.offset[2 * level + int(ingress)] + ranks // self.per_worker[level]
 
-    def pooled(self, ranks: np.ndarray) -> np.ndarray:
-        """Pooled top-level uplink ids of the given ranks' DCs."""
-        return self.offset[2 * self.L] + ranks // self.per_worker[0]
+    def a2a_link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
+        """Link ids an all-to-all flow uses at ``level``: the pooled uplinks at the top level when
+        there are some, else :meth:`link`."""
+        if level == 0 and self.pooled_links:
+            return self.offset[2 * self.L] + ranks // self.per_worker[0]
+        return self.link(level, ingress, ranks)
+
+    def a2a_group(self, level: int, ingress: bool) -> int:
+        """The link group of :meth:`a2a_link`."""
+        return 2 * self.L if level == 0 and self.pooled_links else 2 * level + int(ingress)
 
 
 class IterationSim:
@@ -125,7 +134,8 @@ class IterationSim:
                              "a pairwise DC link matrix is not supported yet (remove it to simulate)")
         self.dom, self.w, self.net, self.terms, self.fold = dom, w, net, terms, fold
         topo = dom.topology
-        self.fab = _Fabric(dom, net)
+        # rails sharing a DC uplink interleave: their top-level all-to-all flows use pooled uplinks
+        self.fab = _Fabric(dom, net, rails_interleave(dom, terms))
         self.G, self.L = topo.world_size, topo.num_levels
         ranks = np.arange(self.G)
         self.coords = np.stack(np.unravel_index(ranks, topo.counts), axis=1) if self.L > 1 else ranks[:, None]
@@ -139,8 +149,6 @@ class IterationSim:
                          if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
-        # rails sharing a DC uplink interleave: their top-level all-to-all flows use the pooled uplinks
-        self.pool = rails_interleave(dom, terms)
         self.spans: list[Span] = []
         self.classes = 0
         self._a2a_peers = dom.peers_by_level("a2a")
@@ -166,12 +174,11 @@ class IterationSim:
                 rel.append(release)
                 owner.append(ranks)
                 for j in range(lv, self.L):
-                    pooled = j == 0 and self.pool
                     ent[0].append(cls)
-                    ent[1].append(self.fab.pooled(ranks) if pooled else self.fab.link(j, toward_b, ranks))
+                    ent[1].append(self.fab.a2a_link(j, toward_b, ranks))
                     ent[2].append(np.full(len(ranks), float(n)))
                     gent[0].append(cls)
-                    gent[1].append(np.full(len(ranks), 2 * self.L if pooled else 2 * j + int(not toward_b)))
+                    gent[1].append(np.full(len(ranks), self.fab.a2a_group(j, not toward_b)))
                     gent[2].append(np.full(len(ranks), n / self.fab.workers[j]))
                 n_cls += len(ranks)
             else:
@@ -188,7 +195,7 @@ class IterationSim:
                 for j in range(lv, self.L):
                     for side, r in ((False, src), (True, dst)):
                         ent[0].append(cls)
-                        ent[1].append(self.fab.pooled(r) if j == 0 and self.pool else self.fab.link(j, side, r))
+                        ent[1].append(self.fab.a2a_link(j, side, r))
                         ent[2].append(np.ones(len(b)))
                 n_cls += len(b)
         return self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
@@ -478,9 +485,10 @@ class IterationSim:
         """Bytes of flows by coarsest level: level-l egress bytes minus level-(l-1) egress bytes."""
         out: dict[str, dict[str, float]] = {n: {} for n in self.dom.topology.names}
         for op, per_link in self.eng.link_bytes.items():
-            prev = 0.0
-            pool = self.fab.offset[2 * self.L]
-            pooled = float(per_link[pool: pool + self.fab.workers[0]].sum()) / 2  # each flow crosses 2 pools
+            prev, pooled = 0.0, 0.0
+            if self.fab.pooled_links:
+                pool = self.fab.offset[2 * self.L]
+                pooled = float(per_link[pool: pool + self.fab.workers[0]].sum()) / 2  # each flow crosses 2 pools
             for j, name in enumerate(self.dom.topology.names):
                 e = float(per_link[self.fab.offset[2 * j]: self.fab.offset[2 * j] + self.fab.workers[j]].sum())
                 e += pooled if j == 0 else 0.0
