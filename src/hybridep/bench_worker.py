@@ -20,7 +20,7 @@ import torch.distributed as dist
 from hybridep.lm.model import LMConfig
 from hybridep.lm.train import RunSpec, run
 from hybridep.parallel.comm import Communicator
-from hybridep.probe import measure_expert_weight_byte_s, measure_optimizer_byte_s
+from hybridep.probe import measure_expert_weight_byte_s
 from hybridep.topology import Topology
 
 
@@ -90,16 +90,19 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     return {"efficiency_by_level": efficiency, "seconds_by_level": seconds, "gather_efficiency_by_level": gather_eff}
 
 
+def ranks_median(value: float) -> float:
+    """The median of ``value`` over all ranks (every rank gets it): a microbenchmark that all ranks
+    run at once on shared cores is noisy on any one rank."""
+    values = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(values, torch.tensor([value], dtype=torch.float64))
+    return float(torch.cat(values).median())
+
+
 def expert_params(cfg: LMConfig) -> int:
     """Parameters of one expert of the bench model."""
     from hybridep.moe.experts import WEIGHT_NAMES
 
     return len(WEIGHT_NAMES[cfg.expert_kind]) * cfg.hidden * cfg.ffn
-
-
-def own_params(cfg: LMConfig, world: int) -> int:
-    """Expert parameters one rank owns (all layers)."""
-    return cfg.layers * (cfg.experts // world) * expert_params(cfg)
 
 
 def codec_time(cfg: LMConfig, run: dict, world: int) -> float:
@@ -137,14 +140,13 @@ def main(spec_path: str, out_dir: str) -> int:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
-    dist.barrier()  # every rank at once, as after a training step: the contended optimizer time
-    calibration["optimizer_byte_s"] = measure_optimizer_byte_s(max(1 << 20, own_params(cfg, topo.world_size)))
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k
-    calibration["expert_weight_byte_s"] = measure_expert_weight_byte_s(cfg.hidden, cfg.ffn, cfg.expert_kind, copies)
+    calibration["expert_weight_byte_s"] = ranks_median(
+        measure_expert_weight_byte_s(cfg.hidden, cfg.ffn, cfg.expert_kind, copies, repeats=9))
     sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
     if sr_runs:  # every rank at once, as in training: the contended encode/decode time
-        calibration["codec_expert_s"] = codec_time(cfg, sr_runs[0], topo.world_size)
+        calibration["codec_expert_s"] = ranks_median(codec_time(cfg, sr_runs[0], topo.world_size))
     for run_spec in spec["runs"]:
         run_spec = dict(run_spec)
         name = run_spec.pop("name")
@@ -152,6 +154,8 @@ def main(spec_path: str, out_dir: str) -> int:
         local = rs.strategy == "local"
         res = run(cfg, rs, None if local else comm, None if local else counter)
         results[name] = res.summary()
+        if local:  # the compute-only run's own (contended) optimizer step, all parameters on every rank
+            calibration["optimizer_byte_s"] = ranks_median(res.optimizer_s) / res.optimizer_param_bytes
         dist.barrier()
         if rank == 0:
             print(f"[bench] {name}: median {results[name]['median_iter_s']:.3f} s/iter, "

@@ -38,19 +38,6 @@ def median_seconds(fn, repeats: int) -> float:
     return sorted(times)[repeats // 2]
 
 
-def measure_optimizer_byte_s(numel: int, repeats: int = 7, dtype=None) -> float:
-    """Seconds per parameter byte of one ``torch.optim.Adam`` step (the trainer's optimizer) over
-    ``numel`` parameters with gradients: the median of ``repeats`` steps after a first one (which
-    allocates the moment buffers)."""
-    import torch
-
-    dtype = dtype or torch.float32
-    p = torch.nn.Parameter(torch.randn(numel, dtype=dtype))
-    p.grad = torch.randn(numel, dtype=dtype)
-    opt = torch.optim.Adam([p], lr=1e-3)
-    return median_seconds(opt.step, repeats) / (numel * p.element_size())
-
-
 def measure_expert_weight_byte_s(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
                                  repeats: int = 5) -> float:
     """Seconds per byte of expert weights held, per forward + backward of one MoE layer's expert

@@ -10,7 +10,10 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
+
+SPLITS = ("train", "val")
 
 
 @lru_cache(maxsize=4)
@@ -39,11 +42,15 @@ def batch(corpus: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: 
           split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic batch of (inputs, next-byte targets), int64 [batch_size, seq_len].
 
-    The first 95 % of the corpus is for training, the rest for validation.
+    The first 95 % of the corpus is for training, the rest for validation. The batch depends only
+    on (seed, step, rank, split): the same in every process and run (no salted ``hash``).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split: got {split!r}, allowed: {', '.join(SPLITS)}")
     cut = int(len(corpus) * 0.95)
     lo, hi = (0, cut) if split == "train" else (cut, len(corpus))
-    g = torch.Generator().manual_seed(hash((seed, step, rank, split)) & 0x7FFFFFFF)
+    entropy = np.random.SeedSequence([seed % 2**64, step, rank, SPLITS.index(split)]).generate_state(1)[0]
+    g = torch.Generator().manual_seed(int(entropy))
     starts = torch.randint(lo, hi - seq_len - 1, (batch_size,), generator=g)
     idx = starts[:, None] + torch.arange(seq_len + 1)
     tokens = corpus[idx].long()

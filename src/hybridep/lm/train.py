@@ -58,6 +58,10 @@ class RunResult:
     expert_tokens: list[list[float]] | None = None
     """Token copies routed to each expert (column) of each MoE layer (row) per timed iteration,
     all ranks together: the measured routing histogram."""
+    optimizer_s: float = 0.0
+    """Median seconds of this rank's optimizer step over the timed iterations."""
+    optimizer_param_bytes: int = 0
+    """Bytes of the parameters this rank's optimizer updates."""
 
     def summary(self) -> dict:
         it = sorted(self.iter_s)
@@ -66,7 +70,8 @@ class RunResult:
                 "iter_s": self.iter_s, "losses": self.losses, "final_loss": self.losses[-1],
                 "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
                 "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
-                "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens}
+                "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens,
+                "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes}
 
 
 class DeepSpeedMoE(nn.Module):
@@ -123,7 +128,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
     # so its iteration is the slowest rank's compute, as in every synchronous strategy
     lockstep = spec.strategy == "local" and dist.is_available() and dist.is_initialized()
     before = None
-    stamps = []
+    stamps, opt_s = [], []
     for step in range(spec.steps):
         if lockstep:
             dist.barrier()
@@ -145,7 +150,10 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         opt.zero_grad(set_to_none=True)
         loss = module(x, y)
         loss.backward()
+        t_opt = time.perf_counter()
         opt.step()
+        if step >= spec.warmup:
+            opt_s.append(time.perf_counter() - t_opt)
         if styles and spec.prefetch and step < spec.steps - 1:
             prefetch_all(styles, model)
         result.losses.append(loss.item())
@@ -153,6 +161,8 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         dist.barrier()
     stamps.append(time.perf_counter())
     result.iter_s = [b - a for a, b in itertools.pairwise(stamps)]
+    result.optimizer_s = statistics.median(opt_s) if opt_s else 0.0
+    result.optimizer_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     timed = max(1, spec.steps - spec.warmup)
     if distributed:
         dist.barrier()
