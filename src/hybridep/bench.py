@@ -29,6 +29,9 @@ from hybridep.planner import PlanResult, plan_workload
 from hybridep.topology import Domains
 
 COMPUTE_ONLY = "compute-only"
+COMPUTE_ONLY_TIMED_FACTOR = 3
+"""The compute-only run times this many times the strategies' timed steps (its median sets the
+compute rate of every prediction, so it gets more samples)."""
 
 
 class BenchError(RuntimeError):
@@ -60,7 +63,9 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
         sizes.append(choice)
     if b.all_domain_sizes:
         sizes += [s for s in topo.feasible_domain_sizes() if s not in sizes]
-    out = [{"name": COMPUTE_ONLY, "strategy": "local", **base}]
+    # the compute-only reference calibrates every prediction: three times the timed steps
+    reference = {**base, "steps": base["warmup"] + COMPUTE_ONLY_TIMED_FACTOR * (steps - base["warmup"])}
+    out = [{"name": COMPUTE_ONLY, "strategy": "local", **reference}]
     for s in sizes:
         out.append({"name": strategy_name(topo, s), "strategy": "ep" if all(x == 1 for x in s) else "hybridep",
                     "domain_sizes": list(s), **base})
