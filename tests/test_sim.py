@@ -241,3 +241,20 @@ def test_interleaving_rails_share_both_directions_of_the_uplink(fold):
     uniform = Workload(1e6, 1e4, 1e-3, expert_s=1e-3, experts=8, layers=2)
     assert simulate(rails, uniform, net, on, fold).iteration_s == pytest.approx(
         simulate(rails, uniform, net, off, fold).iteration_s, rel=1e-9)
+
+
+def test_a_rank_starts_its_experts_only_when_its_own_dispatch_sends_are_delivered():
+    """The runtime's all-to-all blocks until the rank's receives *and* sends are done: the light
+    rank of a skewed pair (little to receive, much to send to the hot rank) computes no earlier
+    than its heavy send lands, and the iteration matches the cost model's lockstep phases."""
+    topo = Topology(("dc",), (2,))
+    net = Network(topo, (1e8 / 8,), (0.0,))
+    d = 1e6
+    hot = Workload(d, 1e4, 1e-3, expert_s=1e-4, experts=4, layers=1, expert_load=(0.45, 0.45, 0.05, 0.05))
+    terms = CostTerms(backward=False, latency=False, grad_sync=False, overlap=False)
+    dom = Domains(topo, (1,))
+    res = simulate(dom, hot, net, terms, fold=False)
+    experts = next(s for s in res.spans if s.name.startswith("experts"))
+    heavy_s = 0.9 * d / (1e8 / 8)  # rank 1's tokens for rank 0's experts
+    assert experts.start_s == pytest.approx(hot.pre_expert_s + heavy_s, rel=1e-9)
+    assert res.iteration_s == pytest.approx(predict(dom, hot, net, terms).iteration_s, rel=1e-6)

@@ -12,7 +12,9 @@ come from :mod:`hybridep.costmodel`; this module adds contention, skew and overl
 
 * forward, per layer and micro-batch: pre-expert compute -> dispatch all-to-all (tokens of the
   same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
-  in -> combine all-to-all from that rank -> next layer once every rank has its results back;
+  in and its own dispatch sends are delivered (a blocking all-to-all returns only then; folded
+  runs do not track senders) -> combine all-to-all from that rank -> next layer once every rank
+  has its results back;
 * backward mirrors it (expert and pre-expert compute twice as long);
 * expert all-gathers: with ``overlap``, the runtime's prefetch chain -- layer 0's at the start of
   the iteration, layer l+1's when layer l takes its experts (the first rank with its dispatched
@@ -158,7 +160,7 @@ class IterationSim:
                    label: str) -> Batch:
         """One all-to-all of MoE layer ``layer``: its flows into (``toward_b``) or out of the given
         ranks, per level."""
-        sizes, counts, lats, rel, owner = [], [], [], [], []
+        sizes, counts, lats, rel, owner, other = [], [], [], [], [], []
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
         n_cls = 0
@@ -173,6 +175,7 @@ class IterationSim:
                 lats.append(np.full(len(ranks), self.lat[lv]))
                 rel.append(release)
                 owner.append(ranks)
+                other.append(np.full(len(ranks), -1))  # folded: the senders are not tracked
                 for j in range(lv, self.L):
                     ent[0].append(cls)
                     ent[1].append(self.fab.a2a_link(j, toward_b, ranks))
@@ -191,6 +194,7 @@ class IterationSim:
                 lats.append(np.full(len(b), self.lat[lv]))
                 rel.append(np.repeat(release, n))
                 owner.append(b)
+                other.append(a)
                 src, dst = (a, b) if toward_b else (b, a)
                 for j in range(lv, self.L):
                     for side, r in ((False, src), (True, dst)):
@@ -198,7 +202,9 @@ class IterationSim:
                         ent[1].append(self.fab.a2a_link(j, side, r))
                         ent[2].append(np.ones(len(b)))
                 n_cls += len(b)
-        return self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
+        batch = self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
+        batch.other = np.concatenate(other).astype(int) if other else np.zeros(0, int)
+        return batch
 
     def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
         """For each rank, the rail members whose coarsest differing level is ``lv``."""
@@ -301,7 +307,10 @@ class IterationSim:
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         ranks = np.arange(self.G)
         dispatch = self._a2a_batch("a2a", layer, True, ranks, np.full(self.G, start), f"dispatch {name}")
-        left = np.bincount(dispatch.owner, minlength=self.G)
+        # the runtime's all-to-all returns when the rank's receives *and* sends are done: a rank
+        # waits for the flows into it and (unfolded: senders known) the flows out of it
+        sender = dispatch.other
+        left = np.bincount(dispatch.owner, minlength=self.G) + np.bincount(sender[sender >= 0], minlength=self.G)
         expected = dispatch.classes
         # the combine's classes exist from the start; each rank's are released when its experts end
         combine = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, np.inf), f"combine {name}")
@@ -343,9 +352,11 @@ class IterationSim:
             then(t)
 
         def dispatched(idx: np.ndarray, t: float) -> None:
-            owners = dispatch.owner[idx]
+            owners, senders = dispatch.owner[idx], sender[idx]
+            senders = senders[senders >= 0]
             np.subtract.at(left, owners, 1)
-            ready = np.unique(owners)
+            np.subtract.at(left, senders, 1)
+            ready = np.unique(np.concatenate([owners, senders]))
             ready = ready[left[ready] == 0]
             if len(ready):
                 experts_ready(ready, t)
