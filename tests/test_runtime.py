@@ -30,6 +30,9 @@ def test_every_strategy_and_domain_size_matches_reference(world):
     assert {s["top_k"] for s in scen} >= {1, 2, 4}
     assert any(0 in s["tokens"] for s in scen) and any(s["capacity_factor"] for s in scen)
     assert any(s["skew"] for s in scen) and any(s["hidden"] % 2 for s in scen)
+    # the pipelined exchange (3 chunks) is checked for every strategy beside the single exchange
+    assert {(r["strategy"], r["a2a_chunks"]) for r in results} == {(s, c) for s in ("ep", "hybridep") for c in (1, 3)
+                                                                   if s == "ep" or world > 1}
 
 
 @pytest.mark.parametrize("sizes", [(1, 1), (1, 2), (2, 1), (2, 2)])

@@ -56,7 +56,8 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
     """The run list of the worker: compute-only first, then EP, the choice, the rest, the peers."""
     topo = planned.choice.domains.topology
     b = cfg.bench
-    base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed, "prefetch": b.prefetch}
+    base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed, "prefetch": b.prefetch,
+            "a2a_chunks": cfg.moe.a2a_chunks}
     choice = planned.choice.domains.sizes
     sizes = [tuple(1 for _ in topo.counts)]
     if choice not in sizes:

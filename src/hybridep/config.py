@@ -184,6 +184,10 @@ class MoEConfig(_Strict):
     sr_values: Literal["param", "float16", "bfloat16"] = "float16"
     """Precision of the residual values sent under compression (``param``: the model's dtype); at a
     given ratio, 2-byte values keep more entries (see ``hybridep.migration.sr``)."""
+    a2a_chunks: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    """Each rank's tokens travel in this many chunks whose dispatch, expert computation and combine
+    pipeline (one chunk's combine overlaps the next ones' dispatch, filling both directions of a
+    link under skewed routing); 1 = one dispatch and one combine per layer."""
     expert_load: list[NonNegFloat] | None = None
     """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
     expert_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
@@ -326,6 +330,10 @@ class Config(_Strict):
         if (self.moe is None) == (self.workload is None):
             raise _FieldError("moe/workload", None, "give exactly one of them (model dimensions, or "
                            "the direct paper workload)")
+        if self.moe is not None and self.moe.a2a_chunks > 1 and self.bench.sr_decode == "expert":
+            raise _FieldError("moe.a2a_chunks", self.moe.a2a_chunks,
+                              "1 with bench.sr_decode 'expert' (experts decoded one at a time are recomputed in "
+                              "backward, which the chunked exchange does not do), or bench.sr_decode 'layer'")
         if self.moe is not None and self.moe.experts % self.topology.world_size:
             g = self.topology.world_size
             raise _FieldError("moe.experts", self.moe.experts,

@@ -83,6 +83,9 @@ class Workload:
     optimizer_byte_s: float = 0.0
     """Seconds per byte of parameters for the optimizer step, after the backward pass (see
     :func:`optimizer_s`)."""
+    a2a_chunks: int = 1
+    """Chunks of a device's tokens whose dispatch, experts and combine pipeline (see
+    :func:`_a2a_phase`); 1 = one dispatch and one combine."""
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
@@ -171,6 +174,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
         optimizer_byte_s=cfg.compute.optimizer_byte_s or 0.0,
         expert_weight_byte_s=cfg.compute.expert_weight_byte_s or 0.0,
+        a2a_chunks=m.a2a_chunks,
     )
 
 
@@ -279,15 +283,24 @@ def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.
 def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
                load: np.ndarray) -> tuple[float, list[float]]:
     """One dispatch A2A under the domain loads ``load`` (combine is its mirror: same port loads,
-    directions swapped): (seconds, cluster-wide bytes crossing each level's ports)."""
+    directions swapped): (seconds, cluster-wide bytes crossing each level's ports).
+
+    A port's egress carries e bytes and its ingress i in the dispatch, the reverse in the combine.
+    One exchange each: every phase waits for the busier direction, max(e, i). With the tokens in C
+    pipelined chunks the combine of early chunks overlaps the dispatch of later ones: dispatch plus
+    combine take max(e + i, max(e, i) * (1 + 1/C)) -- both directions busy, but the first chunk's
+    dispatch and the last one's combine alone -- charged here half per phase. Rails that interleave
+    on a DC uplink act like C -> infinity there: (e + i) / 2 per phase."""
     topo = dom.topology
     port, total = [], []
+    chunks = max(1, w.a2a_chunks)
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
         if lv == 0 and rails_interleave(dom, terms):
             port.append(float(((eg + ing) / 2).max()))  # rails interleave (see CostTerms)
         else:
-            port.append(float(max(eg.max(), ing.max())))
+            pair = np.maximum(eg + ing, np.maximum(eg, ing) * (1 + 1 / chunks))
+            port.append(float((pair / 2).max()))
         total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
     t = _phase_time(port, net, terms.latency)
     if net.dc_link_bytes_per_s is not None:

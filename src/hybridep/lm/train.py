@@ -37,6 +37,7 @@ class RunSpec:
     sr_basis: str = "delta"
     sr_values: str = "float16"
     sr_decode: str = "layer"
+    a2a_chunks: int = 1
 
 
 @dataclass
@@ -112,7 +113,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
-                         spec.sr_basis, spec.sr_values, spec.sr_decode)
+                         spec.sr_basis, spec.sr_values, spec.sr_decode, spec.a2a_chunks)
     return data_parallel(model), model, styles
 
 

@@ -183,8 +183,7 @@ class Communicator:
                 f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
                 "Another rank probably failed or stalled; see its output.") from err
         end = time.perf_counter()
-        if self.traffic.record_outer_intervals and min(self._level[r] for r in ranks) == 0:
-            self.traffic.outer_intervals.append((start, end))
+        self.note_outer_interval(ranks, start, end)
         return work, end - start
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
@@ -225,6 +224,33 @@ class Communicator:
         ops = [dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group) for i in peers if out_splits[i]]
         ops += [dist.P2POp(dist.isend, sends[i].contiguous(), ranks[i], group) for i in peers if sends[i].numel()]
         return dist.batch_isend_irecv(ops) if ops else []
+
+    def post(self, recvs: Sequence[tuple[torch.Tensor, int, int]], sends: Sequence[tuple[torch.Tensor, int, int]],
+             ranks: Sequence[int], op: str) -> Requests:
+        """Post tagged point-to-point transfers inside the group ``ranks``: ``(buffer, peer, tag)``
+        receives first, then sends, outermost peers first (see :meth:`_p2p_start`); counts the sent
+        bytes under ``op``. Transfers with the same peer and tag are matched in posting order."""
+        group = self.group(ranks)
+
+        def level(item: tuple[torch.Tensor, int, int]) -> int:
+            return self._level[item[1]]
+
+        ops = [dist.P2POp(dist.irecv, buf, peer, group, tag) for buf, peer, tag in sorted(recvs, key=level)
+               if buf.numel()]
+        ops += [dist.P2POp(dist.isend, buf.contiguous(), peer, group, tag)
+                for buf, peer, tag in sorted(sends, key=level) if buf.numel()]
+        reqs, secs = self._run(op, ranks, lambda: dist.batch_isend_irecv(ops) if ops else [])
+        sent = dict.fromkeys(ranks, 0)
+        for buf, peer, _ in sends:
+            sent[peer] += buf.numel() * buf.element_size()
+        self._record(op, ranks, [sent[r] for r in ranks], secs)
+        return Requests(reqs)
+
+    def note_outer_interval(self, ranks: Sequence[int], start: float, end: float) -> None:
+        """Record ``[start, end]`` (``time.perf_counter`` seconds) as time in a cross-DC exchange
+        when ``ranks`` span the outermost level and intervals are being recorded."""
+        if self.traffic.record_outer_intervals and min(self._level[r] for r in ranks) == 0:
+            self.traffic.outer_intervals.append((start, end))
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
                    async_op: bool = False):

@@ -1,6 +1,8 @@
 """Autograd-aware collectives: the backward of each is its dual collective.
 
 * :class:`AllToAll` -- forward: uneven all-to-all of rows; backward: the same with splits swapped.
+* :class:`PipelinedExpertExchange` -- dispatch, experts and combine in chunks whose transfers are all
+  in flight at once (``a2a_chunks > 1``); backward mirrors it.
 * :class:`ExpertGatherer` -- the hierarchical all-gather of expert shards inside an expert domain:
   one stage per level with domain size > 1, outermost (slowest) first, so a slow link carries each
   shard once and the fast inner links fan it out. Its dual, the reduce-scatter of the gradients,
@@ -14,12 +16,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from hybridep.migration.sr import SRCodec
-from hybridep.parallel.comm import Communicator
+from hybridep.parallel.comm import Communicator, Requests
 from hybridep.topology import Domains
 
 
@@ -37,6 +41,119 @@ class AllToAll(torch.autograd.Function):
         out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
         ctx.comm.all_to_all(out, grad.contiguous(), ctx.send, ctx.recv, ctx.ranks, ctx.op + "_bwd")
         return out, None, None, None, None, None
+
+
+@dataclass
+class ChunkPlan:
+    """Row counts of a chunked exchange inside one rail (members indexed j = 0 .. r-1).
+
+    ``send[c][j]`` / ``recv[c][j]``: rows this rank sends to / receives from member j in chunk c;
+    ``recv_by_expert[c]``: [r, m] rows received in chunk c per source member and expert (each
+    sender sorts its rows by expert)."""
+
+    send: list[list[int]]
+    recv: list[list[int]]
+    recv_by_expert: list[torch.Tensor]
+
+
+PIPELINE_TAG = 1 << 16
+"""First point-to-point tag of chunked exchanges (chunk c: dispatch 2c, combine 2c + 1 above it),
+apart from the untagged transfers of the other exchanges."""
+
+
+def _by_chunk(t: torch.Tensor, counts: list[list[int]]) -> list[tuple[torch.Tensor, ...]]:
+    """Rows of ``t`` (ordered by chunk, then member) as views [chunk][member]."""
+    chunks = torch.split(t, [sum(row) for row in counts])
+    return [torch.split(chunk, row) for chunk, row in zip(chunks, counts, strict=True)]
+
+
+def _round_trip(comm: Communicator, rail: Sequence[int], plan: ChunkPlan, outgoing: torch.Tensor,
+                work: Callable[[int, torch.Tensor], torch.Tensor], tags: tuple[int, int],
+                ops: tuple[str, str]) -> torch.Tensor:
+    """Send ``outgoing``'s rows (by chunk, then member: ``plan.send``) to the rail members, run
+    ``work(c, rows)`` on each chunk's arrivals (``plan.recv[c]`` rows per member) as soon as they are
+    in, send its result rows straight back, and return what comes back, in ``outgoing``'s order.
+    Every receive is posted before any send; chunk c travels with tag ``PIPELINE_TAG + 2c + tags[0]``
+    out and ``+ tags[1]`` back, under the operation names ``ops``."""
+    me, chunks = rail.index(comm.rank), len(plan.send)
+    peers = [j for j in range(len(rail)) if j != me]
+    out_parts = _by_chunk(outgoing.contiguous(), plan.send)
+    arrived = [outgoing.new_empty((sum(row), *outgoing.shape[1:])) for row in plan.recv]
+    arrived_parts = [torch.split(b, row) for b, row in zip(arrived, plan.recv, strict=True)]
+    back = torch.empty_like(outgoing)
+    back_parts = _by_chunk(back, plan.send)
+    start = time.perf_counter()
+
+    def tag(c: int, way: int) -> int:
+        return PIPELINE_TAG + 2 * c + tags[way]
+
+    arrivals = [comm.post([(arrived_parts[c][j], rail[j], tag(c, 0)) for j in peers], [], rail, ops[0])
+                for c in range(chunks)]
+    returns = comm.post([(back_parts[c][j], rail[j], tag(c, 1)) for c in range(chunks) for j in peers], [],
+                        rail, ops[1])
+    sent = [comm.post([], [(out_parts[c][j], rail[j], tag(c, 0)) for c in range(chunks) for j in peers], rail, ops[0])]
+    for c in range(chunks):
+        arrived_parts[c][me].copy_(out_parts[c][me])
+        comm.wait(arrivals[c], ops[0], rail)
+        result = torch.split(work(c, arrived[c]), plan.recv[c])
+        back_parts[c][me].copy_(result[me])
+        sent.append(comm.post([], [(result[j], rail[j], tag(c, 1)) for j in peers], rail, ops[1]))
+    comm.wait(Requests(returns.reqs + [q for o in sent for q in o.reqs]), ops[1], rail)
+    comm.note_outer_interval(rail, start, time.perf_counter())
+    return back
+
+
+class PipelinedExpertExchange(torch.autograd.Function):
+    """Dispatch -> experts -> combine in chunks, every chunk's transfers in flight at once.
+
+    Forward: every receive (all chunks' tokens and results) is posted, then every chunk's tokens
+    are sent; chunk c's experts run as soon as its tokens are in and its results go back at once, so
+    one chunk's combine (under skewed routing heavy in one direction of a DC link) overlaps the next
+    chunks' dispatch (heavy in the other). Backward mirrors it: every chunk's result gradients are
+    sent, and each chunk's token gradients go back as soon as its expert backward is done. Each
+    chunk's expert computation is recorded on its own graph in forward and differentiated in
+    backward.
+
+    ``x``: [N, ...] rows sorted by (chunk, destination member, expert); ``compute(weights, rows,
+    rows_by_expert)`` runs the experts on received rows; ``weights``: the expert weight tensors
+    named ``names``. Returns the expert outputs in ``x``'s row order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, rail: Sequence[int], plan: ChunkPlan,
+                compute: Callable, names: tuple[str, ...], *weights: torch.Tensor) -> torch.Tensor:
+        leaves = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+        ctx.ys, ctx.inputs = [], []
+
+        def experts(c: int, rows: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                rows.requires_grad_()
+                y = compute(dict(zip(names, leaves, strict=True)), rows, plan.recv_by_expert[c])
+            ctx.ys.append(y)
+            ctx.inputs.append(rows)
+            return y.detach()
+
+        back = _round_trip(comm, rail, plan, x.detach(), experts, (0, 1), ("a2a_dispatch", "a2a_combine"))
+        ctx.comm, ctx.rail, ctx.plan, ctx.leaves = comm, rail, plan, leaves
+        return back
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        wanted = [w for w in ctx.leaves if w.requires_grad]
+        weight_grads = [torch.zeros_like(w) for w in wanted]
+
+        def experts_backward(c: int, grad_y: torch.Tensor) -> torch.Tensor:
+            rows = ctx.inputs[c]
+            got = torch.autograd.grad(ctx.ys[c], [rows, *wanted], grad_y, allow_unused=True)
+            for acc, g in zip(weight_grads, got[1:], strict=True):
+                if g is not None:
+                    acc += g
+            return got[0] if got[0] is not None else torch.zeros_like(rows)
+
+        grad_x = _round_trip(ctx.comm, ctx.rail, ctx.plan, grad, experts_backward, (1, 0),
+                             ("a2a_combine_bwd", "a2a_dispatch_bwd"))
+        ctx.ys = ctx.inputs = None
+        it = iter(weight_grads)
+        return (grad_x, None, None, None, None, None, *[next(it) if w.requires_grad else None for w in ctx.leaves])
 
 
 class PendingGather:

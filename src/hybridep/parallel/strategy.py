@@ -31,16 +31,18 @@ from torch import nn
 
 from hybridep.migration.sr import VALUE_DTYPES, SRCodec
 from hybridep.moe.experts import GroupedExperts
-from hybridep.moe.layer import MoE, compute_in_place, permute, unpermute
+from hybridep.moe.layer import MoE, Permuted, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.functional import (
     AllToAll,
+    ChunkPlan,
     EncodedExperts,
     ExpertGatherer,
     GatherEncoded,
     GatherExperts,
     PendingGather,
+    PipelinedExpertExchange,
 )
 from hybridep.topology import Domains
 
@@ -49,10 +51,16 @@ class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
     def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
-                 sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer"):
+                 sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer", a2a_chunks: int = 1):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
+        if not isinstance(a2a_chunks, int) or a2a_chunks < 1:
+            raise ValueError(f"a2a_chunks must be a positive integer, got {a2a_chunks!r}")
+        if a2a_chunks > 1 and sr_ratio and sr_decode == "expert":
+            raise ValueError("a2a_chunks > 1 needs sr decode 'layer': experts decoded one at a time are "
+                             "recomputed in backward, which the chunked exchange does not do")
+        self.a2a_chunks = a2a_chunks
         self.comm, self.domains = comm, domains
         self.n_local = num_experts // g
         rank = comm.rank
@@ -174,6 +182,8 @@ class ExpertParallelStyle:
         if r == 1:  # the domain holds every expert: no token leaves this rank
             return compute_in_place(x, routing, experts, self.expert_weights(experts), self.key_of_expert)
         p = permute(x, routing, self.key_of_expert.to(x.device))
+        if self.a2a_chunks > 1:
+            return self._pipelined(x, p, experts)
         counts = torch.bincount(p.keys, minlength=r * per_dest).view(r, per_dest)
         recv_counts = torch.empty_like(counts)
         comm.all_to_all(recv_counts, counts, [1] * r, [1] * r, rail, "meta")
@@ -181,13 +191,42 @@ class ExpertParallelStyle:
         recv = recv_counts.sum(1).tolist()
         received = AllToAll.apply(p.x, comm, rail, send, recv, "a2a_dispatch")
         weights = self.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
-        # rows arrive grouped by source, then by expert: regroup by expert for the computation
-        label = torch.arange(per_dest, device=x.device).repeat(r).repeat_interleave(recv_counts.reshape(-1))
-        order = torch.argsort(label, stable=True)
-        y = experts.compute(weights, received[order], recv_counts.sum(0).tolist())
-        y = y[torch.argsort(order)]
+        y = _compute_received(experts, weights, received, recv_counts)
         back = AllToAll.apply(y, comm, rail, recv, send, "a2a_combine")
         return unpermute(back, p, x.shape[0])
+
+    def _pipelined(self, x: torch.Tensor, p: Permuted, experts: GroupedExperts) -> torch.Tensor:
+        """The exchange in ``a2a_chunks`` chunks of this rank's tokens, pipelined (see
+        :class:`PipelinedExpertExchange`). The domain's experts are taken before the dispatch."""
+        comm, rail, chunks = self.comm, self.rail, self.a2a_chunks
+        r, per_dest = len(rail), len(self.domain) * self.n_local
+        # rows by (chunk of the token, destination member, expert)
+        chunk = p.token_idx * chunks // max(1, x.shape[0])
+        keys = chunk * (r * per_dest) + p.keys
+        order = torch.argsort(keys, stable=True)
+        p = Permuted(p.x[order], p.token_idx[order], p.weights[order], keys[order])
+        counts = torch.bincount(p.keys, minlength=chunks * r * per_dest).view(chunks, r, per_dest)
+        by_member = counts.transpose(0, 1).reshape(r, chunks * per_dest).contiguous()
+        recv_counts = torch.empty_like(by_member)
+        comm.all_to_all(recv_counts, by_member, [1] * r, [1] * r, rail, "meta")
+        recv_counts = recv_counts.view(r, chunks, per_dest)
+        plan = ChunkPlan(send=counts.sum(2).tolist(), recv=recv_counts.sum(2).T.tolist(),
+                         recv_by_expert=[recv_counts[:, c] for c in range(chunks)])
+        weights = self.expert_weights(experts)
+        y = PipelinedExpertExchange.apply(p.x, comm, rail, plan, functools.partial(_compute_received, experts),
+                                          tuple(weights), *weights.values())
+        return unpermute(y, p, x.shape[0])
+
+
+def _compute_received(experts: GroupedExperts, weights, received: torch.Tensor,
+                      recv_counts: torch.Tensor) -> torch.Tensor:
+    """Run the experts on received rows, which arrive grouped by source member and, within each,
+    by expert (``recv_counts``: [members, experts] rows); results in the received order."""
+    r, m = recv_counts.shape
+    label = torch.arange(m, device=received.device).repeat(r).repeat_interleave(recv_counts.reshape(-1))
+    order = torch.argsort(label, stable=True)
+    y = experts.compute(weights, received[order], recv_counts.sum(0).tolist())
+    return y[torch.argsort(order)]
 
 
 def _split_row(like: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,7 +246,7 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio: float | None = None,
-                sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer"
+                sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer", a2a_chunks: int = 1
                 ) -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
     ``sr_ratio`` enables residual top-k compression of the in-domain expert gather against ``sr_basis``:
@@ -215,11 +254,13 @@ def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio
     expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert); ``sr_values``:
     the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``); ``sr_decode``:
     ``layer`` (decode the domain's experts when the layer takes them) or ``expert`` (keep them encoded
-    and decode one at a time inside the expert computation, recomputed in backward)."""
+    and decode one at a time inside the expert computation, recomputed in backward); ``a2a_chunks``:
+    split each rank's tokens into that many chunks whose dispatch, experts and combine pipeline
+    (one chunk's combine overlaps the next ones' dispatch; 1 = one exchange)."""
     styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
         style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values,
-                                    sr_decode)
+                                    sr_decode, a2a_chunks)
         style.shard(layer.experts)
         layer.dispatcher = style
         if styles:  # the prefetch chain: the previous layer, taking its experts, issues this one's gather
