@@ -335,3 +335,20 @@ def test_rails_sharing_an_uplink_interleave_under_skew():
     assert predict(ep, hot, net, on) == predict(ep, hot, net, lockstep)
     uniform = dataclasses.replace(hot, expert_load=None)
     assert predict(rails, uniform, net, on) == predict(rails, uniform, net, lockstep)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4, 1000])
+def test_pipelined_exchange_charges_both_directions_of_a_port(chunks):
+    """Skewed pair of DCs: DC 1 sends 0.9 d of its tokens to DC 0 and DC 0 sends 0.1 d back. One
+    exchange waits for the busier direction in dispatch and again in combine (2 * 0.9 d); C
+    pipelined chunks take max(e + i, max(e, i) (1 + 1/C)) for both phases together."""
+    topo = Topology(("dc",), (2,))
+    rate = 1e8 / 8
+    net = Network(topo, (rate,), (0.0,))
+    d = 1e6
+    w = Workload(d, 1e4, 1e-3, experts=4, layers=1, expert_load=(0.45, 0.45, 0.05, 0.05), a2a_chunks=chunks)
+    terms = CostTerms(backward=False, latency=False, grad_sync=False, overlap=False)
+    pred = predict(Domains(topo, (1,)), w, net, terms)
+    assert pred.a2a_phase_s == pytest.approx(max(d, 0.9 * d * (1 + 1 / chunks)) / 2 / rate, rel=1e-12)
+    if chunks == 1:
+        assert pred.a2a_phase_s == pytest.approx(0.9 * d / rate, rel=1e-12)

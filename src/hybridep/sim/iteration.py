@@ -33,6 +33,7 @@ simulates every rank pair as its own flow on exact links (small worlds; used to 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -157,9 +158,9 @@ class IterationSim:
 
     # ------------------------------------------------------------------ flow classes
     def _a2a_batch(self, op: str, layer: int, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
-                   label: str) -> Batch:
+                   label: str, scale: float = 1.0) -> Batch:
         """One all-to-all of MoE layer ``layer``: its flows into (``toward_b``) or out of the given
-        ranks, per level."""
+        ranks, per level (``scale`` times the bytes: one chunk of a pipelined exchange)."""
         sizes, counts, lats, rel, owner, other = [], [], [], [], [], []
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
@@ -170,7 +171,7 @@ class IterationSim:
                 continue
             if self.fold:
                 cls = n_cls + np.arange(len(ranks))
-                sizes.append(self.flow_bytes[layer, ranks])
+                sizes.append(self.flow_bytes[layer, ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
                 lats.append(np.full(len(ranks), self.lat[lv]))
                 rel.append(release)
@@ -189,7 +190,7 @@ class IterationSim:
                 b = np.repeat(ranks, n)
                 a = peers.reshape(-1)
                 cls = n_cls + np.arange(len(b))
-                sizes.append(self.flow_bytes[layer, b])
+                sizes.append(self.flow_bytes[layer, b] * scale)
                 counts.append(np.ones(len(b)))
                 lats.append(np.full(len(b), self.lat[lv]))
                 rel.append(np.repeat(release, n))
@@ -298,49 +299,65 @@ class IterationSim:
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
                   on_experts=None, on_launch=None) -> None:
-        """Dispatch -> each rank's expert compute -> combine from that rank.
+        """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks.
 
-        ``then(t)`` runs when every rank has its results back; ``on_experts(t)`` when the last
-        rank's expert compute ends (its time is known once every rank has started); ``on_launch(t)``
-        when the first rank starts its experts (its tokens in, its layer's experts gathered)."""
+        Chunk c's flows (1/C of the bytes) follow chunk c-1's on the same connection (a flow class
+        is released when its predecessor is delivered); a rank computes chunk c (1/C of its expert
+        time, after its chunk c-1) once that chunk's flows into it -- and, unfolded, out of it -- are
+        delivered, and sends its results at once. ``then(t)`` runs when every rank has all its
+        results back; ``on_experts(t)`` when the last expert compute ends (known once every rank
+        has started its last chunk); ``on_launch(t)`` when the first rank starts its experts (its
+        tokens in, its layer's experts gathered)."""
         start = self.eng.now
-        st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         ranks = np.arange(self.G)
-        dispatch = self._a2a_batch("a2a", layer, True, ranks, np.full(self.G, start), f"dispatch {name}")
-        # the runtime's all-to-all returns when the rank's receives *and* sends are done: a rank
-        # waits for the flows into it and (unfolded: senders known) the flows out of it
-        sender = dispatch.other
-        left = np.bincount(dispatch.owner, minlength=self.G) + np.bincount(sender[sender >= 0], minlength=self.G)
-        expected = dispatch.classes
-        # the combine's classes exist from the start; each rank's are released when its experts end
-        combine = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, np.inf), f"combine {name}")
-        order = np.argsort(combine.owner, kind="stable")
-        first = np.searchsorted(combine.owner[order], ranks)
-        per_rank = np.bincount(combine.owner, minlength=self.G)
+        chunks = max(1, self.w.a2a_chunks) if any(self._a2a_peers) else 1
+        st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
+        busy = np.full(self.G, -math.inf)  # per rank: when its previous chunk's experts end
+        dispatch, combine, left = [], [], []
+        for c in range(chunks):
+            label = f" chunk {c}" if chunks > 1 else ""
+            d = self._a2a_batch("a2a", layer, True, ranks, np.full(self.G, start if c == 0 else np.inf),
+                                f"dispatch {name}{label}", 1.0 / chunks)
+            # the runtime's all-to-all returns when the rank's receives *and* sends are done: a rank
+            # waits for the flows into it and (unfolded: senders known) the flows out of it
+            sender = d.other
+            left.append(np.bincount(d.owner, minlength=self.G) + np.bincount(sender[sender >= 0], minlength=self.G))
+            dispatch.append(d)
+            # the combine's classes exist from the start; each rank's are released when its experts end
+            combine.append(self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, np.inf),
+                                           f"combine {name}{label}", 1.0 / chunks))
+        expected = sum(b.classes for b in combine)
+        order = np.argsort(combine[0].owner, kind="stable")
+        first = np.searchsorted(combine[0].owner[order], ranks)
+        per_rank = np.bincount(combine[0].owner, minlength=self.G)
 
-        def experts_ready(bs: np.ndarray, t: float) -> None:
+        def experts_ready(c: int, bs: np.ndarray, t: float) -> None:
+            def go(bs: np.ndarray, t: float) -> None:
+                launch(c, bs, t)
             if need_experts is not None and need_experts not in self.ag_done:
-                self.waiting.setdefault(need_experts, []).append((bs, t, launch))
+                self.waiting.setdefault(need_experts, []).append((bs, t, go))
                 return
-            launch(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+            go(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
 
-        def launch(bs: np.ndarray, t: float) -> None:
+        def launch(c: int, bs: np.ndarray, t: float) -> None:
             if st["launched"] == 0 and on_launch is not None:
                 on_launch(t)
-            end = t + compute_factor * self.expert_s[layer, bs]
+            begin = np.maximum(t, busy[bs])
+            end = begin + compute_factor * self.expert_s[layer, bs] / chunks
+            busy[bs] = end
             st["launched"] += len(bs)
             st["expert_start"] = min(st["expert_start"], t)
             st["expert_end"] = max(st["expert_end"], float(end.max()))
-            if st["launched"] == self.G:
+            if st["launched"] == self.G * chunks:
                 self._span("compute", f"experts {name}", st["expert_start"], st["expert_end"])
                 if on_experts is not None:
                     on_experts(st["expert_end"])
             if expected == 0:
-                if st["launched"] == self.G:
+                if st["launched"] == self.G * chunks:
                     self.eng.at(st["expert_end"], lambda: finish(self.eng.now))
                 return
             idx = np.concatenate([order[first[b]: first[b] + per_rank[b]] for b in bs.tolist()])
-            self.eng.release_at(combine, idx, np.repeat(end, per_rank[bs]))
+            self.eng.release_at(combine[c], idx, np.repeat(end, per_rank[bs]))
 
         def combined(n: int, t: float) -> None:
             st["combined"] += n
@@ -351,23 +368,26 @@ class IterationSim:
             self._span("a2a", f"dispatch..combine {name}", start, t)
             then(t)
 
-        def dispatched(idx: np.ndarray, t: float) -> None:
-            owners, senders = dispatch.owner[idx], sender[idx]
+        def dispatched(c: int, idx: np.ndarray, t: float) -> None:
+            if c + 1 < chunks:  # the next chunk's flows follow on the same connections
+                self.eng.release_at(dispatch[c + 1], idx, np.full(len(idx), t))
+            owners, senders = dispatch[c].owner[idx], dispatch[c].other[idx]
             senders = senders[senders >= 0]
-            np.subtract.at(left, owners, 1)
-            np.subtract.at(left, senders, 1)
+            np.subtract.at(left[c], owners, 1)
+            np.subtract.at(left[c], senders, 1)
             ready = np.unique(np.concatenate([owners, senders]))
-            ready = ready[left[ready] == 0]
+            ready = ready[left[c][ready] == 0]
             if len(ready):
-                experts_ready(ready, t)
+                experts_ready(c, ready, t)
 
         if expected == 0:
-            experts_ready(ranks, start)
+            experts_ready(0, ranks, start)
             return
-        combine.on_delivered = lambda idx, tt: combined(len(idx), tt)
-        dispatch.on_delivered = dispatched
-        self.eng.submit(dispatch)
-        self.eng.submit(combine)
+        for c in range(chunks):
+            combine[c].on_delivered = lambda idx, tt: combined(len(idx), tt)
+            dispatch[c].on_delivered = functools.partial(dispatched, c)
+            self.eng.submit(dispatch[c])
+            self.eng.submit(combine[c])
 
     def _gather_done(self, layer: int, t: float) -> None:
         self.ag_done[layer] = t
