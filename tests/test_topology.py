@@ -105,3 +105,10 @@ def test_bad_domain_size_error():
 def test_feasible_count():
     t = Topology(("dc", "node", "gpu"), (1000, 2, 4))
     assert len(t.feasible_domain_sizes()) == len(divisors(1000)) * 2 * 3 == math.prod([16, 2, 3])
+
+
+def test_the_pipelined_exchange_applies_only_to_rails_that_cross_the_outer_level():
+    topo = Topology(("dc", "gpu"), (2, 2))
+    chunks = {sizes: Domains(topo, sizes).exchange_chunks(4) for sizes in topo.feasible_domain_sizes()}
+    assert chunks == {(1, 1): 4, (1, 2): 4, (2, 1): 1, (2, 2): 1}
+    assert Domains(topo, (1, 1)).exchange_chunks(1) == 1

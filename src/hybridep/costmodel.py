@@ -293,7 +293,7 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     on a DC uplink act like C -> infinity there: (e + i) / 2 per phase."""
     topo = dom.topology
     port, total = [], []
-    chunks = max(1, w.a2a_chunks)
+    chunks = dom.exchange_chunks(max(1, w.a2a_chunks))
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
         if lv == 0 and rails_interleave(dom, terms):
@@ -459,18 +459,29 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     e = per_layer(w, lambda lv: _expert_s(dom, w, terms, grids[lv]))
     mb, layers = w.micro_batches, w.layers
 
-    steps = [pe + 2 * a + x for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
+    chunks = dom.exchange_chunks(max(1, w.a2a_chunks))
+
+    def exchange(a: float, x: float) -> float:
+        """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
+        one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
+        return 2 * a + x if chunks == 1 else max(2 * a + x / chunks, x + 2 * a / chunks)
+
+    steps = [pe + exchange(a, x) for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
     if terms.overlap:
         # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
         # iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
         # experts wait for its gather
         t_c, ag_start = 0.0, 0.0
         for a, x in zip(a2a, e, strict=True):
-            ag_start = max(t_c + pe + a, ag_start + ag_t)  # experts taken = the next gather issued
-            t_c = ag_start + codec + a + x
+            if chunks == 1:
+                ag_start = max(t_c + pe + a, ag_start + ag_t)  # experts taken = the next gather issued
+                t_c = ag_start + codec + a + x
+            else:  # the chunked exchange takes the experts before its dispatch
+                ag_start = max(t_c + pe, ag_start + ag_t)
+                t_c = ag_start + codec + exchange(a, x)
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
-        fwd = sum(max(pe, ag_t) + codec + 2 * a + x for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
+        fwd = sum(max(pe, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
     iteration = fwd
     compute = mb * sum(pe + x for x in e) + layers * codec
     a2a_sum = mb * 2 * sum(a2a)
@@ -479,14 +490,14 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     grad_sync = exposed_gs = 0.0
     if terms.backward:
         rc, redo = recompute_s(dom, w)
-        bwd_steps = [2 * a + (2 + rc) * x + redo + 2 * pe for a, x in zip(a2a, e, strict=True)]
+        bwd_steps = [exchange(a, (2 + rc) * x + redo) + 2 * pe for a, x in zip(a2a, e, strict=True)]
         bwd_compute = mb * sum(2 * pe + (2 + rc) * x + redo for x in e)
         if terms.overlap:
             # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
             # run one after the other while the earlier layers' backward goes on
             t, rs_free = 0.0, 0.0
             for a, x in zip(reversed(a2a), reversed(e), strict=True):
-                t += 2 * a + (2 + rc) * x + redo
+                t += exchange(a, (2 + rc) * x + redo)
                 rs_free = max(t, rs_free) + rs_t
                 t += 2 * pe
             bwd = (mb - 1) * sum(bwd_steps) + max(t, rs_free)

@@ -127,6 +127,12 @@ class Domains:
         """Members of one expert domain (all-gather group size)."""
         return math.prod(self.sizes)
 
+    def exchange_chunks(self, chunks: int) -> int:
+        """Chunks of the pipelined exchange (``moe.a2a_chunks``) in force for this partition: as
+        configured when the rails cross the outermost level (the slow links the pipeline keeps
+        busy in both directions), else 1 (a rail inside a DC exchanges once)."""
+        return chunks if self.rail_factors[0] > 1 else 1
+
     @property
     def rail_size(self) -> int:
         """Members of one rail (all-to-all group size)."""

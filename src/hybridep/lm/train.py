@@ -114,7 +114,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
                          spec.sr_basis, spec.sr_values, spec.sr_decode, spec.a2a_chunks)
-    return data_parallel(model), model, styles
+    return data_parallel(model, comm), model, styles
 
 
 def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=None) -> RunResult:

@@ -24,6 +24,7 @@ when the (asynchronous) reduce-scatter lands at the end of the backward pass in 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -60,7 +61,7 @@ class ExpertParallelStyle:
         if a2a_chunks > 1 and sr_ratio and sr_decode == "expert":
             raise ValueError("a2a_chunks > 1 needs sr decode 'layer': experts decoded one at a time are "
                              "recomputed in backward, which the chunked exchange does not do")
-        self.a2a_chunks = a2a_chunks
+        self.a2a_chunks = domains.exchange_chunks(a2a_chunks)
         self.comm, self.domains = comm, domains
         self.n_local = num_experts // g
         rank = comm.rank
@@ -278,12 +279,29 @@ def expert_param_names(model: nn.Module) -> list[str]:
     return out
 
 
-def data_parallel(model: nn.Module) -> nn.Module:
-    """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy."""
+def data_parallel(model: nn.Module, comm: Communicator | None = None) -> nn.Module:
+    """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy.
+    With ``comm``, DDP's gradient all-reduces (PyTorch's default hook) are timed as cross-DC
+    exchanges (:meth:`Communicator.note_outer_interval`): they cross the DC links too."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-    return DistributedDataParallel(model)
+    ddp = DistributedDataParallel(model)
+    if comm is not None:
+        world = list(range(comm.world_size))
+
+        def timed_allreduce(state, bucket):
+            start = time.perf_counter()
+            fut = allreduce_hook(state, bucket)
+
+            def done(f):
+                comm.note_outer_interval(world, start, time.perf_counter())
+                return f.value()
+            return fut.then(done)
+
+        ddp.register_comm_hook(None, timed_allreduce)
+    return ddp
 
 
 def prefetch_all(styles: list[ExpertParallelStyle], model: nn.Module) -> None:

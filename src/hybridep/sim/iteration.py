@@ -310,7 +310,7 @@ class IterationSim:
         tokens in, its layer's experts gathered)."""
         start = self.eng.now
         ranks = np.arange(self.G)
-        chunks = max(1, self.w.a2a_chunks) if any(self._a2a_peers) else 1
+        chunks = self.dom.exchange_chunks(max(1, self.w.a2a_chunks)) if any(self._a2a_peers) else 1
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         busy = np.full(self.G, -math.inf)  # per rank: when its previous chunk's experts end
         dispatch, combine, left = [], [], []
