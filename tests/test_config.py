@@ -59,12 +59,21 @@ def _with(path, value):
     (("moe", "top_k"), 9, "moe.top_k", "1..8"),
     (("moe", "dtype"), "int8", "moe.dtype", "float64"),
     (("moe", "expert_load"), [1.0, 2.0], "moe.expert_load", "one entry per expert"),
+    (("moe", "a2a_chunks"), 0, "moe.a2a_chunks", "greater than or equal to 1"),
+    (("moe", "a2a_chunks"), 2.5, "moe.a2a_chunks", "integer"),
     (("cost_model"), "magic", "cost_model", "paper"),
 ])
 def test_errors_name_key_value_and_allowed(path, value, key, allowed):
     path = path if isinstance(path, tuple) else (path,)
     msg = _err(_with(path, value))
     assert key in msg and allowed in msg and repr(value)[:20] in msg
+
+
+def test_chunked_exchange_refuses_experts_decoded_one_at_a_time():
+    data = _with(("moe", "a2a_chunks"), 2)
+    data["bench"] = {"sr_decode": "expert", "sr_basis": "shared"}
+    msg = _err(data)
+    assert "moe.a2a_chunks" in msg and "sr_decode 'layer'" in msg
 
 
 def test_yaml_syntax_and_top_level_errors():
