@@ -41,12 +41,14 @@ def test_twenty_adam_steps_equal_single_process(sizes):
     assert max(worst) <= 1e-5
 
 
-@pytest.mark.parametrize("sizes", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_counted_bytes_per_level_equal_cost_model_and_simulator(sizes):
+@pytest.mark.parametrize("sizes,chunks", [((1, 1), 1), ((2, 1), 1), ((1, 2), 1), ((2, 2), 1), ((1, 1), 3),
+                                          ((1, 2), 3)])
+def test_counted_bytes_per_level_equal_cost_model_and_simulator(sizes, chunks):
     """Conservation: the runtime's counted bytes per level = the cost model's = the bytes the flow
-    simulator moved over that level's links (folded and pair-exact), for the same routing."""
-    total, predicted, simulated = run_local(workers.traffic, 4, (("dc", "gpu"), (2, 2), sizes, 37, 12, 10, 2, 5),
-                                            timeout_s=240)[0]
+    simulator moved over that level's links (folded and pair-exact), for the same routing; the
+    pipelined exchange (3 chunks) moves the same bytes."""
+    total, predicted, simulated = run_local(workers.traffic, 4, (("dc", "gpu"), (2, 2), sizes, 37, 12, 10, 2, 5,
+                                                                 chunks), timeout_s=240)[0]
     for level in ("dc", "gpu"):
         a2a = sum(v for k, v in total.items() if k.startswith("a2a/") and k.endswith("/" + level))
         assert a2a == pytest.approx(predicted[level]["a2a"], rel=1e-12)
@@ -57,6 +59,10 @@ def test_counted_bytes_per_level_equal_cost_model_and_simulator(sizes):
                 assert sim[level].get(op, 0.0) == pytest.approx(total.get(f"{op}/{level}", 0), rel=1e-9, abs=1e-6)
             assert sim[level].get("a2a", 0.0) == pytest.approx(a2a, rel=1e-9, abs=1e-6)
     assert sum(predicted[lv]["total"] for lv in ("dc", "gpu")) > 0
+
+
+def test_pipelined_exchange_in_evaluation_matches_training_mode():
+    assert max(run_local(workers.chunked_without_grad, 2, (3, 11), timeout_s=120)) < 1e-12
 
 
 def test_rank_that_raises_stops_the_run_with_its_name():

@@ -57,14 +57,14 @@ def adam_steps(rank, world, names, counts, sizes, steps, seed):
     return worst
 
 
-def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed):
+def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed, chunks=1):
     """One forward+backward with identical tokens on every rank; counted vs predicted bytes per level."""
     topo = Topology(names, counts)
     comm = Communicator(topo, 60.0)
     experts = 2 * world
     torch.manual_seed(seed)
     model = MoEStack(1, hidden, ffn, experts, top_k, "gelu").double()
-    parallelize(model, comm, Domains(topo, sizes))
+    parallelize(model, comm, Domains(topo, sizes), a2a_chunks=chunks)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     comm.traffic.reset()
     comm.traffic.record_outer_intervals = True
@@ -83,7 +83,7 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
         for k, v in d.items():
             total[k] = total.get(k, 0) + v
     w = Workload(dispatch_bytes=tokens * top_k * hidden * 8, expert_bytes=(experts // world) * 2 * hidden * ffn * 8,
-                 pre_expert_s=0.0, experts=experts, expert_load=tuple((hist / hist.sum()).tolist()))
+                 pre_expert_s=0.0, experts=experts, expert_load=tuple((hist / hist.sum()).tolist()), a2a_chunks=chunks)
     net = Network(topo, (1.0,) * len(counts), (0.0,) * len(counts))
     pred = predict(Domains(topo, sizes), w, net, CostTerms(latency=False, grad_sync=False))
     simulated = [simulate(Domains(topo, sizes), w, net, CostTerms(grad_sync=False), fold).bytes_by_level
@@ -93,6 +93,24 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed)
     crossing = sum(b for (op, level), b in comm.traffic.bytes_by_op_level.items() if level == names[0])
     assert (len(spans) > 0) == (crossing > 0), (spans, crossing)
     return total, pred.bytes_by_level, simulated
+
+
+def chunked_without_grad(rank, world, chunks, seed):
+    """The pipelined exchange under ``torch.no_grad`` (evaluation) gives the training-mode output
+    and records no graph; a training-mode pass then runs backward. Returns the max abs difference."""
+    topo = Topology(("gpu",), (world,))
+    comm = Communicator(topo, 60.0)
+    torch.manual_seed(seed)
+    model = MoEStack(2, 12, 16, 2 * world, 2, "gelu").double()
+    parallelize(model, comm, Domains(topo, (1,)), a2a_chunks=chunks)
+    x = torch.randn(9 + rank, 12, generator=torch.Generator().manual_seed(seed + rank), dtype=torch.float64)
+    with torch.no_grad():
+        y_eval = model(x)
+    assert not y_eval.requires_grad
+    y = model(x)
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    return (y.detach() - y_eval).abs().max().item()
 
 
 def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):

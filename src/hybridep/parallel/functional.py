@@ -115,21 +115,26 @@ class PipelinedExpertExchange(torch.autograd.Function):
     backward.
 
     ``x``: [N, ...] rows sorted by (chunk, destination member, expert); ``compute(weights, rows,
-    rows_by_expert)`` runs the experts on received rows; ``weights``: the expert weight tensors
-    named ``names``. Returns the expert outputs in ``x``'s row order."""
+    rows_by_expert)`` runs the experts on received rows; ``grad_mode``: the caller's
+    ``torch.is_grad_enabled()``; ``weights``: the expert weight tensors named ``names``. Returns the
+    expert outputs in ``x``'s row order."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Communicator, rail: Sequence[int], plan: ChunkPlan,
-                compute: Callable, names: tuple[str, ...], *weights: torch.Tensor) -> torch.Tensor:
-        leaves = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+                compute: Callable, names: tuple[str, ...], grad_mode: bool, *weights: torch.Tensor) -> torch.Tensor:
+        # record the chunks' graphs only when a backward can follow (the caller's grad mode: not
+        # under no_grad, e.g. in evaluation)
+        record = grad_mode and (ctx.needs_input_grad[0] or any(ctx.needs_input_grad[7:]))
+        leaves = [w.detach().requires_grad_(w.requires_grad and record) for w in weights]
         ctx.ys, ctx.inputs = [], []
 
         def experts(c: int, rows: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                rows.requires_grad_()
+            with torch.set_grad_enabled(record):
+                rows.requires_grad_(record)
                 y = compute(dict(zip(names, leaves, strict=True)), rows, plan.recv_by_expert[c])
-            ctx.ys.append(y)
-            ctx.inputs.append(rows)
+            if record:
+                ctx.ys.append(y)
+                ctx.inputs.append(rows)
             return y.detach()
 
         back = _round_trip(comm, rail, plan, x.detach(), experts, (0, 1), ("a2a_dispatch", "a2a_combine"))
@@ -153,7 +158,8 @@ class PipelinedExpertExchange(torch.autograd.Function):
                              ("a2a_combine_bwd", "a2a_dispatch_bwd"))
         ctx.ys = ctx.inputs = None
         it = iter(weight_grads)
-        return (grad_x, None, None, None, None, None, *[next(it) if w.requires_grad else None for w in ctx.leaves])
+        return (grad_x, None, None, None, None, None, None,
+                *[next(it) if w.requires_grad else None for w in ctx.leaves])
 
 
 class PendingGather:

@@ -215,7 +215,7 @@ class ExpertParallelStyle:
                          recv_by_expert=[recv_counts[:, c] for c in range(chunks)])
         weights = self.expert_weights(experts)
         y = PipelinedExpertExchange.apply(p.x, comm, rail, plan, functools.partial(_compute_received, experts),
-                                          tuple(weights), *weights.values())
+                                          tuple(weights), torch.is_grad_enabled(), *weights.values())
         return unpermute(y, p, x.shape[0])
 
 
