@@ -352,3 +352,20 @@ def test_pipelined_exchange_charges_both_directions_of_a_port(chunks):
     assert pred.a2a_phase_s == pytest.approx(max(d, 0.9 * d * (1 + 1 / chunks)) / 2 / rate, rel=1e-12)
     if chunks == 1:
         assert pred.a2a_phase_s == pytest.approx(0.9 * d / rate, rel=1e-12)
+
+
+def test_every_chunk_pays_the_cost_of_the_experts_held():
+    """A pipelined exchange runs every expert once per chunk: the held-weights cost (weight reads and
+    weight gradients) is charged C times where the rails are chunked, once elsewhere."""
+    topo = Topology(("dc", "gpu"), (2, 2))
+    net = Network(topo, (1e8 / 8, 1e9 / 8), (0.0, 0.0))
+    terms = CostTerms(latency=False, grad_sync=False)
+
+    def compute(sizes, chunks):
+        w = Workload(1e5, 1e6, 1e-3, expert_s=1e-3, experts=8, layers=1, expert_weight_byte_s=1e-9,
+                     a2a_chunks=chunks)
+        return predict(Domains(topo, sizes), w, net, terms).compute_s
+
+    assert compute((1, 1), 4) - compute((1, 1), 1) == pytest.approx(1e-9 * 1e6 * 3, rel=1e-9)
+    assert compute((1, 2), 4) - compute((1, 2), 1) == pytest.approx(2 * 1e-9 * 1e6 * 3, rel=1e-9)
+    assert compute((2, 1), 4) == compute((2, 1), 1)  # rails inside a DC are not chunked

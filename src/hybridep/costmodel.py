@@ -413,11 +413,13 @@ def all_experts_fixed_s(w: Workload, world: int) -> float:
 
 def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
     """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
-    load share times the uniform one (1 when uniform), plus the cost of the domain's experts held."""
+    load share times the uniform one (1 when uniform), plus the cost of the domain's experts held --
+    once per chunk of a pipelined exchange (every chunk runs every expert: its weights are read and
+    its weight gradient computed C times)."""
     if not terms.expert_compute:
         return 0.0
     busy = float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
-    return busy + held_weights_s(w, dom.domain_size)
+    return busy + held_weights_s(w, dom.domain_size) * dom.exchange_chunks(max(1, w.a2a_chunks))
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:

@@ -148,7 +148,8 @@ class IterationSim:
         self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
-        self.expert_s = (device_expert_s(w, factor, self.G) + held_weights_s(w, dom.domain_size)
+        held = held_weights_s(w, dom.domain_size) * dom.exchange_chunks(max(1, w.a2a_chunks))  # per chunk
+        self.expert_s = (device_expert_s(w, factor, self.G) + held
                          if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
         self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
