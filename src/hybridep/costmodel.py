@@ -293,7 +293,7 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     on a DC uplink act like C -> infinity there: (e + i) / 2 per phase."""
     topo = dom.topology
     port, total = [], []
-    chunks = dom.exchange_chunks(max(1, w.a2a_chunks))
+    chunks = exchange_chunks(dom, w)
     for lv in range(topo.num_levels):
         eg, ing = _a2a_level_bytes(dom, w, load, lv)
         if lv == 0 and rails_interleave(dom, terms):
@@ -316,6 +316,12 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
         inner = _phase_time([0.0, *port[1:]], net, terms.latency)
         t = max(inner, t0 + lat if t0 > 0 else 0.0)
     return t, total
+
+
+def exchange_chunks(dom: Domains, w: Workload) -> int:
+    """Chunks of the pipelined exchange in force for this partition (see
+    :meth:`~hybridep.topology.Domains.exchange_chunks`)."""
+    return dom.exchange_chunks(max(1, w.a2a_chunks))
 
 
 def rails_interleave(dom: Domains, terms: CostTerms) -> bool:
@@ -419,7 +425,7 @@ def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> 
     if not terms.expert_compute:
         return 0.0
     busy = float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
-    return busy + held_weights_s(w, dom.domain_size) * dom.exchange_chunks(max(1, w.a2a_chunks))
+    return busy + held_weights_s(w, dom.domain_size) * exchange_chunks(dom, w)
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
@@ -461,7 +467,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     e = per_layer(w, lambda lv: _expert_s(dom, w, terms, grids[lv]))
     mb, layers = w.micro_batches, w.layers
 
-    chunks = dom.exchange_chunks(max(1, w.a2a_chunks))
+    chunks = exchange_chunks(dom, w)
 
     def exchange(a: float, x: float) -> float:
         """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
@@ -475,12 +481,9 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         # experts wait for its gather
         t_c, ag_start = 0.0, 0.0
         for a, x in zip(a2a, e, strict=True):
-            if chunks == 1:
-                ag_start = max(t_c + pe + a, ag_start + ag_t)  # experts taken = the next gather issued
-                t_c = ag_start + codec + a + x
-            else:  # the chunked exchange takes the experts before its dispatch
-                ag_start = max(t_c + pe, ag_start + ag_t)
-                t_c = ag_start + codec + exchange(a, x)
+            taken = a if chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
+            ag_start = max(t_c + pe + taken, ag_start + ag_t)  # experts taken = the next gather issued
+            t_c = ag_start + codec + exchange(a, x) - taken
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
         fwd = sum(max(pe, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)

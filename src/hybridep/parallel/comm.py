@@ -216,20 +216,17 @@ class Communicator:
         then idles until the other's transfer ends (measured: the two directions of each exchange
         ran one after the other). The slowest (outermost) links go first, so every cross-DC
         transfer is in flight from the start."""
-        group = self.group(ranks)
         out_off = [0, *itertools.accumulate(out_splits)]
         me = ranks.index(self.rank)
         out[out_off[me]:out_off[me + 1]].copy_(sends[me].reshape(-1, *out.shape[1:]))
-        peers = sorted((i for i, r in enumerate(ranks) if r != self.rank), key=lambda i: self._level[ranks[i]])
-        ops = [dist.P2POp(dist.irecv, out[out_off[i]:out_off[i + 1]], ranks[i], group) for i in peers if out_splits[i]]
-        ops += [dist.P2POp(dist.isend, sends[i].contiguous(), ranks[i], group) for i in peers if sends[i].numel()]
-        return dist.batch_isend_irecv(ops) if ops else []
+        peers = [i for i, r in enumerate(ranks) if r != self.rank]
+        return self._issue([(out[out_off[i]:out_off[i + 1]], ranks[i], 0) for i in peers],
+                           [(sends[i], ranks[i], 0) for i in peers], ranks)
 
-    def post(self, recvs: Sequence[tuple[torch.Tensor, int, int]], sends: Sequence[tuple[torch.Tensor, int, int]],
-             ranks: Sequence[int], op: str) -> Requests:
-        """Post tagged point-to-point transfers inside the group ``ranks``: ``(buffer, peer, tag)``
-        receives first, then sends, outermost peers first (see :meth:`_p2p_start`); counts the sent
-        bytes under ``op``. Transfers with the same peer and tag are matched in posting order."""
+    def _issue(self, recvs: Sequence[tuple[torch.Tensor, int, int]], sends: Sequence[tuple[torch.Tensor, int, int]],
+               ranks: Sequence[int]) -> list:
+        """Issue ``(buffer, peer, tag)`` receives, then sends, each outermost peer first (empty ones
+        skipped), in the group ``ranks``; returns the requests (see :meth:`_p2p_start`)."""
         group = self.group(ranks)
 
         def level(item: tuple[torch.Tensor, int, int]) -> int:
@@ -239,7 +236,14 @@ class Communicator:
                if buf.numel()]
         ops += [dist.P2POp(dist.isend, buf.contiguous(), peer, group, tag)
                 for buf, peer, tag in sorted(sends, key=level) if buf.numel()]
-        reqs, secs = self._run(op, ranks, lambda: dist.batch_isend_irecv(ops) if ops else [])
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def post(self, recvs: Sequence[tuple[torch.Tensor, int, int]], sends: Sequence[tuple[torch.Tensor, int, int]],
+             ranks: Sequence[int], op: str) -> Requests:
+        """Post tagged point-to-point transfers inside the group ``ranks``: ``(buffer, peer, tag)``
+        receives first, then sends, outermost peers first (see :meth:`_p2p_start`); counts the sent
+        bytes under ``op``. Transfers with the same peer and tag are matched in posting order."""
+        reqs, secs = self._run(op, ranks, lambda: self._issue(recvs, sends, ranks))
         sent = dict.fromkeys(ranks, 0)
         for buf, peer, _ in sends:
             sent[peer] += buf.numel() * buf.element_size()

@@ -179,15 +179,14 @@ class ExpertParallelStyle:
     # --- tokens --------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         comm, rail = self.comm, self.rail
-        r, per_dest = len(rail), len(self.domain) * self.n_local
+        r = len(rail)
         if r == 1:  # the domain holds every expert: no token leaves this rank
             return compute_in_place(x, routing, experts, self.expert_weights(experts), self.key_of_expert)
         p = permute(x, routing, self.key_of_expert.to(x.device))
         if self.a2a_chunks > 1:
             return self._pipelined(x, p, experts)
-        counts = torch.bincount(p.keys, minlength=r * per_dest).view(r, per_dest)
-        recv_counts = torch.empty_like(counts)
-        comm.all_to_all(recv_counts, counts, [1] * r, [1] * r, rail, "meta")
+        counts, recv_counts = self._exchange_counts(p.keys, 1)
+        counts, recv_counts = counts[0], recv_counts[:, 0]
         send = counts.sum(1).tolist()
         recv = recv_counts.sum(1).tolist()
         received = AllToAll.apply(p.x, comm, rail, send, recv, "a2a_dispatch")
@@ -195,6 +194,17 @@ class ExpertParallelStyle:
         y = _compute_received(experts, weights, received, recv_counts)
         back = AllToAll.apply(y, comm, rail, recv, send, "a2a_combine")
         return unpermute(back, p, x.shape[0])
+
+    def _exchange_counts(self, keys: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows per (chunk, rail member, expert) from sorted row ``keys`` (chunk-major), sent to every
+        member first so that no padding or agreement is needed: (this rank's [C, r, m] counts,
+        the [r, C, m] counts each member sends here)."""
+        r, per_dest = len(self.rail), len(self.domain) * self.n_local
+        counts = torch.bincount(keys, minlength=chunks * r * per_dest).view(chunks, r, per_dest)
+        by_member = counts.transpose(0, 1).reshape(r, chunks * per_dest).contiguous()
+        recv_counts = torch.empty_like(by_member)
+        self.comm.all_to_all(recv_counts, by_member, [1] * r, [1] * r, self.rail, "meta")
+        return counts, recv_counts.view(r, chunks, per_dest)
 
     def _pipelined(self, x: torch.Tensor, p: Permuted, experts: GroupedExperts) -> torch.Tensor:
         """The exchange in ``a2a_chunks`` chunks of this rank's tokens, pipelined (see
@@ -206,11 +216,7 @@ class ExpertParallelStyle:
         keys = chunk * (r * per_dest) + p.keys
         order = torch.argsort(keys, stable=True)
         p = Permuted(p.x[order], p.token_idx[order], p.weights[order], keys[order])
-        counts = torch.bincount(p.keys, minlength=chunks * r * per_dest).view(chunks, r, per_dest)
-        by_member = counts.transpose(0, 1).reshape(r, chunks * per_dest).contiguous()
-        recv_counts = torch.empty_like(by_member)
-        comm.all_to_all(recv_counts, by_member, [1] * r, [1] * r, rail, "meta")
-        recv_counts = recv_counts.view(r, chunks, per_dest)
+        counts, recv_counts = self._exchange_counts(p.keys, chunks)
         plan = ChunkPlan(send=counts.sum(2).tolist(), recv=recv_counts.sum(2).T.tolist(),
                          recv_by_expert=[recv_counts[:, c] for c in range(chunks)])
         weights = self.expert_weights(experts)

@@ -46,6 +46,7 @@ from hybridep.costmodel import (
     codec_s,
     ddp_last_bucket_bytes,
     device_expert_s,
+    exchange_chunks,
     held_weights_s,
     layer_grids,
     optimizer_s,
@@ -148,7 +149,7 @@ class IterationSim:
         self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
         self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
         factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
-        held = held_weights_s(w, dom.domain_size) * dom.exchange_chunks(max(1, w.a2a_chunks))  # per chunk
+        held = held_weights_s(w, dom.domain_size) * exchange_chunks(dom, w)  # once per chunk
         self.expert_s = (device_expert_s(w, factor, self.G) + held
                          if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
@@ -311,7 +312,7 @@ class IterationSim:
         tokens in, its layer's experts gathered)."""
         start = self.eng.now
         ranks = np.arange(self.G)
-        chunks = self.dom.exchange_chunks(max(1, self.w.a2a_chunks)) if any(self._a2a_peers) else 1
+        chunks = exchange_chunks(self.dom, self.w) if any(self._a2a_peers) else 1
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         busy = np.full(self.G, -math.inf)  # per rank: when its previous chunk's experts end
         dispatch, combine, left = [], [], []
@@ -333,8 +334,7 @@ class IterationSim:
         per_rank = np.bincount(combine[0].owner, minlength=self.G)
 
         def experts_ready(c: int, bs: np.ndarray, t: float) -> None:
-            def go(bs: np.ndarray, t: float) -> None:
-                launch(c, bs, t)
+            go = functools.partial(launch, c)
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((bs, t, go))
                 return
