@@ -83,6 +83,23 @@ def test_rank_that_stalls_becomes_a_named_timeout_error():
     assert time.monotonic() - start < 40
 
 
+def test_background_chains_run_in_order_and_count_bytes_not_their_time():
+    results = run_local(workers.background_chains, 3, (False, 30.0), timeout_s=60, collective_timeout_s=30.0)
+    for got, seconds, ag_bytes in results:
+        assert got == [[10.0 * k + r for r in range(3) for _ in range(2)] for k in range(3)]
+        assert ag_bytes == {"gpu": 3 * 2 * 2 * 4}  # 3 gathers x 2 peers x 2 float32 values
+        assert set(seconds) == {"ag"}  # the waits for the results; the chains' own time is not counted
+
+
+def test_rank_that_stalls_in_a_background_chain_becomes_a_named_error():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as ei:
+        run_local(workers.background_chains, 3, (True, 4.0), timeout_s=60, collective_timeout_s=4.0)
+    assert ei.value.rank in (0, 2)
+    assert re.search(r"ag in group \[0, 1, 2\] failed", str(ei.value))
+    assert time.monotonic() - start < 40
+
+
 def test_three_levels_eight_ranks_float64():
     args = (("dc", "node", "gpu"), (2, 2, 2), ["ep", "hybridep"], ["float64"], 11, 120.0)
     results = run_local(verify_worker, 8, args, timeout_s=400)[0]

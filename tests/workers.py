@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import torch
@@ -129,6 +130,30 @@ def raise_on_rank_one(rank, world, stall: bool, timeout_s: float):
     except Exception as err:
         raise RuntimeError(f"after {time.monotonic() - start:.1f}s: {err}") from err
     return "no error"
+
+
+def background_chains(rank, world, stall: bool, timeout_s: float):
+    """Three gathers submitted as background chains come back in order, each with every rank's
+    shard; with rank 1 stalled, the others' wait becomes a named error within the timeout."""
+    topo = Topology(("gpu",), (world,))
+    comm = Communicator(topo, timeout_s)
+    ranks = list(range(world))
+    comm.create_groups([ranks])
+    if stall and rank == 1:
+        time.sleep(timeout_s * 6)
+        raise RuntimeError("rank 1 stalled")
+
+    def gather(k: int) -> torch.Tensor:
+        out = torch.empty(world * 2)
+        comm.all_gather(out, torch.full((2,), float(10 * k + rank)), ranks, "ag")
+        return out
+    futures = [comm.in_background(functools.partial(gather, k)) for k in range(3)]
+    start = time.monotonic()
+    try:
+        got = [comm.result(f, "ag", ranks).tolist() for f in futures]
+    except Exception as err:
+        raise RuntimeError(f"after {time.monotonic() - start:.1f}s: {err}") from err
+    return got, dict(comm.traffic.seconds_by_op), comm.traffic.bytes_by_level(["ag"])
 
 
 def _decode_one_at_a_time(comm, dom, experts, x):

@@ -139,6 +139,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
             if distributed:
                 dist.barrier()
             if comm:
+                comm.quiesce()  # the prefetched gathers of this step are counted before the window
                 comm.traffic.reset()
                 comm.traffic.record_outer_intervals = True  # for the cross-DC busy time
             for layer in moe_layers(model):

@@ -7,7 +7,16 @@ Every collective goes through :class:`Communicator`, which
 * counts the payload bytes each rank sends to each peer, per operation and per topology level
   (the coarsest level at which the two ranks differ -- the port the cost model charges), and
   the wall time of each operation (seconds);
-* turns a failed collective into a :class:`CommunicationError` that names rank, operation and group.
+* turns a failed collective into a :class:`CommunicationError` that names rank, operation and group;
+* runs *chains* of blocking collectives (a hierarchical gather's stages, one after the other) on
+  one background thread (:meth:`Communicator.in_background`), so a chain's inner stages go out the
+  moment its outer stage lands instead of when this rank next reaches the layer: the calling
+  thread waits only for the result (:meth:`Communicator.result`). Chains run one at a time, in
+  submission order -- the same order on every rank, since every rank submits them in program
+  order -- and use only groups the calling thread does not use meanwhile.
+
+Seconds are the calling thread's: what it spends issuing, transferring or waiting; a background
+chain's transfers count their bytes but not their time (the wait for its result counts).
 
 Byte counts are *logical* payload: for an all-to-all the rows sent to each other member; for an
 all-gather one shard to each other member; for a reduce-scatter each other member's shard. Split
@@ -17,9 +26,13 @@ size exchanges are counted under the operation ``"meta"``.
 from __future__ import annotations
 
 import itertools
+import queue
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -109,6 +122,43 @@ class Requests:
             req.wait()
 
 
+class _Background:
+    """One daemon thread running submitted functions one at a time, in submission order."""
+
+    def __init__(self, device: torch.device | None):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.device = device
+        self.thread = threading.Thread(target=self._loop, name="hybridep-comm", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[[], object]) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn))
+        return future
+
+    def _loop(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            future, fn = self.jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # handed to the waiting thread
+                future.set_exception(err)
+
+
+class Pending:
+    """The result of a background chain: ``wait()`` returns it (the wait is timed under ``op``)."""
+
+    def __init__(self, comm: Communicator, future: Future, op: str, ranks: Sequence[int]):
+        self.comm, self.future, self.op, self.ranks = comm, future, op, ranks
+
+    def wait(self):
+        return self.comm.result(self.future, self.op, self.ranks)
+
+
 class AsyncReduceScatter:
     """An in-flight reduce-scatter: ``wait()`` completes the transfers and sums into ``out``."""
 
@@ -118,7 +168,7 @@ class AsyncReduceScatter:
 
     def wait(self) -> torch.Tensor:
         _, secs = self.comm._run(self.op, self.ranks, Requests(self.reqs).wait)
-        self.comm.traffic.seconds_by_op[op_kind(self.op)] += secs
+        self.comm._add_seconds(self.op, secs)
         torch.sum(self.recv.view(self.n, -1), dim=0, out=self.out)
         return self.out
 
@@ -144,6 +194,48 @@ class Communicator:
         self._level = [topology.level_of_pair(self.rank, p) if p != self.rank else topology.num_levels
                        for p in range(self.world_size)]
         self._level_name = [topology.names[lv] if lv < topology.num_levels else "self" for lv in self._level]
+        self._lock = threading.Lock()
+        self._background: _Background | None = None
+
+    # --- background chains ----------------------------------------------------------------
+    def in_background(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` (blocking collectives on groups this thread leaves alone meanwhile) on the
+        background thread, after every chain submitted before it; returns its future."""
+        if self._background is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+            self._background = _Background(device)
+        return self._background.submit(fn)
+
+    def quiesce(self) -> None:
+        """Wait until every background chain submitted so far has finished (before counters are
+        reset, so that a chain in flight is counted wholly before or wholly after)."""
+        if self._background is not None:
+            self.result(self._background.submit(lambda: None), "quiesce", [self.rank])
+
+    def result(self, future: Future, op: str, ranks: Sequence[int]):
+        """Wait for a background chain's result, timing the wait under ``op``; its failure (or no
+        result within the groups' timeout and a minute) becomes a :class:`CommunicationError`."""
+        start = time.perf_counter()
+        try:
+            out = future.result(timeout=self.timeout.total_seconds() + 60.0)
+        except FutureTimeout:
+            raise CommunicationError(f"rank {self.rank}: {op} in group {list(ranks)} gave no result within "
+                                     f"{self.timeout.total_seconds() + 60.0:.0f} s") from None
+        except Exception as err:
+            if isinstance(err, CommunicationError):
+                raise
+            raise CommunicationError(
+                f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
+                "Another rank probably failed or stalled; see its output.") from err
+        self._add_seconds(op, time.perf_counter() - start)
+        return out
+
+    def _add_seconds(self, op: str, seconds: float) -> None:
+        """Count ``seconds`` under ``op``'s family, unless spent on the background thread."""
+        if self._background is not None and threading.current_thread() is self._background.thread:
+            return
+        with self._lock:
+            self.traffic.seconds_by_op[op_kind(op)] += seconds
 
     def create_groups(self, groups: Sequence[Sequence[int]]) -> None:
         """Create process groups for a partition of the ranks. Every rank must call this with the
@@ -166,13 +258,14 @@ class Communicator:
     def _record(self, op: str, ranks: Sequence[int], bytes_to_each: Sequence[int], seconds: float) -> None:
         tr = self.traffic
         kind = op_kind(op)
-        for peer, b in zip(ranks, bytes_to_each, strict=True):
-            if peer == self.rank or b == 0:
-                continue
-            tr.bytes_by_op_level[(kind, self._level_name[peer])] += b
-            tr.bytes_by_op_peer[(kind, peer)] += b
-        tr.seconds_by_op[kind] += seconds
-        tr.calls_by_op[kind] += 1
+        with self._lock:
+            for peer, b in zip(ranks, bytes_to_each, strict=True):
+                if peer == self.rank or b == 0:
+                    continue
+                tr.bytes_by_op_level[(kind, self._level_name[peer])] += b
+                tr.bytes_by_op_peer[(kind, peer)] += b
+            tr.calls_by_op[kind] += 1
+        self._add_seconds(op, seconds)
 
     def _run(self, op: str, ranks: Sequence[int], fn):
         start = time.perf_counter()
@@ -320,4 +413,4 @@ class Communicator:
         if work is None:
             return
         _, secs = self._run(op, ranks, lambda: work.wait())
-        self.traffic.seconds_by_op[op_kind(op)] += secs
+        self._add_seconds(op, secs)

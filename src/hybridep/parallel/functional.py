@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridep.migration.sr import SRCodec
-from hybridep.parallel.comm import Communicator, Requests
+from hybridep.parallel.comm import Communicator, Pending, Requests
 from hybridep.topology import Domains
 
 
@@ -163,20 +164,18 @@ class PipelinedExpertExchange(torch.autograd.Function):
 
 
 class PendingGather:
-    """A gather whose first (slowest) stage is in flight; :meth:`result` completes it."""
+    """A gather running on the communicator's background thread (every stage, outermost first);
+    :meth:`result` waits for it and decodes."""
 
     def __init__(self, gatherer: ExpertGatherer, local: torch.Tensor):
         self.gatherer, self.local = gatherer, local.detach()
         payload = gatherer.encode(self.local)
-        first = gatherer.groups[0]
-        self.buffer = payload.new_empty(len(first) * payload.numel())
-        self.work = gatherer.comm.all_gather(self.buffer, payload, first, "ag", async_op=True)
+        self.pending = Pending(gatherer.comm, gatherer.comm.in_background(lambda: gatherer.gather_stages(payload)),
+                               "ag", gatherer.groups[0])
 
     def encoded(self) -> torch.Tensor:
         """All members' payloads (encoded when compressing) in domain order, flat."""
-        g = self.gatherer
-        g.comm.wait(self.work, "ag", g.groups[0])
-        return g.finish_gather(self.buffer)
+        return self.pending.wait()
 
     def result(self) -> torch.Tensor:
         return self.gatherer.decode(self.encoded(), self.local)
@@ -253,10 +252,11 @@ class ExpertGatherer:
             return rows[i]
         return self.codec.decode_one(gathered.view(self.domain_size, -1)[member], rows.shape[0], i, self.shared)
 
-    def finish_gather(self, first: torch.Tensor) -> torch.Tensor:
-        """Run the inner stages on the first stage's result; return all shards in domain order."""
-        data = first
-        for group in self.groups[1:]:
+    def gather_stages(self, payload: torch.Tensor) -> torch.Tensor:
+        """Every stage of the gather of ``payload``, outermost first (blocking; run on the
+        communicator's background thread); all members' payloads in domain order, flat."""
+        data = payload
+        for group in self.groups:
             out = data.new_empty(len(group) * data.numel())
             self.comm.all_gather(out, data, group, "ag")
             data = out
@@ -266,19 +266,23 @@ class ExpertGatherer:
         return view.permute(*reversed(range(k)), k).reshape(-1)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Gather now (a gather that was not prefetched)."""
         return self.start(local).result()
 
-    def reduce_scatter_start(self, grad: torch.Tensor):
-        """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard: inner
-        stages now, the outermost one asynchronously. Returns a handle with ``wait() -> shard``."""
+    def reduce_scatter_start(self, grad: torch.Tensor) -> Pending:
+        """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard, stages
+        innermost first, on the communicator's background thread. Returns a handle with
+        ``wait() -> shard``."""
         k = len(self.stage_sizes)
         data = grad.view(*self.stage_sizes, -1).permute(*reversed(range(k)), k).reshape(-1)
-        for group in reversed(self.groups[1:]):
-            out = data.new_empty(data.numel() // len(group))
-            self.comm.reduce_scatter(out, data, group, "rs")
-            data = out
-        shard = data.new_empty(data.numel() // self.stage_sizes[0])
-        return self.comm.reduce_scatter_async(shard, data.contiguous(), self.groups[0], "rs")
+
+        def stages(data: torch.Tensor) -> torch.Tensor:
+            for group in reversed(self.groups):
+                out = data.new_empty(data.numel() // len(group))
+                self.comm.reduce_scatter(out, data, group, "rs")
+                data = out
+            return data
+        return Pending(self.comm, self.comm.in_background(functools.partial(stages, data)), "rs", self.groups[0])
 
 
 def _reduce_scatter_to_owners(gatherer: ExpertGatherer, grad: torch.Tensor,
