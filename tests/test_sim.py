@@ -220,6 +220,25 @@ def test_calibrate_compares_every_strategy_of_a_bench_result(tmp_path):
         assert r["simulated_s"] > 0 and r["sim_error"] == pytest.approx(r["simulated_s"] / r["measured_s"] - 1)
 
 
+def test_calibrate_over_repeated_runs_groups_by_configuration(tmp_path):
+    results = Path(__file__).parent.parent / "benchmarks/results"
+    paths = [results / "bench_default.json", results / "bench_ep_wins.json", results / "bench_default.json"]
+    out = tmp_path / "c.json"
+    assert main(["simulate", "--calibrate", *map(str, paths), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert len(rep["runs"]) == 3
+    single = {r["strategy"]: r for r in rep["runs"][0]["strategies"]}
+    by_config = {}
+    for r in rep["repeated"]:
+        by_config.setdefault(r["config"], {})[r["strategy"]] = r
+    assert sorted(len(v) for v in by_config.values()) == [4, 5]  # EP-wins runs no SR; default does
+    default = next(v for v in by_config.values() if "hybridep+sr50(dc=2,gpu=2)" in v)
+    for name, r in default.items():
+        assert r["runs"] == 2 and r["measured_s"] == pytest.approx(single[name]["measured_s"])
+        assert r["sim_error"] == pytest.approx(r["simulated_s"] / r["measured_s"] - 1)
+    assert rep["max_abs_sim_error"] == max(abs(r["sim_error"]) for r in rep["repeated"])
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_interleaving_rails_share_both_directions_of_the_uplink(fold):
     """Skewed routing, two rails per DC ((dc=1,gpu=2)): with rail_interleave the top-level all-to-all

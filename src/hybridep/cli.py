@@ -309,22 +309,39 @@ def _print_bench(report: dict) -> None:
         console.print(f"cost model vs measurement: median |error| {report['median_model_error']:.1%}")
 
 
+def _calibration_table(title: str, rows: list[dict], repeated: bool = False) -> None:
+    """Simulated (and cost-model) vs measured iteration time per strategy."""
+    table = Table(title=title)
+    cols = ["strategy", "measured", "simulated", "error", "cost model", "error"]
+    if repeated:
+        cols[1:1] = ["config", "runs", "measured min-max"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [r["strategy"], fmt_time(r["measured_s"]), fmt_time(r["simulated_s"]), f"{r['sim_error']:+.1%}",
+                 fmt_time(r["model_s"]), f"{r['model_error']:+.1%}"]
+        if repeated:
+            cells[1:1] = [str(r["config"]), str(r["runs"]),
+                          f"{fmt_time(r['measured_min_s'])}-{fmt_time(r['measured_max_s'])}"]
+        table.add_row(*cells)
+    console.print(table)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from hybridep.config import config_to_dict, load_config_data
     from hybridep.sim import study
 
     if args.calibrate:
-        rep = study.calibrate(args.calibrate)
-        table = Table(title=f"simulated vs measured ({args.calibrate})")
-        for col in ("strategy", "measured", "simulated", "error", "cost model", "error"):
-            table.add_column(col, justify="right")
-        for r in rep["strategies"]:
-            table.add_row(r["strategy"], fmt_time(r["measured_s"]), fmt_time(r["simulated_s"]),
-                          f"{r['sim_error']:+.1%}", fmt_time(r["model_s"]), f"{r['model_error']:+.1%}")
-        console.print(table)
+        rep = study.calibrate_runs(args.calibrate)
+        for run in rep.get("runs", [rep]):
+            _calibration_table(f"simulated vs measured ({run['bench_json']})", run["strategies"])
+        if "repeated" in rep:
+            _calibration_table(f"repeated runs ({len(rep['runs'])} results): median simulated vs median measured",
+                               rep["repeated"], repeated=True)
         if rep["median_abs_sim_error"] is not None:
             console.print(f"simulator: median |error| {rep['median_abs_sim_error']:.1%}, "
-                          f"max {rep['max_abs_sim_error']:.1%}")
+                          f"max {rep['max_abs_sim_error']:.1%}" + (" (over the repeated runs' medians)"
+                                                                    if "repeated" in rep else ""))
         _write_json(args.json, rep)
         return 0
     sweeps = study.parse_sweeps(args.sweep)
@@ -404,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep dcs, bandwidth, latency or any config key (repeatable: cartesian product)")
     p.add_argument("--trace", metavar="PATH", help="Chrome/Perfetto trace of the first point's iteration")
     p.add_argument("--plot", metavar="PATH", help="PNG: speedup over EP against the first swept variable")
-    p.add_argument("--calibrate", metavar="BENCH_JSON", help="compare with a hybridep bench --json result")
+    p.add_argument("--calibrate", metavar="BENCH_JSON", nargs="+",
+                   help="compare with hybridep bench --json results (several: also over the repeated runs)")
     p.set_defaults(func=cmd_simulate)
     return parser
 

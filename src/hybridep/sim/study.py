@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,3 +284,35 @@ def calibrate(bench_json: str | Path) -> dict:
     return {"bench_json": str(bench_json), "flops": flops, "link_bytes_per_s": list(net.port_bytes_per_s),
             "strategies": rows, "median_abs_sim_error": errs[len(errs) // 2] if errs else None,
             "max_abs_sim_error": errs[-1] if errs else None}
+
+
+def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
+    """:func:`calibrate` for each result; with several, also per strategy over the repeated runs
+    of one configuration (the same ``config`` apart from its ``bench`` section): the median
+    measured time against the median simulated one. On a shared-core testbed a single run's median
+    moves by more than the model's error between runs; repeats separate the two."""
+    runs = [calibrate(p) for p in bench_jsons]
+    if len(runs) == 1:
+        return runs[0]
+    configs: list[str] = []
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for path, run in zip(bench_jsons, runs, strict=True):
+        cfg = {k: v for k, v in json.loads(Path(path).read_text())["config"].items() if k != "bench"}
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in configs:
+            configs.append(key)
+        for row in run["strategies"]:
+            groups.setdefault((configs.index(key), row["strategy"]), []).append({**row, "bench_json": str(path)})
+    repeated = []
+    for (group, name), rows in groups.items():
+        measured = float(statistics.median([r["measured_s"] for r in rows]))
+        simulated = float(statistics.median([r["simulated_s"] for r in rows]))
+        model = float(statistics.median([r["model_s"] for r in rows]))
+        repeated.append({"config": group, "strategy": name, "runs": len(rows),
+                         "bench_jsons": [r["bench_json"] for r in rows],
+                         "measured_s": measured, "measured_min_s": min(r["measured_s"] for r in rows),
+                         "measured_max_s": max(r["measured_s"] for r in rows), "simulated_s": simulated,
+                         "model_s": model, "sim_error": simulated / measured - 1, "model_error": model / measured - 1})
+    errs = sorted(abs(r["sim_error"]) for r in repeated)
+    return {"runs": runs, "repeated": repeated, "median_abs_sim_error": errs[len(errs) // 2],
+            "max_abs_sim_error": errs[-1]}
