@@ -79,3 +79,33 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     held = 1e-9 * cfg.topology.world_size * w.expert_bytes * w.layers  # all experts, forward + backward
     _, flops2 = calibrated_model(cfg, results, rates, {"optimizer_byte_s": per_byte, "expert_weight_byte_s": 1e-9})
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))
+
+
+def test_gathers_run_at_the_rate_measured_while_computing():
+    from hybridep.bench import calibrated_model
+    from hybridep.costmodel import predict, workload_from_config
+    from hybridep.topology import Domains
+
+    cfg = load_config()
+    rates = [lv.bandwidth_bps for lv in cfg.topology.levels]
+    results = {COMPUTE_ONLY: {"median_iter_s": 0.5}}
+    idle = {"efficiency_by_level": [1.0, 0.8], "gather_efficiency_by_level": [1.0, 0.8]}
+    busy = {**idle, "busy_gather_efficiency_by_level": [0.5, 0.2]}
+    (net_idle, flops), (net_busy, _) = (calibrated_model(cfg, results, rates, c) for c in (idle, busy))
+    assert net_busy.gather_efficiency == pytest.approx((0.5, 0.25))  # relative to the all-to-all's
+    dom = Domains(net_idle.topology, (2, 2))
+    w = workload_from_config(cfg, flops=flops)
+    a, b = predict(dom, w, net_idle, cfg.terms), predict(dom, w, net_busy, cfg.terms)
+    assert b.ag_phase_s > a.ag_phase_s and b.rs_s > a.rs_s
+
+
+def test_link_calibration_measures_the_gather_while_computing():
+    import workers
+
+    from hybridep.launch import run_local
+
+    for cal in run_local(workers.link_calibration, 4, (), timeout_s=120):
+        for key in ("efficiency_by_level", "gather_efficiency_by_level", "busy_gather_efficiency_by_level"):
+            assert len(cal[key]) == 2 and all(0 < e <= 1 for e in cal[key]), (key, cal[key])
+        assert [len(t) for t in cal["busy_gather_seconds_by_level"]] == [2, 2]
+        assert all(t > 0 for level in cal["busy_gather_seconds_by_level"] for t in level)

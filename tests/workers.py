@@ -242,3 +242,11 @@ def sr_checks(rank, world, sizes):
     dist.all_reduce(tensors)
     out["ag_total"] = tensors.tolist()
     return out
+
+
+def link_calibration(rank, world):
+    """The bench's link calibration on loopback (2 DCs x 2 ranks), with the busy gather."""
+    from hybridep.bench_worker import calibrate_links
+
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
+    return calibrate_links(comm, [1e8, 1e9], mib=0.25, reps=2, shard_bytes=8192)

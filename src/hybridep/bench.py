@@ -98,13 +98,15 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     ``calibration``) -- compute by the compute-only run less what holding every expert costs its
     ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
     both measured), each level's links by its probed rate times the measured all-to-all efficiency
-    (the expert gather's measured efficiency relative to it), latency zero (what the testbed has;
+    (the expert gather's, measured while every rank computes, relative to it), latency zero (what the testbed has;
     the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     cal = calibration or {}
     efficiency = cal.get("efficiency_by_level") or [1.0] * len(rates_bps)
-    gather_efficiency = cal.get("gather_efficiency_by_level")
+    # the gathers and reduce-scatters run while the ranks compute: their efficiency measured so
+    # (older results: measured idle)
+    gather_efficiency = cal.get("busy_gather_efficiency_by_level") or cal.get("gather_efficiency_by_level")
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
     topo = net0.topology

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,8 @@ from hybridep.probe import measure_expert_weight_byte_s
 from hybridep.topology import Topology
 
 
-def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0, reps: int = 7) -> dict:
+def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0, reps: int = 7,
+                    shard_bytes: int | None = None) -> dict:
     """Measured efficiency of our all-to-all on each level's links: for level l, every group of
     siblings at level l runs one uniform all-to-all at once (one warm-up, then ``reps`` timed);
     efficiency = the cost model's time for it at the probed rates / the fastest measured time,
@@ -35,7 +37,14 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
 
     The same for the expert all-gather (``gather_efficiency_by_level``): for level l, every group
     of siblings at level l gathers a shard of ``mib / count`` MiB per rank at once, as the first
-    stage of a domain spanning that level does."""
+    stage of a domain spanning that level does.
+
+    And the same gather *while every rank computes* (``busy_gather_efficiency_by_level``), as the
+    runtime's gathers and reduce-scatters run in training: each rank runs the gather as a background
+    chain (shards of ``shard_bytes``, the bench model's experts of one rank and layer) and keeps
+    multiplying matrices until it lands; efficiency = the model's time / the median measured one.
+    On shared cores a transfer waits for its sender's and receiver's threads to be scheduled, which
+    an idle probe does not see."""
     import time
 
     from hybridep.config import CostTerms
@@ -57,11 +66,14 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
             times.append(time.perf_counter() - start)
         return times[1:]
 
-    efficiency, seconds, gather_eff = [], [], []
+    efficiency, seconds, gather_eff, busy_eff, busy_seconds = [], [], [], [], []
     for level, count in enumerate(topo.counts):
         if count == 1:
             efficiency.append(1.0)
             gather_eff.append(1.0)
+            if shard_bytes:
+                busy_eff.append(1.0)
+                busy_seconds.append([])
             seconds.append([])
             continue
         gdom = Domains(topo, tuple(count if i == level else 1 for i in range(topo.num_levels)))
@@ -73,6 +85,14 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
         gtimes = timed(functools.partial(comm.all_gather, gathered, shard, group, "calibrate"))
         gw = Workload(dispatch_bytes=0.0, expert_bytes=float(shard.numel() * 4), pre_expert_s=0.0)
         gather_eff.append(min(1.0, predict(gdom, gw, net, off).ag_phase_s / min(gtimes)))
+        if shard_bytes:
+            small = torch.zeros(max(1, shard_bytes // 4))
+            small_out = torch.empty(count * small.numel())
+            btimes = timed(functools.partial(_while_computing, comm, group, functools.partial(
+                comm.all_gather, small_out, small, group, "calibrate")))
+            bw = Workload(dispatch_bytes=0.0, expert_bytes=float(small.numel() * 4), pre_expert_s=0.0)
+            busy_eff.append(min(1.0, predict(gdom, bw, net, off).ag_phase_s / statistics.median(btimes)))
+            busy_seconds.append(btimes)
         sizes = tuple(1 if i == level else c for i, c in enumerate(topo.counts))
         dom = Domains(topo, sizes)
         rail = dom.rail_groups()[dom.offset_index(comm.rank)]
@@ -87,7 +107,20 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
         efficiency.append(min(1.0, ideal / min(times)))
         seconds.append(times)
     comm.traffic.reset()
-    return {"efficiency_by_level": efficiency, "seconds_by_level": seconds, "gather_efficiency_by_level": gather_eff}
+    out = {"efficiency_by_level": efficiency, "seconds_by_level": seconds, "gather_efficiency_by_level": gather_eff}
+    if shard_bytes:
+        out.update(busy_gather_efficiency_by_level=busy_eff, busy_gather_seconds_by_level=busy_seconds)
+    return out
+
+
+def _while_computing(comm: Communicator, group: list[int], op) -> None:
+    """Run ``op`` (a blocking collective in ``group``) as a background chain and multiply
+    matrices on this thread until it has landed."""
+    future = comm.in_background(op)
+    a = torch.randn(128, 128)
+    while not future.done():
+        a = torch.tanh(a @ a)
+    comm.result(future, "calibrate", group)
 
 
 def ranks_median(value: float) -> float:
@@ -135,10 +168,14 @@ def main(spec_path: str, out_dir: str) -> int:
     results = {}
     calibration = {}
     if spec.get("shaped"):
-        calibration = calibrate_links(comm, spec["rates_bps"])
+        calibration = calibrate_links(comm, spec["rates_bps"],
+                                      shard_bytes=expert_params(cfg) * 4 * max(1, cfg.experts // topo.world_size))
         if rank == 0:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
+            busy = ", ".join(f"{n} {e:.2f}" for n, e in
+                             zip(topo.names, calibration["busy_gather_efficiency_by_level"], strict=True))
+            print(f"[calibrate] expert-gather efficiency while computing, per level: {busy}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k
