@@ -81,22 +81,28 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))
 
 
-def test_gathers_run_at_the_rate_measured_while_computing():
+def test_gather_stages_pay_the_delay_measured_while_computing():
     from hybridep.bench import calibrated_model
     from hybridep.costmodel import predict, workload_from_config
+    from hybridep.sim.iteration import simulate
     from hybridep.topology import Domains
 
     cfg = load_config()
     rates = [lv.bandwidth_bps for lv in cfg.topology.levels]
     results = {COMPUTE_ONLY: {"median_iter_s": 0.5}}
     idle = {"efficiency_by_level": [1.0, 0.8], "gather_efficiency_by_level": [1.0, 0.8]}
-    busy = {**idle, "busy_gather_efficiency_by_level": [0.5, 0.2]}
+    busy = {**idle, "gather_delay_s_by_level": [0.004, 0.01]}
     (net_idle, flops), (net_busy, _) = (calibrated_model(cfg, results, rates, c) for c in (idle, busy))
-    assert net_busy.gather_efficiency == pytest.approx((0.5, 0.25))  # relative to the all-to-all's
-    dom = Domains(net_idle.topology, (2, 2))
+    assert net_busy.stage_delay_s == (0.004, 0.01) and net_idle.stage_delay_s is None
     w = workload_from_config(cfg, flops=flops)
-    a, b = predict(dom, w, net_idle, cfg.terms), predict(dom, w, net_busy, cfg.terms)
-    assert b.ag_phase_s > a.ag_phase_s and b.rs_s > a.rs_s
+    for sizes, stages in (((2, 2), 0.014), ((1, 2), 0.01), ((2, 1), 0.004)):
+        dom = Domains(net_idle.topology, sizes)
+        a, b = predict(dom, w, net_idle, cfg.terms), predict(dom, w, net_busy, cfg.terms)
+        assert b.ag_phase_s == pytest.approx(a.ag_phase_s + stages)  # one delay per stage
+        assert simulate(dom, w, net_busy, cfg.terms, False).iteration_s >= simulate(
+            dom, w, net_idle, cfg.terms, False).iteration_s
+    ep = Domains(net_idle.topology, (1, 1))  # no gather, no delay
+    assert predict(ep, w, net_busy, cfg.terms).iteration_s == predict(ep, w, net_idle, cfg.terms).iteration_s
 
 
 def test_link_calibration_measures_the_gather_while_computing():
@@ -105,7 +111,8 @@ def test_link_calibration_measures_the_gather_while_computing():
     from hybridep.launch import run_local
 
     for cal in run_local(workers.link_calibration, 4, (), timeout_s=120):
-        for key in ("efficiency_by_level", "gather_efficiency_by_level", "busy_gather_efficiency_by_level"):
+        for key in ("efficiency_by_level", "gather_efficiency_by_level"):
             assert len(cal[key]) == 2 and all(0 < e <= 1 for e in cal[key]), (key, cal[key])
+        assert len(cal["gather_delay_s_by_level"]) == 2 and all(d >= 0 for d in cal["gather_delay_s_by_level"])
         assert [len(t) for t in cal["busy_gather_seconds_by_level"]] == [2, 2]
         assert all(t > 0 for level in cal["busy_gather_seconds_by_level"] for t in level)

@@ -98,23 +98,24 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     ``calibration``) -- compute by the compute-only run less what holding every expert costs its
     ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
     both measured), each level's links by its probed rate times the measured all-to-all efficiency
-    (the expert gather's, measured while every rank computes, relative to it), latency zero (what the testbed has;
+    (the expert gather's measured efficiency relative to it, and its measured delay per stage
+    while every rank computes), latency zero (what the testbed has;
     the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     cal = calibration or {}
     efficiency = cal.get("efficiency_by_level") or [1.0] * len(rates_bps)
-    # the gathers and reduce-scatters run while the ranks compute: their efficiency measured so
-    # (older results: measured idle)
-    gather_efficiency = cal.get("busy_gather_efficiency_by_level") or cal.get("gather_efficiency_by_level")
+    gather_efficiency = cal.get("gather_efficiency_by_level")
     # the testbed cannot emulate latency (no netem): the model of *this* run uses none
     net0 = Network.from_config(cfg)
     topo = net0.topology
     relative = None
     if gather_efficiency is not None:
         relative = tuple(g / e for g, e in zip(gather_efficiency, efficiency, strict=True))
+    delay = cal.get("gather_delay_s_by_level")  # the gathers run while the ranks compute
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
-                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative)
+                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative,
+                  tuple(delay) if delay else None)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
     # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
     w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,

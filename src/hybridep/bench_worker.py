@@ -39,11 +39,12 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     of siblings at level l gathers a shard of ``mib / count`` MiB per rank at once, as the first
     stage of a domain spanning that level does.
 
-    And the same gather *while every rank computes* (``busy_gather_efficiency_by_level``), as the
+    And the same gather *while every rank computes* (``busy_gather_seconds_by_level``), as the
     runtime's gathers and reduce-scatters run in training: each rank runs the gather as a background
     chain (shards of ``shard_bytes``, the bench model's experts of one rank and layer) and keeps
-    multiplying matrices until it lands; efficiency = the model's time / the median measured one.
-    On shared cores a transfer waits for its sender's and receiver's threads to be scheduled, which
+    multiplying matrices until it lands. ``gather_delay_s_by_level``: the median of those times less
+    the idle gather's time for the same bytes -- on shared cores a transfer waits for its sender's
+    and receiver's threads to be scheduled, a delay per transfer rather than a rate, which
     an idle probe does not see."""
     import time
 
@@ -66,13 +67,13 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
             times.append(time.perf_counter() - start)
         return times[1:]
 
-    efficiency, seconds, gather_eff, busy_eff, busy_seconds = [], [], [], [], []
+    efficiency, seconds, gather_eff, busy_delay, busy_seconds = [], [], [], [], []
     for level, count in enumerate(topo.counts):
         if count == 1:
             efficiency.append(1.0)
             gather_eff.append(1.0)
             if shard_bytes:
-                busy_eff.append(1.0)
+                busy_delay.append(0.0)
                 busy_seconds.append([])
             seconds.append([])
             continue
@@ -91,7 +92,8 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
             btimes = timed(functools.partial(_while_computing, comm, group, functools.partial(
                 comm.all_gather, small_out, small, group, "calibrate")))
             bw = Workload(dispatch_bytes=0.0, expert_bytes=float(small.numel() * 4), pre_expert_s=0.0)
-            busy_eff.append(min(1.0, predict(gdom, bw, net, off).ag_phase_s / statistics.median(btimes)))
+            idle = predict(gdom, bw, net, off).ag_phase_s / gather_eff[-1]
+            busy_delay.append(max(0.0, statistics.median(btimes) - idle))
             busy_seconds.append(btimes)
         sizes = tuple(1 if i == level else c for i, c in enumerate(topo.counts))
         dom = Domains(topo, sizes)
@@ -109,7 +111,7 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     comm.traffic.reset()
     out = {"efficiency_by_level": efficiency, "seconds_by_level": seconds, "gather_efficiency_by_level": gather_eff}
     if shard_bytes:
-        out.update(busy_gather_efficiency_by_level=busy_eff, busy_gather_seconds_by_level=busy_seconds)
+        out.update(gather_delay_s_by_level=busy_delay, busy_gather_seconds_by_level=busy_seconds)
     return out
 
 
@@ -173,9 +175,9 @@ def main(spec_path: str, out_dir: str) -> int:
         if rank == 0:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)
-            busy = ", ".join(f"{n} {e:.2f}" for n, e in
-                             zip(topo.names, calibration["busy_gather_efficiency_by_level"], strict=True))
-            print(f"[calibrate] expert-gather efficiency while computing, per level: {busy}", flush=True)
+            busy = ", ".join(f"{n} {e * 1e3:.1f} ms" for n, e in
+                             zip(topo.names, calibration["gather_delay_s_by_level"], strict=True))
+            print(f"[calibrate] expert-gather delay per stage while computing, per level: {busy}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k

@@ -191,8 +191,17 @@ class Network:
     """Per level, the rate the expert gather (and its reduce-scatter) achieves relative to
     ``port_bytes_per_s`` (a calibration: the bench measures it); None = 1."""
 
+    stage_delay_s: tuple[float, ...] | None = None
+    """Per level, seconds each expert-gather (and reduce-scatter) stage over that level takes
+    beyond its bytes at the gather rate, because it runs while the ranks compute: on shared cores a
+    transfer waits for its sender's and receiver's threads (a calibration: the bench measures it);
+    None = 0. Charged whatever ``CostTerms.latency`` says: it is a cost of this host, not of a link."""
+
     def gather_rate_factor(self, level: int) -> float:
         return 1.0 if self.gather_efficiency is None else self.gather_efficiency[level]
+
+    def stage_delay(self, level: int) -> float:
+        return 0.0 if self.stage_delay_s is None else self.stage_delay_s[level]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Network:
@@ -447,14 +456,14 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
                 for lv in range(L)]
         first = 1 if net.dc_link_bytes_per_s is not None else 0
         t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency)
-                for lv in range(first, L))
+                + (net.stage_delay(lv) if port[lv] > 0 else 0.0) for lv in range(first, L))
         if first:
             c0 = topo.counts[0]
             d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
             same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
             pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes / net.gather_rate_factor(0))
             t0 = _top_link_time(dom, net, pair, same_dom)
-            t += t0 + (net.latency_s[0] if terms.latency else 0.0) if t0 > 0 else 0.0
+            t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
         return t
 
     ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]

@@ -218,11 +218,14 @@ class IterationSim:
 
     def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
         """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``, at the
-        network's gather efficiency of that level."""
+        network's gather efficiency of that level, each flow ending its stage delay after its last
+        byte (on top of the level's latency)."""
         batch = self._stage_flows(op, lv, shard_bytes, label)
         factor = self.net.gather_rate_factor(lv)
         if factor != 1.0:
             batch.cost = np.full(batch.classes, 1.0 / factor)
+        if self.net.stage_delay(lv):
+            batch.latency = batch.latency + self.net.stage_delay(lv)
         return batch
 
     def _stage_flows(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
