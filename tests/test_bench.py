@@ -101,9 +101,8 @@ def test_gather_stages_pay_the_delay_measured_while_computing():
         assert b.ag_phase_s == pytest.approx(a.ag_phase_s + stages)  # one delay per stage
         assert simulate(dom, w, net_busy, cfg.terms, False).iteration_s >= simulate(
             dom, w, net_idle, cfg.terms, False).iteration_s
-    ep = Domains(net_idle.topology, (1, 1))  # no gather; each all-to-all phase pays its slowest level's delay
-    a, b = predict(ep, w, net_idle, cfg.terms), predict(ep, w, net_busy, cfg.terms)
-    assert b.a2a_phase_s == pytest.approx(a.a2a_phase_s + 0.01) and b.ag_phase_s == a.ag_phase_s == 0.0
+    ep = Domains(net_idle.topology, (1, 1))  # no gather, no delay
+    assert predict(ep, w, net_busy, cfg.terms).iteration_s == predict(ep, w, net_idle, cfg.terms).iteration_s
 
 
 def test_link_calibration_measures_the_gather_while_computing():

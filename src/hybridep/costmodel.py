@@ -195,8 +195,7 @@ class Network:
     """Per level, seconds each expert-gather (and reduce-scatter) stage over that level takes
     beyond its bytes at the gather rate, because it runs while the ranks compute: on shared cores a
     transfer waits for its sender's and receiver's threads (a calibration: the bench measures it);
-    None = 0. Charged whatever ``CostTerms.latency`` says: it is a cost of this host, not of a link.
-    An unchunked all-to-all phase pays its slowest level's delay once too."""
+    None = 0. Charged whatever ``CostTerms.latency`` says: it is a cost of this host, not of a link."""
 
     def gather_rate_factor(self, level: int) -> float:
         return 1.0 if self.gather_efficiency is None else self.gather_efficiency[level]
@@ -313,8 +312,6 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
             port.append(float((pair / 2).max()))
         total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
     t = _phase_time(port, net, terms.latency)
-    if chunks == 1:  # the measured delay of a transfer among busy ranks (not measured chunked)
-        t += max((net.stage_delay(lv) for lv, b in enumerate(port) if b > 0), default=0.0)
     if net.dc_link_bytes_per_s is not None:
         c0 = topo.counts[0]
         d0 = np.arange(c0) // dom.sizes[0]

@@ -167,8 +167,6 @@ class IterationSim:
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
         n_cls = 0
-        # the measured delay of a transfer among busy ranks, on unchunked exchanges (as the model)
-        delay = [self.net.stage_delay(lv) if scale == 1.0 else 0.0 for lv in range(self.L)]
         for lv in range(self.L):
             n = self._a2a_peers[lv]
             if n == 0:
@@ -177,7 +175,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(ranks))
                 sizes.append(self.flow_bytes[layer, ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
-                lats.append(np.full(len(ranks), self.lat[lv] + delay[lv]))
+                lats.append(np.full(len(ranks), self.lat[lv]))
                 rel.append(release)
                 owner.append(ranks)
                 other.append(np.full(len(ranks), -1))  # folded: the senders are not tracked
@@ -196,7 +194,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(b))
                 sizes.append(self.flow_bytes[layer, b] * scale)
                 counts.append(np.ones(len(b)))
-                lats.append(np.full(len(b), self.lat[lv] + delay[lv]))
+                lats.append(np.full(len(b), self.lat[lv]))
                 rel.append(np.repeat(release, n))
                 owner.append(b)
                 other.append(a)
