@@ -159,20 +159,6 @@ class Pending:
         return self.comm.result(self.future, self.op, self.ranks)
 
 
-class AsyncReduceScatter:
-    """An in-flight reduce-scatter: ``wait()`` completes the transfers and sums into ``out``."""
-
-    def __init__(self, comm: Communicator, reqs: list, recv: torch.Tensor, out: torch.Tensor, n: int,
-                 ranks: Sequence[int], op: str):
-        self.comm, self.reqs, self.recv, self.out, self.n, self.ranks, self.op = comm, reqs, recv, out, n, ranks, op
-
-    def wait(self) -> torch.Tensor:
-        _, secs = self.comm._run(self.op, self.ranks, Requests(self.reqs).wait)
-        self.comm._add_seconds(self.op, secs)
-        torch.sum(self.recv.view(self.n, -1), dim=0, out=self.out)
-        return self.out
-
-
 class Communicator:
     """Process groups of one topology and counted, timed, error-wrapped collectives."""
 
@@ -349,52 +335,33 @@ class Communicator:
         if self.traffic.record_outer_intervals and min(self._level[r] for r in ranks) == 0:
             self.traffic.outer_intervals.append((start, end))
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag",
-                   async_op: bool = False):
-        """All-gather of equal shards into ``out`` (member order); returns a work handle if async."""
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "ag") -> None:
+        """All-gather of equal shards into ``out`` (member order)."""
         if len(ranks) == 1:
             out.copy_(inp)
-            return None
+            return
         if self.a2a_impl == "p2p":  # direct transfers, receives first (see _p2p_start)
             n = len(ranks)
-            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(out.view(n, -1), [1] * n, [inp] * n, ranks))
-            work = Requests(reqs)
-            if not async_op:
-                _, more = self._run(op, ranks, work.wait)
-                secs, work = secs + more, None
+            _, secs = self._run(op, ranks, lambda: Requests(
+                self._p2p_start(out.view(n, -1), [1] * n, [inp] * n, ranks)).wait())
         else:
-            work, secs = self._run(op, ranks, lambda: dist.all_gather_single(
-                out, inp, group=self.group(ranks), async_op=async_op))
+            _, secs = self._run(op, ranks, lambda: dist.all_gather_single(out, inp, group=self.group(ranks)))
         self._record(op, ranks, [inp.numel() * inp.element_size()] * len(ranks), secs)
-        return work
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int], op: str = "rs") -> None:
-        """Sum-reduce-scatter of ``inp`` (member-major) into this member's shard ``out``.
+        """Sum-reduce-scatter of ``inp`` (flat, member-major) into this member's shard ``out``.
 
         Done as one all-to-all of the shards plus a local sum: each member's shard crosses each link
         exactly once (gloo's own reduce-scatter moves about twice that).
         """
-        handle = self.reduce_scatter_async(out, inp, ranks, op)
-        if handle is not None:
-            handle.wait()
-
-    def reduce_scatter_async(self, out: torch.Tensor, inp: torch.Tensor, ranks: Sequence[int],
-                             op: str = "rs") -> AsyncReduceScatter | None:
-        """Start :meth:`reduce_scatter`; the sum lands in ``out`` when the handle's ``wait()`` returns."""
         if len(ranks) == 1:
             out.copy_(inp)
-            return None
+            return
         n = len(ranks)
         recv = inp.new_empty(inp.numel())
         split = [out.numel()] * n
-        if self.a2a_impl == "p2p":
-            reqs, secs = self._run(op, ranks, lambda: self._p2p_start(recv, split, _chunks(inp, split), ranks))
-        else:
-            work, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
-                recv, inp, split, split, group=self.group(ranks), async_op=True))
-            reqs = [work]
-        self._record(op, ranks, [out.numel() * out.element_size()] * n, secs)
-        return AsyncReduceScatter(self, reqs, recv, out, n, ranks, op)
+        self.all_to_all(recv, inp, split, split, ranks, op)
+        torch.sum(recv.view(n, -1), dim=0, out=out)
 
     def all_reduce(self, tensor: torch.Tensor, ranks: Sequence[int], op: str = "allreduce",
                    async_op: bool = False):

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -269,20 +268,23 @@ class ExpertGatherer:
         """Gather now (a gather that was not prefetched)."""
         return self.start(local).result()
 
+    def reduce_scatter_stages(self, data: torch.Tensor) -> torch.Tensor:
+        """Every stage of the reduce-scatter of ``data`` (stage-major, see
+        :meth:`reduce_scatter_start`), innermost first (blocking; run on the communicator's
+        background thread); this rank's summed shard."""
+        for group in reversed(self.groups):
+            out = data.new_empty(data.numel() // len(group))
+            self.comm.reduce_scatter(out, data, group, "rs")
+            data = out
+        return data
+
     def reduce_scatter_start(self, grad: torch.Tensor) -> Pending:
-        """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard, stages
-        innermost first, on the communicator's background thread. Returns a handle with
-        ``wait() -> shard``."""
+        """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard, on the
+        communicator's background thread. Returns a handle with ``wait() -> shard``."""
         k = len(self.stage_sizes)
         data = grad.view(*self.stage_sizes, -1).permute(*reversed(range(k)), k).reshape(-1)
-
-        def stages(data: torch.Tensor) -> torch.Tensor:
-            for group in reversed(self.groups):
-                out = data.new_empty(data.numel() // len(group))
-                self.comm.reduce_scatter(out, data, group, "rs")
-                data = out
-            return data
-        return Pending(self.comm, self.comm.in_background(functools.partial(stages, data)), "rs", self.groups[0])
+        return Pending(self.comm, self.comm.in_background(lambda: self.reduce_scatter_stages(data)), "rs",
+                       self.groups[0])
 
 
 def _reduce_scatter_to_owners(gatherer: ExpertGatherer, grad: torch.Tensor,

@@ -248,12 +248,8 @@ def plot(points: list[dict], var: str | None, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- calibration
-def calibrate(bench_json: str | Path) -> dict:
-    """Simulate the strategies of a ``hybridep bench --json`` result on its calibrated network
-    (probed link rates x measured all-to-all efficiency, compute rate of the compute-only run)
-    and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload
-
+def _read_bench(bench_json: str | Path) -> dict:
+    """A ``hybridep bench --json`` result, or a :class:`ConfigError` naming what is wrong with it."""
     try:
         report = json.loads(Path(bench_json).read_text())
     except (OSError, ValueError) as err:
@@ -261,6 +257,23 @@ def calibrate(bench_json: str | Path) -> dict:
     for key in ("config", "strategies", "probed_rates_bps"):
         if key not in report:
             raise ConfigError([("--calibrate", str(bench_json), f"bench JSON lacks {key!r}")])
+    return report
+
+
+def _error_summary(rows: list[dict]) -> dict:
+    """Median and largest |sim_error| of ``rows`` (None without rows)."""
+    errs = sorted(abs(r["sim_error"]) for r in rows)
+    return {"median_abs_sim_error": errs[len(errs) // 2] if errs else None,
+            "max_abs_sim_error": errs[-1] if errs else None}
+
+
+def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
+    """Simulate the strategies of a ``hybridep bench --json`` result (``report``, read from
+    ``bench_json`` unless given) on its calibrated network (probed link rates x measured all-to-all
+    efficiency, compute rate of the compute-only run) and compare with the measured medians."""
+    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload
+
+    report = report if report is not None else _read_bench(bench_json)
     cfg = config_from_dict(report["config"])
     rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
     measured = {k: v for k, v in report["strategies"].items()}
@@ -280,10 +293,8 @@ def calibrate(bench_json: str | Path) -> dict:
         model_s = predict(dom, w, net, cfg.terms).iteration_s
         rows.append({"strategy": name, "measured_s": m["median_iter_s"], "simulated_s": sim, "model_s": model_s,
                      "sim_error": sim / m["median_iter_s"] - 1, "model_error": model_s / m["median_iter_s"] - 1})
-    errs = sorted(abs(r["sim_error"]) for r in rows)
     return {"bench_json": str(bench_json), "flops": flops, "link_bytes_per_s": list(net.port_bytes_per_s),
-            "strategies": rows, "median_abs_sim_error": errs[len(errs) // 2] if errs else None,
-            "max_abs_sim_error": errs[-1] if errs else None}
+            "strategies": rows, **_error_summary(rows)}
 
 
 def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
@@ -291,14 +302,14 @@ def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
     of one configuration (the same ``config`` apart from its ``bench`` section): the median
     measured time against the median simulated one. On a shared-core testbed a single run's median
     moves by more than the model's error between runs; repeats separate the two."""
-    runs = [calibrate(p) for p in bench_jsons]
+    reports = [_read_bench(p) for p in bench_jsons]
+    runs = [calibrate(p, r) for p, r in zip(bench_jsons, reports, strict=True)]
     if len(runs) == 1:
         return runs[0]
     configs: list[str] = []
     groups: dict[tuple[int, str], list[dict]] = {}
-    for path, run in zip(bench_jsons, runs, strict=True):
-        cfg = {k: v for k, v in json.loads(Path(path).read_text())["config"].items() if k != "bench"}
-        key = json.dumps(cfg, sort_keys=True)
+    for path, report, run in zip(bench_jsons, reports, runs, strict=True):
+        key = json.dumps({k: v for k, v in report["config"].items() if k != "bench"}, sort_keys=True)
         if key not in configs:
             configs.append(key)
         for row in run["strategies"]:
@@ -313,6 +324,4 @@ def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
                          "measured_s": measured, "measured_min_s": min(r["measured_s"] for r in rows),
                          "measured_max_s": max(r["measured_s"] for r in rows), "simulated_s": simulated,
                          "model_s": model, "sim_error": simulated / measured - 1, "model_error": model / measured - 1})
-    errs = sorted(abs(r["sim_error"]) for r in repeated)
-    return {"runs": runs, "repeated": repeated, "median_abs_sim_error": errs[len(errs) // 2],
-            "max_abs_sim_error": errs[-1]}
+    return {"runs": runs, "repeated": repeated, **_error_summary(repeated)}
