@@ -81,7 +81,7 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))
 
 
-def test_gather_stages_pay_the_delay_measured_while_computing():
+def test_gather_stages_and_exchanges_inside_a_dc_pay_the_delay_measured_while_computing():
     from hybridep.bench import calibrated_model
     from hybridep.costmodel import predict, workload_from_config
     from hybridep.sim.iteration import simulate
@@ -95,14 +95,19 @@ def test_gather_stages_pay_the_delay_measured_while_computing():
     (net_idle, flops), (net_busy, _) = (calibrated_model(cfg, results, rates, c) for c in (idle, busy))
     assert net_busy.stage_delay_s == (0.004, 0.01) and net_idle.stage_delay_s is None
     w = workload_from_config(cfg, flops=flops)
-    for sizes, stages in (((2, 2), 0.014), ((1, 2), 0.01), ((2, 1), 0.004)):
+    # all-to-all (2,2): none; (1,2): over the DC links, set by them; (2,1): inside each DC, beside
+    # the gather chains over the DC links, pays the delay of its level once per phase
+    for sizes, stages, a2a in (((2, 2), 0.014, 0.0), ((1, 2), 0.01, 0.0), ((2, 1), 0.004, 0.01)):
         dom = Domains(net_idle.topology, sizes)
         a, b = predict(dom, w, net_idle, cfg.terms), predict(dom, w, net_busy, cfg.terms)
         assert b.ag_phase_s == pytest.approx(a.ag_phase_s + stages)  # one delay per stage
+        assert b.a2a_phase_s == pytest.approx(a.a2a_phase_s + a2a)  # beside the chains, once per phase
         assert simulate(dom, w, net_busy, cfg.terms, False).iteration_s >= simulate(
             dom, w, net_idle, cfg.terms, False).iteration_s
-    ep = Domains(net_idle.topology, (1, 1))  # no gather, no delay
+    ep = Domains(net_idle.topology, (1, 1))  # no gather, no chains beside its all-to-all: no delay
     assert predict(ep, w, net_busy, cfg.terms).iteration_s == predict(ep, w, net_idle, cfg.terms).iteration_s
+    assert simulate(ep, w, net_busy, cfg.terms, False).iteration_s == pytest.approx(
+        simulate(ep, w, net_idle, cfg.terms, False).iteration_s)
 
 
 def test_link_calibration_measures_the_gather_while_computing():

@@ -324,7 +324,23 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
         t0 = _top_link_time(dom, net, np.maximum(pair, pair.T), same_off)
         inner = _phase_time([0.0, *port[1:]], net, terms.latency)
         t = max(inner, t0 + lat if t0 > 0 else 0.0)
+    t += a2a_delay(dom, net)
     return t, total
+
+
+def a2a_delay(dom: Domains, net: Network) -> float:
+    """Seconds one all-to-all phase takes beyond its bytes because it runs among busy ranks: the
+    largest measured per-stage delay (:attr:`Network.stage_delay_s`) of its levels, charged when the
+    exchange stays below the top level (a rail inside each DC) and each rank's communication thread
+    runs expert gathers and reduce-scatters beside it on the same cores. Such an exchange is made of
+    short transfers (~1 ms of bytes inside a DC here) that each wait for their threads to be
+    scheduled, as the measured gather stages do. An exchange over the top-level links is set by
+    those (shaped) links -- measured on the testbed: it pays no such delay (plain EP, rails across
+    the DCs) -- and plain EP runs no chains: 0 for both."""
+    levels = [lv for lv, r in enumerate(dom.rail_factors) if r > 1]
+    if dom.domain_size == 1 or not levels or levels[0] == 0:
+        return 0.0
+    return max(net.stage_delay(lv) for lv in levels)
 
 
 def exchange_chunks(dom: Domains, w: Workload) -> int:

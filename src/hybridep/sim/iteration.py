@@ -43,6 +43,7 @@ from hybridep.config import CostTerms
 from hybridep.costmodel import (
     Network,
     Workload,
+    a2a_delay,
     codec_s,
     ddp_last_bucket_bytes,
     device_expert_s,
@@ -167,6 +168,7 @@ class IterationSim:
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
         n_cls = 0
+        lat = [x + a2a_delay(self.dom, self.net) for x in self.lat]
         for lv in range(self.L):
             n = self._a2a_peers[lv]
             if n == 0:
@@ -175,7 +177,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(ranks))
                 sizes.append(self.flow_bytes[layer, ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
-                lats.append(np.full(len(ranks), self.lat[lv]))
+                lats.append(np.full(len(ranks), lat[lv]))
                 rel.append(release)
                 owner.append(ranks)
                 other.append(np.full(len(ranks), -1))  # folded: the senders are not tracked
@@ -194,7 +196,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(b))
                 sizes.append(self.flow_bytes[layer, b] * scale)
                 counts.append(np.ones(len(b)))
-                lats.append(np.full(len(b), self.lat[lv]))
+                lats.append(np.full(len(b), lat[lv]))
                 rel.append(np.repeat(release, n))
                 owner.append(b)
                 other.append(a)
