@@ -140,13 +140,18 @@ def expert_params(cfg: LMConfig) -> int:
     return len(WEIGHT_NAMES[cfg.expert_kind]) * cfg.hidden * cfg.ffn
 
 
+def experts_per_rank(cfg: LMConfig, world: int) -> int:
+    """Experts each rank of the bench model owns (at least one)."""
+    return max(1, cfg.experts // world)
+
+
 def codec_time(cfg: LMConfig, run: dict, world: int) -> float:
     """Measured seconds to SR-encode or -decode one expert of the bench model (all ranks at once)."""
     from hybridep.migration.sr import VALUE_DTYPES, SRCodec, measure_codec_expert_s
 
     codec = SRCodec(run["sr_ratio"], expert_params(cfg), torch.float32, VALUE_DTYPES[run.get("sr_values", "float16")])
     dist.barrier()
-    return measure_codec_expert_s(codec, max(1, cfg.experts // world))
+    return measure_codec_expert_s(codec, experts_per_rank(cfg, world))
 
 
 def main(spec_path: str, out_dir: str) -> int:
@@ -171,7 +176,7 @@ def main(spec_path: str, out_dir: str) -> int:
     calibration = {}
     if spec.get("shaped"):
         calibration = calibrate_links(comm, spec["rates_bps"],
-                                      shard_bytes=expert_params(cfg) * 4 * max(1, cfg.experts // topo.world_size))
+                                      shard_bytes=expert_params(cfg) * 4 * experts_per_rank(cfg, topo.world_size))
         if rank == 0:
             eff = ", ".join(f"{n} {e:.2f}" for n, e in zip(topo.names, calibration["efficiency_by_level"], strict=True))
             print(f"[calibrate] all-to-all link efficiency per level: {eff}", flush=True)

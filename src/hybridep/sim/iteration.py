@@ -154,6 +154,7 @@ class IterationSim:
         self.expert_s = (device_expert_s(w, factor, self.G) + held
                          if terms.expert_compute else np.zeros_like(factor))
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
+        self.a2a_lat = [x + a2a_delay(dom, net) for x in self.lat]  # an exchange among busy ranks
         self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
         self.classes = 0
@@ -168,7 +169,6 @@ class IterationSim:
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
         n_cls = 0
-        lat = [x + a2a_delay(self.dom, self.net) for x in self.lat]
         for lv in range(self.L):
             n = self._a2a_peers[lv]
             if n == 0:
@@ -177,7 +177,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(ranks))
                 sizes.append(self.flow_bytes[layer, ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
-                lats.append(np.full(len(ranks), lat[lv]))
+                lats.append(np.full(len(ranks), self.a2a_lat[lv]))
                 rel.append(release)
                 owner.append(ranks)
                 other.append(np.full(len(ranks), -1))  # folded: the senders are not tracked
@@ -196,7 +196,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(b))
                 sizes.append(self.flow_bytes[layer, b] * scale)
                 counts.append(np.ones(len(b)))
-                lats.append(np.full(len(b), lat[lv]))
+                lats.append(np.full(len(b), self.a2a_lat[lv]))
                 rel.append(np.repeat(release, n))
                 owner.append(b)
                 other.append(a)

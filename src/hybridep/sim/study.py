@@ -306,14 +306,13 @@ def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
     runs = [calibrate(p, r) for p, r in zip(bench_jsons, reports, strict=True)]
     if len(runs) == 1:
         return runs[0]
-    configs: list[str] = []
+    config_ids: dict[str, int] = {}  # numbered in order of appearance
     groups: dict[tuple[int, str], list[dict]] = {}
     for path, report, run in zip(bench_jsons, reports, runs, strict=True):
         key = json.dumps({k: v for k, v in report["config"].items() if k != "bench"}, sort_keys=True)
-        if key not in configs:
-            configs.append(key)
+        config = config_ids.setdefault(key, len(config_ids))
         for row in run["strategies"]:
-            groups.setdefault((configs.index(key), row["strategy"]), []).append({**row, "bench_json": str(path)})
+            groups.setdefault((config, row["strategy"]), []).append({**row, "bench_json": str(path)})
     repeated = []
     for (group, name), rows in groups.items():
         measured = float(statistics.median([r["measured_s"] for r in rows]))
