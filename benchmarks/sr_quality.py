@@ -1,7 +1,8 @@
 """Training quality under residual compression: the benchmark's language model trained for N steps
 under ``ep`` and ``hybridep+sr`` (CR 50, full domain) with the shared basis (the paper's), the
-delta basis (receivers' synchronised copies) and no basis (ablation: top-k of the raw expert), on
-4 local processes (loopback: quality, not speed).
+delta basis (receivers' synchronised copies) -- with dense and with top-k (error feedback) gradient
+return -- and no basis (ablation: top-k of the raw expert), on 4 local processes (loopback:
+quality, not speed).
 
     python benchmarks/sr_quality.py [--steps 300] [--ratio 50] [--json PATH] [--plot PATH]
 """
@@ -30,6 +31,7 @@ def worker(rank, world, steps, ratio):
     variants = (("ep", {"strategy": "ep", "domain_sizes": (1, 1)}),
                 (f"hybridep+sr{ratio:g} shared basis", {**sr, "sr_basis": "shared"}),
                 (f"hybridep+sr{ratio:g} delta basis", {**sr, "sr_basis": "delta"}),
+                (f"hybridep+sr{ratio:g} delta basis, top-k gradients", {**sr, "sr_basis": "delta", "sr_grads": "topk"}),
                 (f"hybridep+sr{ratio:g} without shared", {**sr, "sr_basis": "zero"}))
     for name, extra in variants:
         res = run(lm, RunSpec(steps=steps, warmup=1, batch_size=batch // 4, seed=0, **extra), comm)
@@ -53,7 +55,7 @@ def main() -> None:
     ep = summary["ep"]["final_loss_mean_last_5pct"]
     for name, v in summary.items():
         v["vs_ep"] = v["final_loss_mean_last_5pct"] / ep - 1
-        print(f"{name:>32}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_ep']:+.2%} vs ep)")
+        print(f"{name:>50}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_ep']:+.2%} vs ep)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,8 +22,10 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     assert strategy_name(planned.choice.domains.topology, planned.choice.domains.sizes) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
                           "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "deepspeed"}
-    assert parse_name("hybridep+sr50(dc=2,gpu=2)") == ((2, 2), 50.0) and parse_name("ep") == ((), None)
-    assert parse_name("deepspeed") == (None, None)
+    assert parse_name("hybridep+sr50(dc=2,gpu=2)") == ((2, 2), 50.0, "dense")
+    assert parse_name("ep") == ((), None, "dense")
+    assert parse_name("hybridep+sr50+topkgrads(dc=2,gpu=2)") == ((2, 2), 50.0, "topk")
+    assert parse_name("deepspeed") == (None, None, "dense")
     lm, batch = lm_config(cfg)
     assert batch * lm.seq_len == cfg.moe.tokens_per_gpu
 

@@ -316,6 +316,33 @@ def test_compression_shrinks_the_gather_and_can_enlarge_the_chosen_domain():
     assert plan(comp).choice.domains.domain_size > 1
 
 
+def test_compressed_gradients_shrink_the_reduce_scatter_over_the_dc_level_only():
+    """``moe.sr_grads: topk``: the reduce-scatter's stage over the DC level sends the compressed size
+    (model and simulator alike), the stage inside a DC stays dense, the gather is unchanged."""
+    from hybridep.costmodel import workload_from_config
+    from hybridep.sim.iteration import simulate
+
+    over = ["moe.sr_ratio=50", "compute.codec_expert_s=0"]
+    dense = load_config(CONFIGS / "bench_paper_regime.yaml", over)
+    topk = load_config(CONFIGS / "bench_paper_regime.yaml", [*over, "moe.sr_grads=topk"])
+    wd, wt = workload_from_config(dense), workload_from_config(topk)
+    assert wd.grad_bytes is None and wt.grad_bytes == wt.gather_bytes == wd.gather_bytes
+    net = Network.from_config(dense)
+    dom = Domains(net.topology, (2, 2))
+    pd, pt = predict(dom, wd, net, ALL), predict(dom, wt, net, ALL)
+    assert pd.bytes_by_level["dc"]["rs"] / pt.bytes_by_level["dc"]["rs"] == pytest.approx(
+        wd.expert_bytes / wd.gather_bytes)
+    assert pd.bytes_by_level["gpu"]["rs"] == pt.bytes_by_level["gpu"]["rs"] > 0
+    assert pd.bytes_by_level["dc"]["ag"] == pt.bytes_by_level["dc"]["ag"]
+    assert pt.rs_s < pd.rs_s and pt.iteration_s <= pd.iteration_s
+    sd, st_ = simulate(dom, wd, net, ALL), simulate(dom, wt, net, ALL)
+    assert sd.bytes_by_level["dc"]["rs"] == pytest.approx(pd.bytes_by_level["dc"]["rs"], rel=1e-9)
+    assert st_.bytes_by_level["dc"]["rs"] == pytest.approx(pt.bytes_by_level["dc"]["rs"], rel=1e-9)
+    assert st_.bytes_by_level["gpu"]["rs"] == pytest.approx(pt.bytes_by_level["gpu"]["rs"], rel=1e-9)
+    inside = Domains(net.topology, (1, 2))  # a domain inside each DC: nothing compressed
+    assert predict(inside, wt, net, ALL).rs_s == predict(inside, wd, net, ALL).rs_s
+
+
 def test_rails_sharing_an_uplink_interleave_under_skew():
     """Two rails per DC ((dc=1,gpu=2)): each direction of the DC uplink carries the mean of the two
     directions' dispatch loads; one rail (EP) keeps the heavier direction; uniform routing: no change."""

@@ -41,14 +41,15 @@ def test_twenty_adam_steps_equal_single_process(sizes):
     assert max(worst) <= 1e-5
 
 
-@pytest.mark.parametrize("sizes,chunks", [((1, 1), 1), ((2, 1), 1), ((1, 2), 1), ((2, 2), 1), ((1, 1), 3),
-                                          ((1, 2), 3)])
-def test_counted_bytes_per_level_equal_cost_model_and_simulator(sizes, chunks):
+@pytest.mark.parametrize("sizes,chunks,sr_ratio", [((1, 1), 1, None), ((2, 1), 1, None), ((1, 2), 1, None),
+                                                   ((2, 2), 1, None), ((1, 1), 3, None), ((1, 2), 3, None),
+                                                   ((2, 2), 1, 5.0)])
+def test_counted_bytes_per_level_equal_cost_model_and_simulator(sizes, chunks, sr_ratio):
     """Conservation: the runtime's counted bytes per level = the cost model's = the bytes the flow
     simulator moved over that level's links (folded and pair-exact), for the same routing; the
-    pipelined exchange (3 chunks) moves the same bytes."""
+    pipelined exchange (3 chunks) moves the same bytes; so do compressed gathers and gradients."""
     total, predicted, simulated = run_local(workers.traffic, 4, (("dc", "gpu"), (2, 2), sizes, 37, 12, 10, 2, 5,
-                                                                 chunks), timeout_s=240)[0]
+                                                                 chunks, sr_ratio), timeout_s=240)[0]
     for level in ("dc", "gpu"):
         a2a = sum(v for k, v in total.items() if k.startswith("a2a/") and k.endswith("/" + level))
         assert a2a == pytest.approx(predicted[level]["a2a"], rel=1e-12)

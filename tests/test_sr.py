@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridep.migration.sr import SRCodec, index_bytes, measure_codec_expert_s
+from hybridep.migration.sr import ErrorFeedback, SRCodec, SRSettings, index_bytes, measure_codec_expert_s
 
 
 @settings(max_examples=60)
@@ -85,6 +85,16 @@ def test_sr_in_the_runtime(sizes):
         assert pe["same"], pe
         assert pe["alive_after_forward"] == 0 and pe["decoded_total"] == 2 * pe["decoded_forward"], pe
     assert sum(r["per_expert"]["decoded_forward"] for r in res) > 0
+    for r in res:  # compressed gradient return (top-k with error feedback over the DC level)
+        gr = r["grads"]
+        assert gr["cr1_identical"] and gr["per_owner_err"] <= 1e-12, gr
+        dense_rs, topk_rs = gr["rs_bytes"]
+        if sizes[0] == 1:  # the domain stays inside a DC: nothing compressed
+            assert gr["compressed"] == [] and gr["equal_to_dense"] and dense_rs == topk_rs, gr
+        else:
+            assert gr["compressed"] == [0] and not gr["equal_to_dense"], gr
+            assert dense_rs["dc"] / topk_rs["dc"] >= 20.0 and dense_rs.get("gpu") == topk_rs.get("gpu"), gr
+    assert res[0]["grads"]["owner_grad"]  # rank 0 routed no tokens: its gradient came from the others
     for r in res:
         assert r["delta_exact"]
         first, second = r["delta_bytes"]
@@ -95,3 +105,38 @@ def test_codec_time_is_measured_per_expert():
     small = measure_codec_expert_s(SRCodec(50.0, 1_000, torch.float32, torch.float16), 2, reps=3)
     big = measure_codec_expert_s(SRCodec(50.0, 200_000, torch.float32, torch.float16), 2, reps=3)
     assert 0 < small < big < 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 3), st.integers(20, 200), st.sampled_from([1.0, 5.0, 50.0]),
+       st.integers(1, 6), st.integers(0, 10**6))
+def test_error_feedback_loses_no_gradient_mass(members, n, p, ratio, steps, seed):
+    """What the receivers decoded plus the sender's memory equals every gradient given, entry by
+    entry (float64; float16 values on the wire, their rounding kept in the memory too)."""
+    g = torch.Generator().manual_seed(seed)
+    fb = ErrorFeedback(SRCodec(ratio, p, torch.float64, torch.float16))
+    given_sum = torch.zeros(members, n, p, dtype=torch.float64)
+    received = torch.zeros_like(given_sum)
+    skip = seed % members
+    for _ in range(steps):
+        grads = torch.randn(members, n, p, generator=g, dtype=torch.float64) * 1e-3
+        bufs = fb.encode(grads, skip=skip)
+        assert bufs[skip].numel() == 0
+        for i, buf in enumerate(bufs):
+            if i != skip:
+                assert buf.numel() == fb.codec.encoded_bytes(n)
+                received[i] += fb.decode(buf, n)
+        given_sum += grads
+    others = [i for i in range(members) if i != skip]
+    assert torch.allclose(received[others] + fb.memory[others], given_sum[others], rtol=0, atol=1e-12)
+    if fb.codec.k is None:  # dense: nothing left behind
+        assert torch.equal(fb.memory, torch.zeros_like(fb.memory))
+    else:  # each send carries at most k entries per row
+        assert int((fb.decode(bufs[others[0]], n) != 0).sum(dim=1).max()) <= fb.codec.k
+
+
+def test_sr_settings_name_the_bad_field():
+    with pytest.raises(ValueError, match="sr grads must be one of"):
+        SRSettings(50.0, grads="sparse")
+    with pytest.raises(ValueError, match="sr decode 'expert' needs sr basis"):
+        SRSettings(50.0, "delta", decode="expert")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 
 from hybridep.config import CostTerms
 from hybridep.costmodel import Network, Workload, predict
+from hybridep.migration.sr import SRSettings, encoded_bytes, value_bytes
 from hybridep.moe.stack import MoEStack
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
@@ -58,14 +60,16 @@ def adam_steps(rank, world, names, counts, sizes, steps, seed):
     return worst
 
 
-def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed, chunks=1):
-    """One forward+backward with identical tokens on every rank; counted vs predicted bytes per level."""
+def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed, chunks=1, sr_ratio=None):
+    """One forward+backward with identical tokens on every rank; counted vs predicted bytes per level.
+    ``sr_ratio``: experts gathered and gradients returned compressed (shared basis, top-k gradients)."""
     topo = Topology(names, counts)
     comm = Communicator(topo, 60.0)
     experts = 2 * world
     torch.manual_seed(seed)
     model = MoEStack(1, hidden, ffn, experts, top_k, "gelu").double()
-    parallelize(model, comm, Domains(topo, sizes), a2a_chunks=chunks)
+    sr = SRSettings(sr_ratio, "shared", grads="topk") if sr_ratio else None
+    parallelize(model, comm, Domains(topo, sizes), sr, a2a_chunks=chunks)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     comm.traffic.reset()
     comm.traffic.record_outer_intervals = True
@@ -85,6 +89,9 @@ def traffic(rank, world, names, counts, sizes, tokens, hidden, ffn, top_k, seed,
             total[k] = total.get(k, 0) + v
     w = Workload(dispatch_bytes=tokens * top_k * hidden * 8, expert_bytes=(experts // world) * 2 * hidden * ffn * 8,
                  pre_expert_s=0.0, experts=experts, expert_load=tuple((hist / hist.sum()).tolist()), a2a_chunks=chunks)
+    if sr is not None:
+        sent = encoded_bytes(sr_ratio, 2 * hidden * ffn, 8, experts // world, value_bytes(sr.values, 8))
+        w = dataclasses.replace(w, gather_bytes=sent, grad_bytes=sent)
     net = Network(topo, (1.0,) * len(counts), (0.0,) * len(counts))
     pred = predict(Domains(topo, sizes), w, net, CostTerms(latency=False, grad_sync=False))
     simulated = [simulate(Domains(topo, sizes), w, net, CostTerms(grad_sync=False), fold).bytes_by_level
@@ -166,7 +173,7 @@ def _decode_one_at_a_time(comm, dom, experts, x):
     for mode in ("layer", "expert"):
         torch.manual_seed(1)
         m = MoEStack(2, 64, 128, experts, 2, "gelu").double()
-        styles = parallelize(m, comm, dom, sr_ratio=50.0, sr_basis="shared", sr_decode=mode)
+        styles = parallelize(m, comm, dom, SRSettings(50.0, "shared", decode=mode))
         decoded = []
         for st in styles:
             def spy(*args, real=st.gatherer.decode_row, decoded=decoded):
@@ -186,6 +193,41 @@ def _decode_one_at_a_time(comm, dom, experts, x):
     return {"same": same, "alive_after_forward": alive, "decoded_forward": forward, "decoded_total": total}
 
 
+def _compressed_gradients(comm, dom, experts, xs):
+    """Gradients returned as top-k with error feedback (``grads="topk"``) against dense ones, after the
+    same (shared-basis, CR 50) forward pass: CR 1 is bit-identical to dense; at CR 50 the stage over
+    the DC level sends >= 20x fewer bytes, and what an owner did not receive sits in the senders'
+    error-feedback memories, entry by entry. Stages inside a DC stay dense."""
+    rank, world = comm.rank, comm.world_size
+    runs = {}
+    for ratio, grads in ((1.0, "dense"), (1.0, "topk"), (50.0, "dense"), (50.0, "topk")):
+        torch.manual_seed(1)
+        m = MoEStack(1, 64, 128, experts, 2, "gelu").double()
+        styles = parallelize(m, comm, dom, SRSettings(ratio, "shared", grads=grads))
+        comm.traffic.reset()
+        prefetch_all(styles, m)
+        m(xs[rank]).square().sum().backward()
+        e = m.blocks[0].moe.experts
+        flat = torch.cat([getattr(e, n).grad.reshape(e.w1.shape[0], -1) for n in e.weight_names], dim=1)
+        rs = {lv: b for (op, lv), b in comm.traffic.bytes_by_op_level.items() if op == "rs"}
+        runs[(ratio, grads)] = (flat * world, rs, styles[0].gatherer)  # unscaled owner gradient [n, p]
+    out = {"cr1_identical": torch.equal(runs[(1.0, "dense")][0], runs[(1.0, "topk")][0])}
+    dense, dense_rs, _ = runs[(50.0, "dense")]
+    got, topk_rs, gatherer = runs[(50.0, "topk")]
+    # the outer stage's memory, moved to the owners it belongs to (memory[i] is stage member i's)
+    missing = torch.zeros(world, *dense.shape, dtype=dense.dtype)
+    if 0 in gatherer.feedback:
+        for i, owner in enumerate(gatherer.groups[0]):
+            missing[owner] = gatherer.feedback[0].memory[i]
+    dist.all_reduce(missing)
+    out["compressed"] = list(gatherer.feedback)
+    out["per_owner_err"] = float((got + missing[rank] - dense).abs().max() / dense.abs().max())
+    out["equal_to_dense"] = torch.equal(got, dense)
+    out["rs_bytes"] = [dense_rs, topk_rs]
+    out["owner_grad"] = bool(got.abs().sum() > 0)
+    return out
+
+
 def sr_checks(rank, world, sizes):
     """SR compression: CR=1 is bit-identical to no compression; CR=50 shrinks the gather and still
     returns gradients to owners that computed no token themselves."""
@@ -198,7 +240,7 @@ def sr_checks(rank, world, sizes):
     def build(ratio):
         torch.manual_seed(1)
         m = MoEStack(1, 64, 128, experts, 2, "gelu").double()
-        styles = parallelize(m, comm, dom, sr_ratio=ratio, sr_basis="shared")
+        styles = parallelize(m, comm, dom, SRSettings(ratio, "shared") if ratio else None)
         return m, styles
 
     g = torch.Generator().manual_seed(2)
@@ -228,7 +270,7 @@ def sr_checks(rank, world, sizes):
     # with unchanged experts the copies stay exact, so the outputs equal the uncompressed ones
     torch.manual_seed(1)
     m = MoEStack(1, 64, 128, experts, 2, "gelu").double()
-    styles = parallelize(m, comm, dom, sr_ratio=50.0, sr_basis="delta")
+    styles = parallelize(m, comm, dom, SRSettings(50.0, "delta"))
     ys, ags = [], []
     for _ in range(2):
         comm.traffic.reset()
@@ -238,6 +280,7 @@ def sr_checks(rank, world, sizes):
     out["delta_exact"] = all(torch.allclose(y, y0, rtol=0, atol=1e-12) for y in ys)
     out["delta_bytes"] = ags
     out["per_expert"] = _decode_one_at_a_time(comm, dom, experts, xs[rank])
+    out["grads"] = _compressed_gradients(comm, dom, experts, xs)
     tensors = torch.tensor([float(out["ag_bytes_none"]), float(out["ag_bytes_cr50"])])
     dist.all_reduce(tensors)
     out["ag_total"] = tensors.tolist()

@@ -72,10 +72,10 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list
                     "domain_sizes": list(s), **base})
     if any(x > 1 for x in choice):
         for ratio in b.sr_ratios:
-            out.append({"name": strategy_name(topo, choice, ratio), "strategy": "hybridep+sr",
-                        "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis,
-                        "sr_decode": b.sr_decode,
-                        "sr_values": cfg.moe.sr_values, **base})
+            for grads in b.sr_grads:
+                out.append({"name": strategy_name(topo, choice, ratio, grads), "strategy": "hybridep+sr",
+                            "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis,
+                            "sr_decode": b.sr_decode, "sr_values": cfg.moe.sr_values, "sr_grads": grads, **base})
     for peer in peers:
         out.append({"name": peer, "strategy": peer, **base})
     return out
@@ -141,12 +141,13 @@ def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
 
 
 def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
-                      calibration: dict | None = None) -> Workload:
+                      calibration: dict | None = None, sr_grads: str = "dense") -> Workload:
     """The workload of a measured run: dimensions from the configuration, routing as measured --
     each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and from
     the bench's ``calibration``: the processors its ranks shared (the host's cores, when fewer than
-    ranks) and the measured SR encode/decode seconds per expert."""
-    w = workload_from_config(cfg, flops, sr_ratio)
+    ranks) and the measured SR encode/decode seconds per expert. ``sr_grads``: how the run returned
+    its gradients (``dense`` or ``topk``)."""
+    w = workload_from_config(cfg, flops, sr_ratio, sr_grads)
     cal = calibration or {}
     processors = cal.get("processors")
     if processors is not None and processors < cfg.topology.world_size:
@@ -171,12 +172,12 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
     net, flops = model
     out: dict[str, float | None] = {}
     for name in results:
-        sizes, ratio = parse_name(name)
+        sizes, ratio, grads = parse_name(name)
         if sizes is None:
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, results[name], calibration)
+        w = measured_workload(cfg, flops, ratio, results[name], calibration, grads)
         out[name] = predict(Domains(net.topology, sizes), w, net, cfg.terms).iteration_s
     return out
 

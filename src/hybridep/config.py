@@ -184,6 +184,10 @@ class MoEConfig(_Strict):
     sr_values: Literal["param", "float16", "bfloat16"] = "float16"
     """Precision of the residual values sent under compression (``param``: the model's dtype); at a
     given ratio, 2-byte values keep more entries (see ``hybridep.migration.sr``)."""
+    sr_grads: Literal["dense", "topk"] = "dense"
+    """How the gathered copies' gradients return to their owners under compression: ``dense`` (exact,
+    straight-through) or ``topk`` (the top-k of each expert's gradient at ``sr_ratio``, with error
+    feedback: what one iteration leaves out is sent with the next)."""
     a2a_chunks: Annotated[StrictInt, Field(ge=1, le=64)] = 1
     """Each rank's tokens travel in this many chunks whose dispatch, expert computation and combine
     pipeline (one chunk's combine overlaps the next ones' dispatch, filling both directions of a
@@ -279,6 +283,9 @@ class BenchConfig(_Strict):
     peers: list[Literal["deepspeed"]] = ["deepspeed"]
     sr_ratios: list[Annotated[float, Field(gt=1, le=1e6, allow_inf_nan=False)]] = [50.0]
     """Also run HybridEP with SR compression at these ratios (at the planner's choice)."""
+    sr_grads: Annotated[list[Literal["dense", "topk"]], Field(min_length=1, max_length=2)] = ["dense"]
+    """Gradient return of those runs (``moe.sr_grads``), one run each: ``dense``, ``topk``
+    (named ``hybridep+srRATIO+topkgrads(...)``)."""
     sr_basis: Literal["shared", "delta", "zero"] = "delta"
     """Residual basis of those runs: ``shared`` (mean expert, the paper's), ``delta`` (receivers'
     synchronised copies), ``zero`` (ablation)."""

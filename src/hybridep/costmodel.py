@@ -65,8 +65,10 @@ class Workload:
     expert_load: tuple[float, ...] | None = None
     """Share of routed tokens per expert (sums to 1); None = uniform."""
     gather_bytes: float | None = None
-    """Bytes of one device's experts as sent in the gather (compressed); None = ``expert_bytes``.
-    Gradients return dense (reduce-scatter of ``expert_bytes``)."""
+    """Bytes of one device's experts as sent in the gather (compressed); None = ``expert_bytes``."""
+    grad_bytes: float | None = None
+    """Bytes of one device's expert gradients as sent in the reduce-scatter (compressed, top-k with
+    error feedback); None = ``expert_bytes`` (gradients return dense)."""
     layer_loads: tuple[tuple[float, ...], ...] | None = None
     """Share of routed tokens per expert for each MoE layer (e.g. measured by a run); overrides
     ``expert_load`` layer by layer. None = ``expert_load`` for every layer."""
@@ -89,6 +91,17 @@ class Workload:
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
+
+    @property
+    def sent_expert_bytes(self) -> float:
+        """Bytes of one device's experts as the gather sends them."""
+        return self.expert_bytes if self.gather_bytes is None else self.gather_bytes
+
+    def sent_grad_bytes(self, level: int) -> float:
+        """Bytes of one device's expert gradients as the reduce-scatter's stage over ``level`` sends
+        them: compressed (``grad_bytes``) only over the top level -- the slow WAN; inner stages stay
+        dense (:class:`~hybridep.parallel.functional.ExpertGatherer`)."""
+        return self.expert_bytes if self.grad_bytes is None or level != 0 else self.grad_bytes
 
     def load_of_layer(self, layer: int) -> tuple[float, ...] | None:
         """The expert-load shares that apply to MoE layer ``layer`` (None = uniform)."""
@@ -121,12 +134,14 @@ def flops_per_layer(cfg: Config) -> dict[str, float]:
     }
 
 
-def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: float | None = None) -> Workload:
+def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: float | None = None,
+                         sr_grads: str | None = None) -> Workload:
     """Derive the workload from model dimensions (or take the direct ``workload`` section).
 
-    ``sr_ratio`` overrides ``moe.sr_ratio`` (the gather's compression). Model dimensions: the SR
-    codec's exact encoded size (values + int32 indices). Direct workload: ``expert_bytes / sr_ratio``
-    (the ratio counted on bytes, indices included)."""
+    ``sr_ratio`` overrides ``moe.sr_ratio`` (the gather's compression; the reduce-scatter's too when
+    ``sr_grads`` -- default ``moe.sr_grads`` -- is ``topk``). Model dimensions: the SR codec's exact
+    encoded size (values + indices). Direct workload: ``expert_bytes / sr_ratio`` (the ratio counted
+    on bytes, indices included)."""
     if cfg.workload is not None:
         w = cfg.workload
         g = cfg.topology.world_size
@@ -171,6 +186,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         experts=m.experts,
         expert_load=load,
         gather_bytes=gather,
+        grad_bytes=gather if (sr_grads or m.sr_grads) == "topk" else None,
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
         optimizer_byte_s=cfg.compute.optimizer_byte_s or 0.0,
         expert_weight_byte_s=cfg.compute.expert_weight_byte_s or 0.0,
@@ -415,17 +431,25 @@ def recompute_s(dom: Domains, w: Workload) -> tuple[float, float]:
     decode of the other members' experts; (0, 0) otherwise."""
     if not w.expert_recompute:
         return 0.0, 0.0
-    s = dom.domain_size
-    return 1.0, codec_s(dom, w) * (s - 1) / s
+    return 1.0, _codec_ops_s(dom, w, dom.domain_size - 1)
+
+
+def _codec_ops_s(dom: Domains, w: Workload, ops_per_expert: float) -> float:
+    """Seconds of ``ops_per_expert`` SR encodes or decodes per expert a device owns (compressed
+    gathers only; 0 when the expert count or the codec time is unknown)."""
+    g = dom.topology.world_size
+    if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
+        return 0.0
+    return w.codec_expert_s * ops_per_expert * (w.experts // g)
 
 
 def codec_s(dom: Domains, w: Workload) -> float:
     """Seconds per layer a device spends encoding its own experts and decoding the other domain
-    members' (compressed gathers only; 0 when the expert count is unknown)."""
-    g = dom.topology.world_size
-    if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
-        return 0.0
-    return w.codec_expert_s * dom.domain_size * (w.experts // g)  # n own + (S - 1) n others
+    members' (n + (S - 1) n), and with compressed gradients also encoding the gradient shares it sends
+    over the top level and decoding the ones it receives there (2 (S_0 - 1) n); charged to the
+    compute stream (shared cores here, a side stream on a GPU)."""
+    grads = 2 * (dom.sizes[0] - 1) if w.grad_bytes is not None else 0
+    return _codec_ops_s(dom, w, dom.domain_size + grads)
 
 
 def held_weights_s(w: Workload, experts_held: float) -> float:
@@ -464,11 +488,12 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
     # stage per level, outermost first, so the slow levels carry single shards ---
     ag_shards = dom.ag_shards_by_level()
-    gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
+    gather_bytes = w.sent_expert_bytes
 
-    def stages_time(shard_bytes: float) -> float:
-        """The gather's (or reduce-scatter's) stages one after the other (seconds)."""
-        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes / net.gather_rate_factor(lv)
+    def stages_time(shard_bytes) -> float:
+        """The gather's (or reduce-scatter's) stages one after the other (seconds); ``shard_bytes(l)``:
+        bytes of one device's experts as sent over level l."""
+        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv) / net.gather_rate_factor(lv)
                 for lv in range(L)]
         first = 1 if net.dc_link_bytes_per_s is not None else 0
         t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency)
@@ -477,14 +502,14 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
             c0 = topo.counts[0]
             d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
             same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
-            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes / net.gather_rate_factor(0))
+            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes(0) / net.gather_rate_factor(0))
             t0 = _top_link_time(dom, net, pair, same_dom)
             t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
         return t
 
     ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]
-    rs_total = [topo.world_size * ag_shards[lv] * w.expert_bytes for lv in range(L)]
-    ag_t, rs_t = stages_time(gather_bytes), stages_time(w.expert_bytes)
+    rs_total = [topo.world_size * ag_shards[lv] * w.sent_grad_bytes(lv) for lv in range(L)]
+    ag_t, rs_t = stages_time(lambda lv: gather_bytes), stages_time(w.sent_grad_bytes)
 
     # --- compute per layer and micro-batch (the first micro-batch also encodes and decodes) ---
     pe = w.pre_expert_s

@@ -8,24 +8,34 @@ from pathlib import Path
 
 from hybridep.topology import Domains, Topology
 
+TOPK_GRADS = "+topkgrads"
+"""Name suffix of compressed runs whose gradients return as top-k with error feedback."""
 
-def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None) -> str:
-    """``ep`` (all sizes 1, uncompressed), ``hybridep(dc=2,gpu=1)`` or ``hybridep+sr50(dc=2,gpu=2)``."""
+
+def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None,
+                  sr_grads: str = "dense") -> str:
+    """``ep`` (all sizes 1, uncompressed), ``hybridep(dc=2,gpu=1)``, ``hybridep+sr50(dc=2,gpu=2)`` or,
+    with compressed gradients, ``hybridep+sr50+topkgrads(dc=2,gpu=2)``."""
     if all(s == 1 for s in sizes) and not sr_ratio:
         return "ep"
-    base = f"hybridep+sr{sr_ratio:g}" if sr_ratio else "hybridep"
+    base = "hybridep"
+    if sr_ratio:
+        base += f"+sr{sr_ratio:g}" + (TOPK_GRADS if sr_grads == "topk" else "")
     return base + "(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
 
 
-def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None]:
-    """Domain sizes and SR ratio of one of our strategy names (None, None for others)."""
+def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None, str]:
+    """Domain sizes, SR ratio and gradient return (``dense``/``topk``) of one of our strategy names
+    (None, None, "dense" for others)."""
     if name == "ep":
-        return (), None
+        return (), None, "dense"
     if not name.startswith("hybridep") or "(" not in name:
-        return None, None
+        return None, None, "dense"
     head, args = name[:-1].split("(", 1)
+    grads = "topk" if head.endswith(TOPK_GRADS) else "dense"
+    head = head.removesuffix(TOPK_GRADS)
     ratio = float(head.split("+sr")[1]) if "+sr" in head else None
-    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio
+    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio, grads
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
+from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator, union_seconds
 from hybridep.parallel.strategy import data_parallel, moe_layers, parallelize, prefetch_all
 from hybridep.topology import Domains
@@ -37,7 +38,15 @@ class RunSpec:
     sr_basis: str = "delta"
     sr_values: str = "float16"
     sr_decode: str = "layer"
+    sr_grads: str = "dense"
     a2a_chunks: int = 1
+
+    @property
+    def sr(self) -> SRSettings | None:
+        """The compression settings of this run (None: uncompressed)."""
+        if not self.sr_ratio:
+            return None
+        return SRSettings(self.sr_ratio, self.sr_basis, self.sr_values, self.sr_decode, self.sr_grads)
 
 
 @dataclass
@@ -112,8 +121,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
-    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr_ratio,
-                         spec.sr_basis, spec.sr_values, spec.sr_decode, spec.a2a_chunks)
+    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks)
     return data_parallel(model, comm), model, styles
 
 

@@ -10,6 +10,11 @@ expert has at most 65 536 parameters, else 4 (int32). For a compression ratio CR
 of ``b`` bytes each, the encoder keeps ``k = floor(P * b / (CR * (value_bytes + index_bytes)))``
 entries, so encoded bytes <= dense bytes / CR. When that would not be smaller than the dense
 expert (e.g. CR = 1), the expert is sent dense in its own dtype, so CR = 1 is exactly uncompressed.
+
+Gradients of the gathered copies return to their owners dense (``grads="dense"``, exact) or as the
+top-k of each expert's gradient with error feedback (``grads="topk"``, :class:`ErrorFeedback`):
+what one iteration's message leaves out is added to the next one's, so every gradient entry reaches
+its owner eventually (sparsified SGD with memory).
 """
 
 from __future__ import annotations
@@ -18,6 +23,40 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+SR_BASES = ("shared", "delta", "zero")
+SR_DECODES = ("layer", "expert")
+SR_GRADS = ("dense", "topk")
+
+
+@dataclass(frozen=True)
+class SRSettings:
+    """How a HybridEP run compresses its in-domain expert traffic.
+
+    ``ratio``: compression ratio of the gather (bytes, indices counted); ``basis``: what residuals
+    are taken against -- ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's
+    synchronised copy of the expert, so only changes travel) or ``zero`` (ablation: top-k of the raw
+    expert); ``values``: the residual values' precision on the wire (a key of :data:`VALUE_DTYPES`);
+    ``decode``: ``layer`` (decode the domain's experts when the layer takes them) or ``expert``
+    (keep them encoded, decode one at a time inside the expert computation, recomputed in backward);
+    ``grads``: ``dense`` (the gathered copies' gradients return dense, straight-through) or ``topk``
+    (top-k at the same ratio with error feedback, :class:`ErrorFeedback`)."""
+
+    ratio: float
+    basis: str = "delta"
+    values: str = "float16"
+    decode: str = "layer"
+    grads: str = "dense"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("basis", self.basis, SR_BASES), ("values", self.values, tuple(VALUE_DTYPES)),
+                                     ("decode", self.decode, SR_DECODES), ("grads", self.grads, SR_GRADS)):
+            if value not in allowed:
+                raise ValueError(f"sr {name} must be one of {list(allowed)}, got {value!r}")
+        if self.decode == "expert" and self.basis == "delta":
+            raise ValueError("sr decode 'expert' needs sr basis 'shared' or 'zero': the 'delta' basis keeps "
+                             "dense copies of the domain's experts by design")
+
 
 VALUE_DTYPES = {"param": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Names of the residual value precisions (``param``: the parameters' own dtype)."""
@@ -126,3 +165,41 @@ class SRCodec:
             return buf.view(self.dtype).view(n, self.p)[i]
         vals, idx = self._entries(buf, n)
         return shared.clone().scatter_add_(0, idx[i].to(torch.int64), vals[i].to(self.dtype))
+
+
+class ErrorFeedback:
+    """Top-k compression of gradient rows with error feedback, for one sender and one set of
+    receivers (one reduce-scatter stage of one layer).
+
+    :meth:`encode` sends, per receiver, the top-k entries of each row of (gradient + memory) and keeps
+    the rest -- including the rounding of the kept values to the wire precision -- as the new memory,
+    so that the sum of everything sent plus the memory equals the sum of every gradient given: no
+    gradient mass is lost, only delayed. The codec's basis is zero (gradients have no shared part).
+    """
+
+    def __init__(self, codec: SRCodec):
+        self.codec = codec
+        self.zero = torch.zeros(codec.p, dtype=codec.dtype)
+        self.memory: torch.Tensor | None = None
+
+    def encode(self, rows: torch.Tensor, skip: int | None = None) -> list[torch.Tensor]:
+        """``rows`` [receivers, n, p] -> one encoded buffer per receiver (empty for ``skip``: the
+        sender's own share, which stays local and dense)."""
+        if self.memory is None:
+            self.memory = torch.zeros_like(rows)
+        total = rows + self.memory
+        out = []
+        n = rows.shape[1]
+        for i in range(rows.shape[0]):
+            if i == skip:
+                out.append(torch.empty(0, dtype=torch.uint8))
+                self.memory[i].zero_()
+                continue
+            buf = self.codec.encode(total[i], self.zero)
+            self.memory[i] = total[i] - self.codec.decode(buf, n, self.zero)
+            out.append(buf)
+        return out
+
+    def decode(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """One received buffer -> its [n, p] (sparse) gradient rows."""
+        return self.codec.decode(buf, n, self.zero)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridep.migration.sr import SRCodec
+from hybridep.migration.sr import ErrorFeedback, SRCodec
 from hybridep.parallel.comm import Communicator, Pending, Requests
 from hybridep.topology import Domains
 
@@ -200,6 +200,12 @@ class ExpertGatherer:
             comm.create_groups(groups)
             self.groups.append(next(g for g in groups if comm.rank in g))
         self.stage_sizes = [len(g) for g in self.groups]
+        self.grad_codec: SRCodec | None = None
+        """Codec of the reduce-scatter's gradient shares over the top level (top-k with error
+        feedback); None = dense. Stages inside a DC stay dense: their links are fast, and each
+        compression point delays gradient mass by an iteration or more."""
+        self.feedback: dict[int, ErrorFeedback] = {}
+        """Error-feedback memory of each reduce-scatter stage (with ``grad_codec``)."""
 
     @property
     def domain_size(self) -> int:
@@ -272,11 +278,35 @@ class ExpertGatherer:
         """Every stage of the reduce-scatter of ``data`` (stage-major, see
         :meth:`reduce_scatter_start`), innermost first (blocking; run on the communicator's
         background thread); this rank's summed shard."""
-        for group in reversed(self.groups):
-            out = data.new_empty(data.numel() // len(group))
-            self.comm.reduce_scatter(out, data, group, "rs")
+        for stage in reversed(range(len(self.groups))):
+            group = self.groups[stage]
+            if self.grad_codec is None or self.levels[stage] != 0:  # compressed only over the WAN
+                out = data.new_empty(data.numel() // len(group))
+                self.comm.reduce_scatter(out, data, group, "rs")
+            else:
+                out = self._sparse_reduce_scatter(data, group, stage)
             data = out
         return data
+
+    def _sparse_reduce_scatter(self, data: torch.Tensor, group: Sequence[int], stage: int) -> torch.Tensor:
+        """One reduce-scatter stage with every member's share sent as top-k rows with error feedback
+        (:class:`~hybridep.migration.sr.ErrorFeedback`, one per stage): the shares travel in one
+        all-to-all of the encoded buffers, each receiver sums the decoded ones and its own dense share."""
+        n, me = len(group), group.index(self.comm.rank)
+        p = self.grad_codec.p
+        rows = data.view(n, -1, p)
+        feedback = self.feedback.get(stage)
+        if feedback is None:
+            feedback = self.feedback[stage] = ErrorFeedback(self.grad_codec)
+        bufs = feedback.encode(rows, skip=me)
+        size = max(b.numel() for b in bufs)
+        sizes = [0 if i == me else size for i in range(n)]
+        recv = torch.empty(size * (n - 1), dtype=torch.uint8)
+        self.comm.all_to_all(recv, torch.cat(bufs), sizes, sizes, group, "rs")
+        out = rows[me].clone()
+        for buf in recv.view(n - 1, -1):
+            out += feedback.decode(buf, rows.shape[1])
+        return out.reshape(-1)
 
     def reduce_scatter_start(self, grad: torch.Tensor) -> Pending:
         """Sum ``grad`` (all shards, domain order) over the domain into this rank's shard, on the

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from hybridep.migration.sr import VALUE_DTYPES, SRCodec
+from hybridep.migration.sr import VALUE_DTYPES, SRCodec, SRSettings
 from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, Permuted, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
@@ -51,14 +51,14 @@ from hybridep.topology import Domains
 class ExpertParallelStyle:
     """The dispatcher of one MoE layer under a partition into expert domains."""
 
-    def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr_ratio: float | None = None,
-                 sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer", a2a_chunks: int = 1):
+    def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr: SRSettings | None = None,
+                 a2a_chunks: int = 1):
         g = comm.world_size
         if num_experts % g:
             raise ValueError(f"experts ({num_experts}) must be divisible by the world size ({g})")
         if not isinstance(a2a_chunks, int) or a2a_chunks < 1:
             raise ValueError(f"a2a_chunks must be a positive integer, got {a2a_chunks!r}")
-        if a2a_chunks > 1 and sr_ratio and sr_decode == "expert":
+        if a2a_chunks > 1 and sr is not None and sr.decode == "expert":
             raise ValueError("a2a_chunks > 1 needs sr decode 'layer': experts decoded one at a time are "
                              "recomputed in backward, which the chunked exchange does not do")
         self.a2a_chunks = domains.exchange_chunks(a2a_chunks)
@@ -69,14 +69,7 @@ class ExpertParallelStyle:
         self.domain = domains.domain_groups()[domains.domain_index(rank)]
         comm.create_groups(domains.rail_groups())
         comm.create_groups([list(range(g))])
-        if sr_values not in VALUE_DTYPES:
-            raise ValueError(f"sr values must be one of {sorted(VALUE_DTYPES)}, got {sr_values!r}")
-        if sr_decode not in ("layer", "expert"):
-            raise ValueError(f"sr decode must be 'layer' or 'expert', got {sr_decode!r}")
-        if sr_decode == "expert" and sr_ratio and sr_basis == "delta":
-            raise ValueError("sr decode 'expert' needs sr basis 'shared' or 'zero': the 'delta' basis keeps "
-                             "dense copies of the domain's experts by design")
-        self.sr_ratio, self.sr_basis, self.sr_values, self.sr_decode = sr_ratio, sr_basis, sr_values, sr_decode
+        self.sr = sr
         self.gatherer = ExpertGatherer(comm, domains, self.domain.index(rank))
         self._shared_work = None
         s, n = len(self.domain), self.n_local
@@ -93,7 +86,7 @@ class ExpertParallelStyle:
     @property
     def name(self) -> str:
         base = "ep" if len(self.domain) == 1 else "hybridep"
-        return base + "+sr" if self.sr_ratio else base
+        return base + "+sr" if self.sr else base
 
     # --- experts -------------------------------------------------------------------------
     def shard(self, experts: GroupedExperts) -> None:
@@ -106,13 +99,15 @@ class ExpertParallelStyle:
             if len(self.domain) == 1:  # with a domain, the reduce-scatter applies the scale
                 local.register_hook(lambda g: g * scale)
             setattr(experts, name, local)
-        if self.sr_ratio and len(self.domain) > 1:
+        if self.sr and len(self.domain) > 1:
             p = sum(getattr(experts, name)[0].numel() for name in experts.weight_names)
-            self.gatherer.codec = SRCodec(self.sr_ratio, p, experts.w1.dtype, VALUE_DTYPES[self.sr_values])
-            self.gatherer.basis = self.sr_basis
-            if self.sr_basis == "shared":
+            codec = SRCodec(self.sr.ratio, p, experts.w1.dtype, VALUE_DTYPES[self.sr.values])
+            self.gatherer.codec, self.gatherer.basis = codec, self.sr.basis
+            if self.sr.grads == "topk":
+                self.gatherer.grad_codec = codec
+            if self.sr.basis == "shared":
                 self._start_shared_update(experts)
-            elif self.sr_basis == "zero":  # ablation: top-k of the raw expert
+            elif self.sr.basis == "zero":  # ablation: top-k of the raw expert
                 self.gatherer.shared = torch.zeros(p, dtype=experts.w1.dtype)
 
     def _local_flat(self, experts: GroupedExperts) -> torch.Tensor:
@@ -164,7 +159,7 @@ class ExpertParallelStyle:
         if pending is None:
             self._finish_shared_update()
         local = self._local_flat(experts)
-        if self.gatherer.codec is not None and self.sr_decode == "expert":
+        if self.gatherer.codec is not None and self.sr.decode == "expert":
             out = EncodedExperts(self.gatherer, local, functools.partial(_split_row, own))
             out.anchor = GatherEncoded.apply(local, self.gatherer, pending, self._accumulate(experts), out)
         else:
@@ -172,7 +167,7 @@ class ExpertParallelStyle:
             out = _split_row(own, flat.view(s * self.n_local, -1))
         if pending is not None and self.next_prefetch is not None:
             self.next_prefetch()  # the chain: the next layer's gather goes out now
-        if self.gatherer.codec is not None and self.sr_basis == "shared":  # refresh during the backward
+        if self.gatherer.codec is not None and self.sr.basis == "shared":  # refresh during the backward
             self._start_shared_update(experts)
         return out
 
@@ -252,22 +247,16 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
     return (m for m in model.modules() if isinstance(m, MoE))
 
 
-def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr_ratio: float | None = None,
-                sr_basis: str = "delta", sr_values: str = "float16", sr_decode: str = "layer", a2a_chunks: int = 1
-                ) -> list[ExpertParallelStyle]:
+def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr: SRSettings | None = None,
+                a2a_chunks: int = 1) -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
-    ``sr_ratio`` enables residual top-k compression of the in-domain expert gather against ``sr_basis``:
-    ``shared`` (the mean expert, the paper's), ``delta`` (each receiver's synchronised copy of the
-    expert, so only changes travel) or ``zero`` (ablation: top-k of the raw expert); ``sr_values``:
-    the residual values' precision on the wire (``param``, ``float16``, ``bfloat16``); ``sr_decode``:
-    ``layer`` (decode the domain's experts when the layer takes them) or ``expert`` (keep them encoded
-    and decode one at a time inside the expert computation, recomputed in backward); ``a2a_chunks``:
-    split each rank's tokens into that many chunks whose dispatch, experts and combine pipeline
-    (one chunk's combine overlaps the next ones' dispatch; 1 = one exchange)."""
+    ``sr`` enables shared + residual compression of the in-domain expert traffic (see
+    :class:`~hybridep.migration.sr.SRSettings`); ``a2a_chunks``: split each rank's tokens into that
+    many chunks whose dispatch, experts and combine pipeline (one chunk's combine overlaps the next
+    ones' dispatch; 1 = one exchange)."""
     styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr_ratio, sr_basis, sr_values,
-                                    sr_decode, a2a_chunks)
+        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr, a2a_chunks)
         style.shard(layer.experts)
         layer.dispatcher = style
         if styles:  # the prefetch chain: the previous layer, taking its experts, issues this one's gather

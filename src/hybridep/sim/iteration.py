@@ -295,13 +295,14 @@ class IterationSim:
         batch.on_all_delivered = done
         self.eng.submit(batch)
 
-    def _staged(self, op: str, levels: list[int], shard_bytes: float, label: str, then) -> None:
-        """Stages one after the other (each delivered before the next starts)."""
-        if not levels or shard_bytes <= 0:
+    def _staged(self, op: str, levels: list[int], shard_bytes, label: str, then) -> None:
+        """Stages one after the other (each delivered before the next starts); ``shard_bytes(l)``:
+        bytes of one device's experts as sent over level l."""
+        if not levels or shard_bytes(levels[0]) <= 0:
             then(self.eng.now)
             return
         lv, rest = levels[0], levels[1:]
-        batch = self._stage_batch(op, lv, shard_bytes, f"{label} {self.dom.topology.names[lv]}")
+        batch = self._stage_batch(op, lv, shard_bytes(lv), f"{label} {self.dom.topology.names[lv]}")
         self._collective(batch, op, lambda t: self._staged(op, rest, shard_bytes, label, then))
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
@@ -406,7 +407,7 @@ class IterationSim:
         layers, mb = w.layers, w.micro_batches
         self.ag_done: dict[int, float] = {}
         self.waiting: dict[int, list] = {}
-        gather_bytes = w.expert_bytes if w.gather_bytes is None else w.gather_bytes
+        gather_bytes = w.sent_expert_bytes
         ag_levels = dom.gather_levels()
         codec = codec_s(dom, w)
         rc, redo = recompute_s(dom, w)
@@ -422,7 +423,7 @@ class IterationSim:
                 self._gather_done(layer, t)
                 if layer in taken:
                     chain(layer)
-            self._staged("ag", ag_levels, gather_bytes, f"gather L{layer}", done)
+            self._staged("ag", ag_levels, lambda lv: gather_bytes, f"gather L{layer}", done)
 
         chained: set[int] = set()
 
@@ -449,7 +450,7 @@ class IterationSim:
                 end["rs"] = t
                 next_rs()
 
-            self._staged("rs", ag_levels[::-1], w.expert_bytes, f"reduce-scatter L{layer}", done)
+            self._staged("rs", ag_levels[::-1], w.sent_grad_bytes, f"reduce-scatter L{layer}", done)
 
         def forward(m: int, layer: int) -> None:
             t0 = self.eng.now

@@ -51,7 +51,7 @@ def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strate
         if args:
             raise ConfigError([("simulate.strategies", spec, "ep takes no arguments")])
         sizes = tuple(1 for _ in topo.counts)
-        return Strategy(spec, strategy_name(topo, sizes, ratio), sizes, ratio)
+        return Strategy(spec, strategy_name(topo, sizes, ratio, _grads(cfg)), sizes, ratio)
     fixed: dict[int, int] = {}
     p_target = None
     for item in filter(None, (args or "").split(",")):
@@ -80,7 +80,12 @@ def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strate
     best = min(cands, key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
     if not args:
         best = plan_workload(net, w, cfg.terms).choice.domains.sizes
-    return Strategy(spec, strategy_name(topo, best, ratio), best, ratio)
+    return Strategy(spec, strategy_name(topo, best, ratio, _grads(cfg)), best, ratio)
+
+
+def _grads(cfg: Config) -> str:
+    """How compressed strategies return their gradients (``moe.sr_grads``; dense for a direct workload)."""
+    return cfg.moe.sr_grads if cfg.moe is not None else "dense"
 
 
 def _number(spec: str, key: str, val: str, kind, allowed: str):
@@ -283,11 +288,11 @@ def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
     net, flops = model
     rows = []
     for name, m in measured.items():
-        sizes, ratio = parse_name(name)
+        sizes, ratio, grads = parse_name(name)
         if sizes is None:
             continue
         sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, m, report.get("calibration"))
+        w = measured_workload(cfg, flops, ratio, m, report.get("calibration"), grads)
         dom = Domains(net.topology, sizes)
         sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
         model_s = predict(dom, w, net, cfg.terms).iteration_s
