@@ -1,7 +1,7 @@
 """Simulator cost at scale: one iteration of configs/sim_1000dc.yaml (8 GPUs per DC, 12 MoE layers)
 for a growing number of DCs, EP and the planner's choice (plus an uneven-routing run).
 
-    python benchmarks/sim_scale.py [--dcs 2,8,64,256,1000] [--zipf 1.0] [--json PATH]
+    python benchmarks/sim_scale.py [--dcs 2,8,64,256,1000] [--zipf 1.0] [--message-overhead 5us] [--json PATH]
 
 Prints wall-clock seconds per simulated iteration (best of --repeats), flow classes and events.
 """
@@ -29,12 +29,15 @@ def main() -> None:
     ap.add_argument("--zipf-max-dcs", type=int, default=8,
                     help="uneven routing only up to this many DCs (its cost grows with ranks x phases)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--message-overhead", default="0",
+                    help="topology.message_overhead (e.g. 5us): every rank's communication engine simulated too")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     for dcs in (int(x) for x in args.dcs.split(",")):
         for zipf in (None, args.zipf) if dcs <= args.zipf_max_dcs else (None,):
-            over = [f"topology.levels.0.count={dcs}", f"moe.experts={8 * dcs}"]
+            over = [f"topology.levels.0.count={dcs}", f"moe.experts={8 * dcs}",
+                    f"topology.message_overhead={args.message_overhead}"]
             if zipf is not None:
                 over.append(f"moe.expert_zipf={zipf}")
             cfg = load_config(CONFIG, over)
@@ -47,7 +50,8 @@ def main() -> None:
                     t0 = time.perf_counter()
                     res = simulate(Domains(net.topology, s.sizes), w, net, cfg.terms, fold_for(cfg, w))
                     best = min(best, time.perf_counter() - t0)
-                rows.append({"dcs": dcs, "ranks": 8 * dcs, "zipf": zipf, "strategy": s.name,
+                rows.append({"dcs": dcs, "ranks": 8 * dcs, "zipf": zipf, "message_overhead": args.message_overhead,
+                             "strategy": s.name,
                              "iteration_s": res.iteration_s, "wall_s": best, "flow_classes": res.classes,
                              "events": res.events})
                 print(f"{dcs:5d} DCs  zipf={zipf!s:4}  {s.name:24s} simulated {res.iteration_s:8.3f} s  "

@@ -123,3 +123,4 @@ def test_link_calibration_measures_the_gather_while_computing():
         assert len(cal["gather_delay_s_by_level"]) == 2 and all(d >= 0 for d in cal["gather_delay_s_by_level"])
         assert [len(t) for t in cal["busy_gather_seconds_by_level"]] == [2, 2]
         assert all(t > 0 for level in cal["busy_gather_seconds_by_level"] for t in level)
+        assert 0 < cal["message_s"] < 0.01  # gloo over loopback: microseconds per message, not ms

@@ -75,9 +75,9 @@ def test_group_entries_load_every_link_of_the_group():
     assert got[0] == pytest.approx(2.0) and got[1] == pytest.approx(2.0)
 
 
-def _net(topo, rng):
+def _net(topo, rng, message_s=0.0):
     return Network(topo, tuple(float(x) for x in rng.uniform(1e6, 1e9, topo.num_levels)),
-                   tuple(float(x) for x in rng.uniform(0, 1e-2, topo.num_levels)))
+                   tuple(float(x) for x in rng.uniform(0, 1e-2, topo.num_levels)), message_s=message_s)
 
 
 @st.composite
@@ -96,7 +96,8 @@ def cases(draw):
                  gather_bytes=draw(st.sampled_from([None, 1e3])), processors=draw(st.sampled_from([None, 1, 2])))
     terms = CostTerms(**{k: draw(st.booleans()) for k in ("backward", "latency", "expert_compute", "grad_sync",
                                                           "overlap")})
-    return Domains(topo, sizes), w, _net(topo, rng), terms
+    message_s = draw(st.sampled_from([0.0, float(rng.uniform(1e-6, 1e-3))]))
+    return Domains(topo, sizes), w, _net(topo, rng, message_s), terms
 
 
 @settings(max_examples=60)
@@ -143,6 +144,32 @@ def test_simulator_agrees_with_cost_model_without_contention():
         dom = Domains(topo, sizes)
         assert simulate(dom, w, net, terms).iteration_s == pytest.approx(predict(dom, w, net, terms).iteration_s,
                                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("sizes", [(1,), (2,), (8,)])
+def test_message_overhead_bounds_each_exchange_alike_in_model_and_simulator(sizes):
+    """A rank's messages pass its engine one at a time: with tiny payloads every exchange takes
+    (messages sent + received) x o -- the row counts and the dispatch and combine (2 (R-1) each),
+    a gather stage 2 (S-1), here under the row counts -- in the model and the simulator alike; with o
+    = 0 nothing changes, and bytes still bound an exchange whose messages are few."""
+    topo = Topology(("dc",), (8,))
+    o = 1e-3
+    terms = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
+    dom = Domains(topo, sizes)
+    r, s = dom.rail_size, dom.domain_size
+    tiny = Workload(dispatch_bytes=8.0, expert_bytes=8.0, pre_expert_s=0.0, layers=1)
+    slow = Network(topo, (1e9,), (0.0,), message_s=o)
+    want = 3 * 2 * (r - 1) * o if r > 1 else 2 * (s - 1) * o
+    assert predict(dom, tiny, slow, terms).iteration_s == pytest.approx(want, rel=1e-6)
+    for fold in (True, False):
+        assert simulate(dom, tiny, slow, terms, fold).iteration_s == pytest.approx(want, rel=1e-6)
+    big = Workload(dispatch_bytes=8e6, expert_bytes=1e6, pre_expert_s=0.0, layers=1)
+    plain = Network(topo, (1e8,), (0.0,))
+    light = Network(topo, (1e8,), (0.0,), message_s=1e-7)  # 14 messages = 1.4 us, bytes take ms
+    base, got = predict(dom, big, plain, terms).iteration_s, predict(dom, big, light, terms).iteration_s
+    assert base <= got <= base + 2 * (r - 1) * 1e-7 * (1 + 1e-9)  # only the row counts, where not hidden
+    assert simulate(dom, big, light, terms).iteration_s == pytest.approx(got, rel=1e-9)
+    assert simulate(dom, big, plain, terms).iteration_s == pytest.approx(base, rel=1e-9)
 
 
 def test_gather_efficiency_slows_gathers_alike_in_model_and_simulator_and_keeps_bytes():

@@ -289,7 +289,9 @@ def sr_checks(rank, world, sizes):
 
 def link_calibration(rank, world):
     """The bench's link calibration on loopback (2 DCs x 2 ranks), with the busy gather."""
-    from hybridep.bench_worker import calibrate_links
+    from hybridep.bench_worker import calibrate_links, measure_message_s
 
     comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
-    return calibrate_links(comm, [1e8, 1e9], mib=0.25, reps=2, shard_bytes=8192)
+    out = calibrate_links(comm, [1e8, 1e9], mib=0.25, reps=2, shard_bytes=8192)
+    out["message_s"] = measure_message_s(comm, messages=16, reps=3)
+    return out

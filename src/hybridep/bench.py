@@ -99,8 +99,8 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
     both measured), each level's links by its probed rate times the measured all-to-all efficiency
     (the expert gather's measured efficiency relative to it, and its measured delay per stage
-    while every rank computes), latency zero (what the testbed has;
-    the configured latencies apply to the real WAN)."""
+    while every rank computes), the measured per-message overhead, latency zero (what the testbed
+    has; the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
     cal = calibration or {}
@@ -115,7 +115,7 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     delay = cal.get("gather_delay_s_by_level")  # the gathers run while the ranks compute
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative,
-                  tuple(delay) if delay else None)
+                  tuple(delay) if delay else None, message_s=cal.get("message_s") or 0.0)
     ep = Domains(topo, tuple(1 for _ in topo.counts))
     # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
     w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,

@@ -115,6 +115,35 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     return out
 
 
+def measure_message_s(comm: Communicator, messages: int = 32, reps: int = 7) -> float:
+    """Seconds a rank's communication engine spends per message it sends or receives (LogGP's o,
+    ``topology.message_overhead``): all ranks exchange tiny (4-byte) messages with every other rank
+    at once, 1 and ``messages`` per peer (tagged, all posted before any is waited for); o = the
+    extra median time over the extra messages each rank sends and receives, median over ranks."""
+    import time
+
+    world = list(range(comm.world_size))
+    peers = [r for r in world if r != comm.rank]
+    if not peers:
+        return 0.0
+    comm.create_groups([world])
+
+    def exchange(k: int) -> float:
+        times = []
+        for _ in range(reps + 1):
+            recv = [(torch.empty(1), p, t) for p in peers for t in range(k)]
+            send = [(torch.zeros(1), p, t) for p in peers for t in range(k)]
+            dist.barrier()
+            start = time.perf_counter()
+            comm.post(recv, send, world, "calibrate").wait()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    one, many = exchange(1), exchange(messages)
+    comm.traffic.reset()
+    return ranks_median(max(0.0, many - one) / (2 * len(peers) * (messages - 1)))
+
+
 def _while_computing(comm: Communicator, group: list[int], op) -> None:
     """Run ``op`` (a blocking collective in ``group``) as a background chain and multiply
     matrices on this thread until it has landed."""
@@ -183,6 +212,9 @@ def main(spec_path: str, out_dir: str) -> int:
             busy = ", ".join(f"{n} {e * 1e3:.1f} ms" for n, e in
                              zip(topo.names, calibration["gather_delay_s_by_level"], strict=True))
             print(f"[calibrate] expert-gather delay per stage while computing, per level: {busy}", flush=True)
+    calibration["message_s"] = measure_message_s(comm)
+    if rank == 0:
+        print(f"[calibrate] per-message overhead: {calibration['message_s'] * 1e6:.1f} us", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k

@@ -133,6 +133,11 @@ class TopologyConfig(_Strict):
     dc_bandwidth: list[list[BandwidthBps]] | None = None
     """Optional full matrix (bits/s) of pairwise links between the top-level workers; replaces
     the top level's shared port by one link per pair (uneven WANs). Diagonal is ignored."""
+    message_overhead_s: TimeS = Field(default=0.0, alias="message_overhead")
+    """Seconds a rank's communication engine is busy per point-to-point message it sends or receives,
+    beyond the message's bytes (LogGP's overhead o: posting, matching, completing one transfer);
+    messages pass a rank's engine one at a time, so an exchange with n peers takes at least
+    2 n o. 0 = not charged. ``hybridep bench`` measures it on its ranks."""
 
     @model_validator(mode="after")
     def _check(self) -> TopologyConfig:

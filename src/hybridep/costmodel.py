@@ -213,6 +213,10 @@ class Network:
     transfer waits for its sender's and receiver's threads (a calibration: the bench measures it);
     None = 0. Charged whatever ``CostTerms.latency`` says: it is a cost of this host, not of a link."""
 
+    message_s: float = 0.0
+    """Seconds a rank's communication engine is busy per message it sends or receives
+    (``topology.message_overhead``; see :func:`engine_s`)."""
+
     def gather_rate_factor(self, level: int) -> float:
         return 1.0 if self.gather_efficiency is None else self.gather_efficiency[level]
 
@@ -226,7 +230,8 @@ class Network:
         matrix = None
         if cfg.topology.dc_bandwidth is not None:
             matrix = np.asarray(cfg.topology.dc_bandwidth, dtype=float) / 8.0
-        return cls(topo, tuple(x.bandwidth_bps / 8.0 for x in lv), tuple(x.latency_s for x in lv), matrix)
+        return cls(topo, tuple(x.bandwidth_bps / 8.0 for x in lv), tuple(x.latency_s for x in lv), matrix,
+                   message_s=cfg.topology.message_overhead_s)
 
 
 @dataclass
@@ -297,6 +302,33 @@ def _phase_time(bytes_per_port: list[float], net: Network, latency: bool) -> flo
     return t
 
 
+def engine_s(net: Network, levels: list[int], messages: float, latency: bool) -> float:
+    """The least time of a phase whose ``messages`` (sent plus received by one rank) pass that rank's
+    communication engine one at a time, ``net.message_s`` each: the largest latency of the levels it
+    crosses plus messages x o. The engine works while earlier messages' bytes travel, so a phase
+    takes the larger of this and its bytes' time (LogGP with o >= g); 0 when o is not charged."""
+    if net.message_s <= 0 or messages <= 0 or not levels:
+        return 0.0
+    return (max(net.latency_s[lv] for lv in levels) if latency else 0.0) + messages * net.message_s
+
+
+def a2a_messages(dom: Domains, w: Workload) -> int:
+    """Messages one rank sends plus receives in one dispatch (or combine) all-to-all: one per rail
+    peer and chunk each way."""
+    return 2 * (dom.rail_size - 1) * exchange_chunks(dom, w)
+
+
+def count_exchange_s(dom: Domains, net: Network, terms: CostTerms) -> float:
+    """Seconds of the row-count exchange before every forward dispatch: the rail members swap how
+    many rows they will send (a few bytes each), so no padding and no agreement are needed -- one
+    latency of the rail's slowest level and one message per rail peer each way."""
+    levels = [lv for lv, r in enumerate(dom.rail_factors) if r > 1]
+    if not levels:
+        return 0.0
+    lat = max(net.latency_s[lv] for lv in levels) if terms.latency else 0.0
+    return max(lat, engine_s(net, levels, 2 * (dom.rail_size - 1), terms.latency))
+
+
 def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.ndarray) -> float:
     """With a DC-to-DC matrix: the slowest pairwise top-level transfer (seconds)."""
     assert net.dc_link_bytes_per_s is not None
@@ -340,6 +372,8 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
         t0 = _top_link_time(dom, net, np.maximum(pair, pair.T), same_off)
         inner = _phase_time([0.0, *port[1:]], net, terms.latency)
         t = max(inner, t0 + lat if t0 > 0 else 0.0)
+    levels = [lv for lv, b in enumerate(port) if b > 0]
+    t = max(t, engine_s(net, levels, a2a_messages(dom, w), terms.latency))
     t += a2a_delay(dom, net)
     return t, total
 
@@ -496,7 +530,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv) / net.gather_rate_factor(lv)
                 for lv in range(L)]
         first = 1 if net.dc_link_bytes_per_s is not None else 0
-        t = sum(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency)
+        t = sum(max(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency),
+                    engine_s(net, [lv], 2 * (dom.sizes[lv] - 1), terms.latency))
                 + (net.stage_delay(lv) if port[lv] > 0 else 0.0) for lv in range(first, L))
         if first:
             c0 = topo.counts[0]
@@ -524,7 +559,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
         return 2 * a + x if chunks == 1 else max(2 * a + x / chunks, x + 2 * a / chunks)
 
-    steps = [pe + exchange(a, x) for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
+    pf = pe + count_exchange_s(dom, net, terms)  # forward: the row counts go out before the dispatch
+    steps = [pf + exchange(a, x) for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
     if terms.overlap:
         # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
         # iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
@@ -532,11 +568,11 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         t_c, ag_start = 0.0, 0.0
         for a, x in zip(a2a, e, strict=True):
             taken = a if chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
-            ag_start = max(t_c + pe + taken, ag_start + ag_t)  # experts taken = the next gather issued
+            ag_start = max(t_c + pf + taken, ag_start + ag_t)  # experts taken = the next gather issued
             t_c = ag_start + codec + exchange(a, x) - taken
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
-        fwd = sum(max(pe, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
+        fwd = sum(max(pf, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
     iteration = fwd
     compute = mb * sum(pe + x for x in e) + layers * codec
     a2a_sum = mb * 2 * sum(a2a)

@@ -8,9 +8,13 @@ cross-DC flows, and a GPU port by its intra- and cross-DC flows). Each flow is d
 level's latency after its last byte.
 
 Per-operation quantities (bytes per device, compute seconds, expert load per domain, latencies)
-come from :mod:`hybridep.costmodel`; this module adds contention, skew and overlap by dependency:
+come from :mod:`hybridep.costmodel`; this module adds contention, skew and overlap by dependency.
+With a per-message overhead (``topology.message_overhead``), every rank also has a communication
+engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`).
 
-* forward, per layer and micro-batch: pre-expert compute -> dispatch all-to-all (tokens of the
+
+* forward, per layer and micro-batch: pre-expert compute -> the row-count exchange (its latency and
+  messages, :func:`~hybridep.costmodel.count_exchange_s`) -> dispatch all-to-all (tokens of the
   same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
   in and its own dispatch sends are delivered (a blocking all-to-all returns only then; folded
   runs do not track senders) -> combine all-to-all from that rank -> next layer once every rank
@@ -45,6 +49,7 @@ from hybridep.costmodel import (
     Workload,
     a2a_delay,
     codec_s,
+    count_exchange_s,
     ddp_last_bucket_bytes,
     device_expert_s,
     exchange_chunks,
@@ -87,7 +92,10 @@ class SimResult:
 
 class _Fabric:
     """Link numbering: egress then ingress links of every level's workers, one group per both;
-    with ``pooled``, then the pooled top-level uplinks (group 2L)."""
+    with ``pooled``, then the pooled top-level uplinks (group 2L); with a per-message overhead, then
+    one communication engine per rank (the last group): a resource of capacity 1 (its busy share)
+    that each flow occupies ``o / size`` per byte sent and per byte received, so a rank handles at
+    most one message per ``o`` seconds (LogGP's overhead, in fluid form)."""
 
     def __init__(self, dom: Domains, net: Network, pooled: bool):
         topo = dom.topology
@@ -109,14 +117,24 @@ class _Fabric:
             offs.append(start)
             cap.append(np.full(self.workers[0], 2 * net.port_bytes_per_s[0]))
             grp.append(np.full(self.workers[0], 2 * self.L))
+        self.message_s = net.message_s
+        self.engine_group = 2 * self.L + int(pooled)
+        if self.message_s > 0:
+            self.engine_offset = start + (self.workers[0] if pooled else 0)
+            cap.append(np.ones(self.G))
+            grp.append(np.full(self.G, self.engine_group))
         self.offset = offs  # index 2j: egress of level j, 2j+1: ingress, 2L: pooled top level
         self.capacity = np.concatenate(cap)
         self.group = np.concatenate(grp)
-        self.groups = 2 * self.L + int(pooled)
+        self.groups = self.engine_group + int(self.message_s > 0)
 
     def link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
         """Link ids of the given ranks' level-``level`` workers."""
         return self.offset[2 * level + int(ingress)] + ranks // self.per_worker[level]
+
+    def engine(self, ranks: np.ndarray) -> np.ndarray:
+        """Link ids of the given ranks' communication engines."""
+        return self.engine_offset + ranks
 
     def a2a_link(self, level: int, ingress: bool, ranks: np.ndarray) -> np.ndarray:
         """Link ids an all-to-all flow uses at ``level``: the pooled uplinks at the top level when
@@ -209,7 +227,11 @@ class IterationSim:
                 n_cls += len(b)
         batch = self._batch(op, sizes, counts, lats, rel, ent, gent, label, owner)
         batch.other = np.concatenate(other).astype(int) if other else np.zeros(0, int)
-        return batch
+        if self.fold:  # the real end handles the class's n flows; the folded senders n / G each on average
+            cls = np.arange(batch.classes)
+            return self._engines(batch, real=(cls, batch.owner, batch.count), mean=(cls, batch.count / self.G))
+        batch.src, batch.dst = (batch.other, batch.owner) if toward_b else (batch.owner, batch.other)
+        return self._p2p_engines(batch)
 
     def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
         """For each rank, the rail members whose coarsest differing level is ``lv``."""
@@ -221,16 +243,8 @@ class IterationSim:
     def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
         """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``, at the
         network's gather efficiency of that level, each flow ending its stage delay after its last
-        byte (on top of the level's latency)."""
-        batch = self._stage_flows(op, lv, shard_bytes, label)
-        factor = self.net.gather_rate_factor(lv)
-        if factor != 1.0:
-            batch.cost = np.full(batch.classes, 1.0 / factor)
-        if self.net.stage_delay(lv):
-            batch.latency = batch.latency + self.net.stage_delay(lv)
-        return batch
-
-    def _stage_flows(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
+        byte (on top of the level's latency); every rank sends to and receives from each of its
+        S_l - 1 stage peers."""
         s = self.dom.sizes[lv]
         per_flow = shard_bytes * math.prod(self.dom.sizes[:lv])
         n_flows = self.G * (s - 1)
@@ -238,18 +252,56 @@ class IterationSim:
             cls = np.zeros(self.L - lv, dtype=int)
             gent = [[cls, cls], [np.arange(lv, self.L) * 2, np.arange(lv, self.L) * 2 + 1],
                     [np.array([n_flows / self.fab.workers[j] for j in range(lv, self.L)])] * 2]
-            return self._batch(op, [np.array([per_flow])], [np.array([float(n_flows)])],
-                               [np.array([self.lat[lv]])], [np.array([self.eng.now])],
-                               [[], [], []], [[np.concatenate(x)] for x in gent], label, [np.zeros(1, int)])
-        src, dst = [], []
-        for group in self.dom.stage_groups(lv):
-            for a in group:
-                for b in group:
-                    if a != b:
-                        src.append(a)
-                        dst.append(b)
-        src_a, dst_a = np.asarray(src), np.asarray(dst)
-        return self._p2p_batch(op, src_a, dst_a, per_flow, lv, label)
+            batch = self._batch(op, [np.array([per_flow])], [np.array([float(n_flows)])],
+                                [np.array([self.lat[lv]])], [np.array([self.eng.now])],
+                                [[], [], []], [[np.concatenate(x)] for x in gent], label, [np.zeros(1, int)])
+        else:
+            src, dst = [], []
+            for group in self.dom.stage_groups(lv):
+                for a in group:
+                    for b in group:
+                        if a != b:
+                            src.append(a)
+                            dst.append(b)
+            batch = self._p2p_batch(op, np.asarray(src), np.asarray(dst), per_flow, lv, label)
+        factor = self.net.gather_rate_factor(lv)
+        if factor != 1.0:
+            batch.cost = np.full(batch.classes, 1.0 / factor)
+        if self.net.stage_delay(lv):
+            batch.latency = batch.latency + self.net.stage_delay(lv)
+        return self._p2p_engines(batch) if not self.fold else self._engines(
+            batch, mean=(np.zeros(1, int), np.array([2.0 * (s - 1)])))
+
+    def _engines(self, batch: Batch, real: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 mean: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+        """Add the communication engines' use to ``batch`` when a per-message overhead is charged:
+        ``real`` = (classes, ranks, that class's messages the rank sends or receives), ``mean`` =
+        (classes, that class's messages every rank handles on average -- the folded ends). A flow
+        of ``size`` bytes occupies its engines ``o / size`` per byte/s (its link cost undone)."""
+        o = self.fab.message_s
+        if o <= 0:
+            return batch
+        cost = batch.cost if batch.cost is not None else np.ones(batch.classes)
+        per = np.divide(o, batch.size * cost, out=np.zeros(batch.classes), where=batch.size > 0)
+        c, link, k = batch.entries
+        if real is not None:
+            rc, rr, rk = real
+            batch.entries = (np.concatenate([c, rc]), np.concatenate([link, self.fab.engine(rr)]),
+                             np.concatenate([k, rk * per[rc]]))
+        if mean is not None:
+            mc, mk = mean
+            gc, grp, gk = batch.group_entries
+            batch.group_entries = (np.concatenate([gc, mc]),
+                                   np.concatenate([grp, np.full(len(mc), self.fab.engine_group)]),
+                                   np.concatenate([gk, mk * per[mc]]))
+        return batch
+
+    def _p2p_engines(self, batch: Batch) -> Batch:
+        """:meth:`_engines` for single flows: one message at each end (``batch.src``, ``batch.dst``)."""
+        n = batch.classes
+        cls = np.arange(n)
+        return self._engines(batch, real=(np.concatenate([cls, cls]), np.concatenate([batch.src, batch.dst]),
+                                          np.ones(2 * n)))
 
     def _p2p_batch(self, op: str, src: np.ndarray, dst: np.ndarray, per_flow: float, lv: int | np.ndarray,
                    label: str, latency: float | None = None) -> Batch:
@@ -265,8 +317,10 @@ class IterationSim:
                 ent[1].append(self.fab.link(j, side, r[on]))
                 ent[2].append(np.ones(int(on.sum())))
         lat = np.asarray([self.lat[x] for x in lvs]) if latency is None else np.full(n, latency)
-        return self._batch(op, [np.full(n, per_flow)], [np.ones(n)], [lat], [np.full(n, self.eng.now)],
-                           ent, [[], [], []], label, [np.zeros(n, int)])
+        batch = self._batch(op, [np.full(n, per_flow)], [np.ones(n)], [lat], [np.full(n, self.eng.now)],
+                            ent, [[], [], []], label, [np.zeros(n, int)])
+        batch.src, batch.dst = src, dst
+        return batch
 
     def _batch(self, op, sizes, counts, lats, rel, ent, gent, label, owner) -> Batch:
         def cat(parts, dtype=float):
@@ -410,6 +464,7 @@ class IterationSim:
         gather_bytes = w.sent_expert_bytes
         ag_levels = dom.gather_levels()
         codec = codec_s(dom, w)
+        counts = count_exchange_s(dom, self.net, self.terms)  # before every forward dispatch
         rc, redo = recompute_s(dom, w)
         last_bucket = ddp_last_bucket_bytes(w.dense_grad_bytes)
         end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
@@ -463,10 +518,11 @@ class IterationSim:
                 gather(layer)
             pre = w.pre_expert_s + (codec if m == 0 else 0.0)  # the first micro-batch also (en/de)codes
             self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
+            self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + counts)
             need = layer if ag_levels else None
 
             on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and ag_levels else None
-            self.eng.at(t0 + pre, lambda: self._moe_step(
+            self.eng.at(t0 + pre + counts, lambda: self._moe_step(
                 layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1), on_launch=on_launch))
 
         def backward(m: int, layer: int) -> None:

@@ -219,13 +219,14 @@ def chrome_trace(sims: dict[str, SimResult], names: tuple[str, ...]) -> dict:
 
 
 def plot(points: list[dict], var: str | None, path: Path) -> None:
-    """Speedup over EP against the swept variable (one line per strategy), or bars without a sweep."""
+    """Speedup over EP against the swept variable ``var`` (one line per strategy and value of any
+    other swept variable), or bars without a sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     strategies = list(dict.fromkeys(p["spec"] for p in points if p["strategy"] != "ep"))
     if var is None:
         sub = [p for p in points if p["strategy"] != "ep"]
@@ -234,19 +235,26 @@ def plot(points: list[dict], var: str | None, path: Path) -> None:
                    zorder=3, label="cost model")
         ax.set_xticks(range(len(sub)), [p["strategy"] for p in sub], rotation=20, ha="right")
     else:
+        others = [k for k in points[0]["sweep"] if k != var]
+
+        def rest(p: dict) -> tuple:
+            return tuple(p["sweep"][k] for k in others)
+
         for spec in strategies:
-            sub = [p for p in points if p["spec"] == spec]
-            xs = [p["sweep"][var] for p in sub]
-            (line,) = ax.plot(xs, [p["speedup_vs_ep"] for p in sub], marker="o", label=f"{spec} (simulated)")
-            ax.plot(xs, [p["model_speedup_vs_ep"] for p in sub], linestyle="--", alpha=0.6, color=line.get_color(),
-                    label=f"{spec} (cost model)")
+            for key in dict.fromkeys(rest(p) for p in points if p["spec"] == spec):
+                sub = [p for p in points if p["spec"] == spec and rest(p) == key]
+                label = spec + "".join(f", {k}={v}" for k, v in zip(others, key, strict=True))
+                xs = [p["sweep"][var] for p in sub]
+                (line,) = ax.plot(xs, [p["speedup_vs_ep"] for p in sub], marker="o", label=f"{label} (simulated)")
+                ax.plot(xs, [p["model_speedup_vs_ep"] for p in sub], linestyle="--", alpha=0.6,
+                        color=line.get_color(), label=f"{label} (cost model)")
         if all(isinstance(p["sweep"][var], (int, float)) for p in points) and var in ("dcs", "bandwidth"):
             ax.set_xscale("log")
         ax.set_xlabel(var)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_ylabel("speedup over EP")
     ax.set_title("hybridep simulate")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
