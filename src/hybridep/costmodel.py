@@ -322,7 +322,7 @@ def count_exchange_s(dom: Domains, net: Network, terms: CostTerms) -> float:
     """Seconds of the row-count exchange before every forward dispatch: the rail members swap how
     many rows they will send (a few bytes each), so no padding and no agreement are needed -- one
     latency of the rail's slowest level and one message per rail peer each way."""
-    levels = [lv for lv, r in enumerate(dom.rail_factors) if r > 1]
+    levels = dom.rail_levels()
     if not levels:
         return 0.0
     lat = max(net.latency_s[lv] for lv in levels) if terms.latency else 0.0
@@ -387,7 +387,7 @@ def a2a_delay(dom: Domains, net: Network) -> float:
     scheduled, as the measured gather stages do. An exchange over the top-level links is set by
     those (shaped) links -- measured on the testbed: it pays no such delay (plain EP, rails across
     the DCs) -- and plain EP runs no chains: 0 for both."""
-    levels = [lv for lv, r in enumerate(dom.rail_factors) if r > 1]
+    levels = dom.rail_levels()
     if dom.domain_size == 1 or not levels or levels[0] == 0:
         return 0.0
     return max(net.stage_delay(lv) for lv in levels)

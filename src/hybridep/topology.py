@@ -208,6 +208,11 @@ class Domains:
         """Levels whose domain size exceeds 1, outermost first: the stages of the expert gather."""
         return [lv for lv, s in enumerate(self.sizes) if s > 1]
 
+    def rail_levels(self) -> list[int]:
+        """Levels at which a rail has more than one member, outermost first: the levels the
+        all-to-all crosses."""
+        return [lv for lv, r in enumerate(self.rail_factors) if r > 1]
+
     def ag_shards_by_level(self) -> list[int]:
         """Expert shards one rank receives over level l in the hierarchical gather:
         (S_l - 1) * prod_{j<l} S_j. Outer levels move only single shards; what a rank received over

@@ -12,7 +12,6 @@ come from :mod:`hybridep.costmodel`; this module adds contention, skew and overl
 With a per-message overhead (``topology.message_overhead``), every rank also has a communication
 engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`).
 
-
 * forward, per layer and micro-batch: pre-expert compute -> the row-count exchange (its latency and
   messages, :func:`~hybridep.costmodel.count_exchange_s`) -> dispatch all-to-all (tokens of the
   same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
@@ -269,8 +268,9 @@ class IterationSim:
             batch.cost = np.full(batch.classes, 1.0 / factor)
         if self.net.stage_delay(lv):
             batch.latency = batch.latency + self.net.stage_delay(lv)
-        return self._p2p_engines(batch) if not self.fold else self._engines(
-            batch, mean=(np.zeros(1, int), np.array([2.0 * (s - 1)])))
+        if self.fold:  # every rank sends to and receives from its S_l - 1 stage peers
+            return self._engines(batch, mean=(np.zeros(1, int), np.array([2.0 * (s - 1)])))
+        return self._p2p_engines(batch)
 
     def _engines(self, batch: Batch, real: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                  mean: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
