@@ -62,6 +62,10 @@ def _with(path, value):
     (("moe", "a2a_chunks"), 0, "moe.a2a_chunks", "greater than or equal to 1"),
     (("moe", "a2a_chunks"), 2.5, "moe.a2a_chunks", "integer"),
     (("cost_model"), "magic", "cost_model", "paper"),
+    (("moe", "sr_grads"), "sparse", "moe.sr_grads", "topk"),
+    (("topology", "message_overhead"), "-3us", "topology.message_overhead", "allowed"),
+    (("bench", "sr_grads"), ["topk", "topk"], "bench.sr_grads", "each value once"),
+    (("bench", "sr_ratios"), [50.0, 50.0], "bench.sr_ratios", "each value once"),
 ])
 def test_errors_name_key_value_and_allowed(path, value, key, allowed):
     path = path if isinstance(path, tuple) else (path,)

@@ -307,6 +307,9 @@ class BenchConfig(_Strict):
     def _check(self) -> BenchConfig:
         if self.warmup >= self.steps:
             raise _FieldError("bench.warmup", self.warmup, f"fewer than bench.steps ({self.steps})")
+        for key, values in (("bench.sr_ratios", self.sr_ratios), ("bench.sr_grads", self.sr_grads)):
+            if len(set(values)) != len(values):
+                raise _FieldError(key, values, "each value once (every value is one run, named by it)")
         if self.sr_decode == "expert" and self.sr_basis == "delta":
             raise _FieldError("bench.sr_decode", self.sr_decode,
                               "'layer' with bench.sr_basis 'delta' (its receivers keep dense copies); "
