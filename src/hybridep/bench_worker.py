@@ -246,4 +246,6 @@ def main(spec_path: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    from hybridep.launch import leave
+
+    leave(main(sys.argv[1], sys.argv[2]))

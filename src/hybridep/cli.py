@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import os
 
-    from hybridep.launch import RankFailedError, init_from_torchrun, run_local
+    from hybridep.launch import RankFailedError, init_from_torchrun, leave, run_local
     from hybridep.verify import default_topology, summarize, verify_worker
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -116,7 +116,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
-            return 0 if all(r["passed"] for r in results) else 1
+            leave(0 if all(r["passed"] for r in results) else 1)
     else:
         console.print(f"verify: {world} local processes ({args.backend}), topology "
                       + " x ".join(f"{c} {n}" for n, c in zip(topo.names, topo.counts, strict=True)))
@@ -142,7 +142,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     n_pass = sum(r["passed"] for r in results)
     console.print(f"{n_pass}/{len(results)} cases passed")
     _write_json(args.json, summary)
-    return 0 if summary["all_passed"] else 1
+    code = 0 if summary["all_passed"] else 1
+    if in_torchrun:
+        leave(code)
+    return code
 
 
 def _probe_levels(cfg: Config) -> list[float]:
