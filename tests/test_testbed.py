@@ -66,6 +66,38 @@ def test_down_removes_exactly_the_prefixed_namespaces():
                                                             ["ip", "netns", "delete", "hep-root"]]
 
 
+def test_a_running_bench_holds_the_testbed_against_other_processes(tmp_path, monkeypatch, capsys):
+    """While one process holds the testbed (a bench's ranks use it), up and down in another process
+    refuse with the holder's pid instead of cutting its network; the lock goes with the process."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / "testbed.lock"
+    monkeypatch.setattr(netns, "LOCK_FILE", lock)
+    monkeypatch.setattr(netns, "check_prerequisites", lambda: None)
+    removed = []
+    monkeypatch.setattr(netns, "existing_namespaces", lambda: removed.append("listed") or [])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom hybridep.testbed import netns\n"
+         f"netns.LOCK_FILE = Path({str(lock)!r})\nwith netns.hold():\n    print('held', flush=True)\n"
+         "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for action in (netns.down, lambda: netns.up(Topology(("dc", "gpu"), (2, 2)), (1e8, 1e9))):
+            with pytest.raises(netns.TestbedError, match=f"in use by a running hybridep bench \\(pid {holder.pid}\\)"):
+                action()
+        from hybridep.cli import main
+
+        assert main(["testbed", "down"]) == 2 and "testbed down refused" in capsys.readouterr().out
+        assert removed == []  # refused before touching anything
+        with pytest.raises(netns.TestbedError, match="in use"), netns.hold():  # nor can it take the testbed
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert netns.down() == [] and removed == ["listed"]  # free again once the holder is gone
+
+
 def test_rank_command_and_environment():
     assert rank_command(3, ["python", "x"], True) == ["ip", "netns", "exec", "hep-r3", "python", "x"]
     assert rank_command(3, ["python", "x"], False) == ["python", "x"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -176,7 +177,11 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     from hybridep.testbed import netns
 
     if args.action == "down":
-        removed = netns.down()
+        try:
+            removed = netns.down()
+        except netns.TestbedError as err:
+            console.print(f"[red]testbed down refused:[/red] {err}", highlight=False)
+            return 2
         console.print(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))
         return 0
     if args.action == "status":
@@ -229,9 +234,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {n}")
     shaped, rates, brought_up = False, None, False
+    held = contextlib.ExitStack()  # the testbed, held while this bench's ranks use it
     if args.testbed != "off":
         try:
             netns.check_prerequisites()
+            held.enter_context(netns.hold())
         except netns.TestbedError as err:
             if args.testbed == "on":
                 console.print(f"[red]error:[/red] {err}", highlight=False)
@@ -272,6 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     finally:
         if brought_up and not args.keep_testbed:
             netns.down()
+        held.close()
     raw = json.loads((out / "results.json").read_text())
     results, calibration = raw["results"], raw["calibration"]
     report = bench.analyse(cfg, results, rates, choice, calibration)

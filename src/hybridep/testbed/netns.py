@@ -20,10 +20,13 @@ Commands are built as argument lists by pure functions (unit-tested) and run by 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,10 @@ ROOT_NS = f"{PREFIX}root"
 SUBNET = "10.77"
 IFACE = "hep0"
 STATE_FILE = Path("/run") / "hybridep-testbed.json"
+LOCK_FILE = Path("/run") / "hybridep-testbed.lock"
+"""Held (``flock``) by a bench while its ranks use the testbed; released when that process ends."""
+_held: int | None = None
+"""The lock's file descriptor while this process holds it."""
 
 
 class TestbedError(RuntimeError):
@@ -184,9 +191,55 @@ def _sh(cmd: list[str]) -> None:
         raise TestbedError(f"command failed ({proc.returncode}): {' '.join(cmd)}: {proc.stderr.strip()}")
 
 
+@contextmanager
+def hold() -> Iterator[None]:
+    """Hold the testbed for this process while its ranks use it (``hybridep bench``): meanwhile
+    :func:`up` and :func:`down` refuse in every other process, instead of pulling the network from
+    under running ranks (which then stall until their collective timeout). The lock is released
+    when the block ends or the process dies."""
+    global _held
+    fd = _lock()
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held = fd
+    try:
+        yield
+    finally:
+        _held = None
+        os.close(fd)
+
+
+def _lock() -> int:
+    """The testbed lock, taken without waiting (its file descriptor), or :class:`TestbedError`
+    naming the process that holds it."""
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise TestbedError(f"the testbed is in use by a running hybridep bench (pid {pid}); wait for it to "
+                           "finish or stop it first -- changing the testbed now would cut its ranks' "
+                           "network") from None
+    return fd
+
+
+def _check_free() -> None:
+    """Refuse (:class:`TestbedError`) when another process holds the testbed (see :func:`hold`). A
+    process that may not open the lock file (not root) cannot change the testbed either."""
+    if _held is not None:
+        return
+    try:
+        os.close(_lock())
+    except PermissionError:
+        pass
+
+
 def up(topology: Topology, rates_bps: tuple[float, ...]) -> dict:
-    """Build the testbed (replacing any previous one). Returns the state written to STATE_FILE."""
+    """Build the testbed (replacing any previous one). Returns the state written to STATE_FILE.
+    Refuses while another process's bench uses the testbed (:func:`hold`)."""
     check_prerequisites()
+    _check_free()
     down()
     try:
         for cmd in up_commands(topology, rates_bps):
@@ -200,7 +253,9 @@ def up(topology: Topology, rates_bps: tuple[float, ...]) -> dict:
 
 
 def down() -> list[str]:
-    """Remove every namespace with the project prefix (and with them their links). Idempotent."""
+    """Remove every namespace with the project prefix (and with them their links). Idempotent.
+    Refuses while another process's bench uses the testbed (:func:`hold`)."""
+    _check_free()
     names = existing_namespaces()
     for cmd in down_commands(names):
         subprocess.run(cmd, capture_output=True, timeout=60)
