@@ -233,8 +233,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     peers, notes = bench.available_peers(cfg)
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {n}")
-    shaped, rates, brought_up = False, None, False
-    held = contextlib.ExitStack()  # the testbed, held while this bench's ranks use it
+    shaped, rates = False, None
+    # the testbed, held while this bench's ranks use it (and taken down on leaving if brought up here)
+    held = contextlib.ExitStack()
     if args.testbed != "off":
         try:
             netns.check_prerequisites()
@@ -250,7 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
             if not (args.testbed_is_up and st and (st["names"], st["counts"]) == want):
                 netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
-                brought_up = True
+                if not args.keep_testbed:
+                    held.callback(netns.down)
             console.print(f"testbed up; {LATENCY_NOTE}")
             rates = _probe_levels(cfg)
             shaped = True
@@ -277,8 +279,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"[red]bench failed:[/red] {err}", highlight=False)
         return 1
     finally:
-        if brought_up and not args.keep_testbed:
-            netns.down()
         held.close()
     raw = json.loads((out / "results.json").read_text())
     results, calibration = raw["results"], raw["calibration"]
