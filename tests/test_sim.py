@@ -324,3 +324,34 @@ def test_pipelined_chunks_fill_both_directions_and_keep_the_bytes():
     assert four.bytes_by_level["dc"]["a2a"] == pytest.approx(one.bytes_by_level["dc"]["a2a"], rel=1e-12)
     assert four.iteration_s >= lower_bound(dom, w4, net, terms)
     assert four.iteration_s == pytest.approx(predict(dom, w4, net, terms).iteration_s, rel=0.1)
+
+
+PAPER_FIG17 = Path(__file__).resolve().parents[1] / "configs" / "sim_paper_fig17.yaml"
+
+
+def test_paper_regime_config_has_the_papers_expert_and_token_sizes():
+    from hybridep.config import load_config
+    from hybridep.costmodel import workload_from_config
+
+    cfg = load_config(PAPER_FIG17)
+    w = workload_from_config(cfg)
+    assert cfg.topology.levels[1].count == 1  # one GPU per DC, as the paper's model assumes
+    assert w.expert_bytes == 2 * 256 * 352 * 2 == 360_448  # Table V: 0.36 MB per expert
+    assert 6e6 <= w.dispatch_bytes <= 192e6  # Table V: 6-192 MB of tokens per layer
+
+
+def test_paper_regime_trends_fixed_domain_falls_with_dcs_compressed_speedup_falls_with_bandwidth(tmp_path):
+    out = tmp_path / "s.json"
+    strategies = 'simulate.strategies=[ep,"hybridep+sr50(dc=2)","hybridep+sr50(p=0.5)"]'
+    assert main(["simulate", "--config", str(PAPER_FIG17), "--set", strategies,
+                 "--sweep", "dcs=4,64", "--sweep", "bandwidth=1Gbit/s,10Gbit/s,100Gbit/s", "--json", str(out)]) == 0
+    pts = json.loads(out.read_text())["points"]
+
+    def speedup(spec, dcs, gbit):
+        (p,) = [p for p in pts if p["spec"] == spec and p["dcs"] == dcs and p["bandwidth_bps"] == gbit * 1e9]
+        return p["speedup_vs_ep"]
+
+    for gbit in (1, 10, 100):  # a fixed domain of 2 DCs saves less of the all-to-all among more DCs
+        assert speedup("hybridep+sr50(dc=2)", 64, gbit) < speedup("hybridep+sr50(dc=2)", 4, gbit)
+    fixed_p = [speedup("hybridep+sr50(p=0.5)", 64, g) for g in (1, 10, 100)]
+    assert fixed_p[0] > fixed_p[1] > fixed_p[2] > 1.0  # lower bandwidth -> larger speedup
