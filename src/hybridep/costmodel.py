@@ -338,9 +338,10 @@ def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.
 
 
 def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
-               load: np.ndarray) -> tuple[float, list[float]]:
+               load: np.ndarray) -> tuple[float, list[float], list[float]]:
     """One dispatch A2A under the domain loads ``load`` (combine is its mirror: same port loads,
-    directions swapped): (seconds, cluster-wide bytes crossing each level's ports).
+    directions swapped): (seconds, cluster-wide bytes crossing each level's ports, seconds the
+    busiest port of each level is busy with its bytes -- 0 at the top level with a DC link matrix).
 
     A port's egress carries e bytes and its ingress i in the dispatch, the reverse in the combine.
     One exchange each: every phase waits for the busier direction, max(e, i). With the tokens in C
@@ -375,7 +376,10 @@ def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     levels = [lv for lv, b in enumerate(port) if b > 0]
     t = max(t, engine_s(net, levels, a2a_messages(dom, w), terms.latency))
     t += a2a_delay(dom, net)
-    return t, total
+    busy = [b / net.port_bytes_per_s[lv] for lv, b in enumerate(port)]
+    if net.dc_link_bytes_per_s is not None:
+        busy[0] = 0.0
+    return t, total, busy
 
 
 def a2a_delay(dom: Domains, net: Network) -> float:
@@ -518,7 +522,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     L = topo.num_levels
     grids = layer_grids(dom, w)
     phases = per_layer(w, lambda lv: _a2a_phase(dom, w, net, terms, grids[lv]))
-    a2a = [t for t, _ in phases]  # one dispatch A2A of each layer (seconds)
+    a2a = [t for t, _, _ in phases]  # one dispatch A2A of each layer (seconds)
+    a2a_busy = [busy for _, _, busy in phases]  # its busiest port's seconds per level
     # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
     # stage per level, outermost first, so the slow levels carry single shards ---
     ag_shards = dom.ag_shards_by_level()
@@ -542,6 +547,28 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
             t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
         return t
 
+    def stages_busy(shard_bytes) -> list[float]:
+        """Seconds the gather's (or reduce-scatter's) bytes keep each level's busiest port busy."""
+        first = 1 if net.dc_link_bytes_per_s is not None else 0
+        return [0.0 if lv < first else topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv)
+                / net.gather_rate_factor(lv) / net.port_bytes_per_s[lv] for lv in range(L)]
+
+    ag_busy, rs_busy = stages_busy(lambda lv: gather_bytes), stages_busy(w.sent_grad_bytes)
+
+    def beside(left: list[float], phase: list[float]) -> tuple[float, list[float]]:
+        """An all-to-all phase keeping each level's busiest port busy ``phase[lv]`` seconds alone,
+        issued while a gather or reduce-scatter still has ``left[lv]`` seconds of bytes there: a
+        shared port serves both alike (max-min fair), so both take m = min(phase, left) longer on
+        the worst level (``terms.port_sharing``, unchunked exchanges). Returns (m, what is left)."""
+        if not terms.port_sharing or chunks > 1:
+            return 0.0, left
+        m = max([min(ph, lf) for ph, lf in zip(phase, left, strict=True)] + [0.0])
+        return m, [max(0.0, lf - ph) for ph, lf in zip(phase, left, strict=True)]
+
+    def alone(left: list[float], seconds: float) -> list[float]:
+        """What a gather or reduce-scatter has left after ``seconds`` with its ports to itself."""
+        return [max(0.0, lf - seconds) for lf in left]
+
     ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]
     rs_total = [topo.world_size * ag_shards[lv] * w.sent_grad_bytes(lv) for lv in range(L)]
     ag_t, rs_t = stages_time(lambda lv: gather_bytes), stages_time(w.sent_grad_bytes)
@@ -564,12 +591,19 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     if terms.overlap:
         # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
         # iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
-        # experts wait for its gather
-        t_c, ag_start = 0.0, 0.0
-        for a, x in zip(a2a, e, strict=True):
+        # experts wait for its gather. The all-to-alls issued while a gather is in flight -- layer
+        # l's combine and layer l+1's dispatch -- share the ports it uses (see ``beside``)
+        slow_d, left = beside(alone(ag_busy, pf), a2a_busy[0])
+        t_c, ag_start, yielded = 0.0, 0.0, slow_d
+        for i, (a, x) in enumerate(zip(a2a, e, strict=True)):
             taken = a if chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
-            ag_start = max(t_c + pf + taken, ag_start + ag_t)  # experts taken = the next gather issued
-            t_c = ag_start + codec + exchange(a, x) - taken
+            ag_start = max(t_c + pf + taken + slow_d, ag_start + ag_t + yielded)  # = next gather issued
+            slow_c, left = beside(alone(ag_busy, codec + x), a2a_busy[i])
+            slow_d = 0.0
+            if i + 1 < layers:
+                slow_d, left = beside(alone(left, a - max(a2a_busy[i]) + pf), a2a_busy[i + 1])
+            yielded = slow_c + slow_d
+            t_c = ag_start + codec + exchange(a, x) - taken + slow_c
         fwd = t_c + (mb - 1) * sum(steps)
     else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
         fwd = sum(max(pf, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
@@ -585,12 +619,21 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         bwd_compute = mb * sum(2 * pe + (2 + rc) * x + redo for x in e)
         if terms.overlap:
             # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
-            # run one after the other while the earlier layers' backward goes on
-            t, rs_free = 0.0, 0.0
-            for a, x in zip(reversed(a2a), reversed(e), strict=True):
-                t += exchange(a, (2 + rc) * x + redo)
-                rs_free = max(t, rs_free) + rs_t
-                t += 2 * pe
+            # run one after the other while the earlier layers' backward goes on; the next layer's
+            # two backward all-to-alls share the ports of the one in flight (see ``beside``)
+            t, rs_free, issued = 0.0, 0.0, None
+            for i in reversed(range(layers)):
+                x = (2 + rc) * e[i] + redo
+                if issued is not None:  # the layer above's pre-expert backward, then this layer's two
+                    # exchanges beside the reduce-scatter issued after the layer above
+                    m1, left = beside(alone(rs_busy, max(0.0, t + 2 * pe - issued)), a2a_busy[i])
+                    m2, _ = beside(alone(left, a2a[i] - max(a2a_busy[i]) + x), a2a_busy[i])
+                    rs_free += m1 + m2
+                    t += 2 * pe + m1 + m2
+                t += exchange(a2a[i], x)
+                issued = max(t, rs_free)
+                rs_free = issued + rs_t
+            t += 2 * pe
             bwd = (mb - 1) * sum(bwd_steps) + max(t, rs_free)
         else:
             bwd = sum(mb * b - 2 * pe + max(2 * pe, rs_t) for b in bwd_steps)
@@ -612,7 +655,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
     by_level = {}
     for lv, name in enumerate(names):
-        a2a_b = sum(tot[lv] for _, tot in phases) * directions * mb
+        a2a_b = sum(tot[lv] for _, tot, _ in phases) * directions * mb
         ag_b = ag_total[lv] * layers
         rs_b = rs_total[lv] * layers if terms.backward else 0.0
         by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
