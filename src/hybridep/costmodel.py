@@ -634,7 +634,9 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
                 issued = max(t, rs_free)
                 rs_free = issued + rs_t
             t += 2 * pe
-            bwd = (mb - 1) * sum(bwd_steps) + max(t, rs_free)
+            last_start = (mb - 1) * sum(bwd_steps)  # the last micro-batch's backward starts
+            stream_end = last_start + t  # the compute stream's backward ends (reduce-scatters may go on)
+            bwd = last_start + max(t, rs_free)
         else:
             bwd = sum(mb * b - 2 * pe + max(2 * pe, rs_t) for b in bwd_steps)
         exposed_rs = bwd - mb * sum(bwd_steps)
@@ -645,9 +647,19 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
             g, dense = topo.world_size, w.dense_grad_bytes
             last = ddp_last_bucket_bytes(dense)
             grad_sync = ring_allreduce_s(dense, g, net, terms.latency)
-            # the earlier buckets overlap the backward compute; the last one follows it
             early = ring_allreduce_s(dense - last, g, net, terms.latency)
-            exposed_gs = max(0.0, early - bwd_compute) + ring_allreduce_s(last, g, net, terms.latency)
+            if terms.overlap:
+                # DDP: the earlier buckets go out as the last micro-batch's backward starts, the last
+                # one when the compute stream's backward ends -- beside the reduce-scatters' tail
+                # and beside the backward's exchanges on the ring's slowest port: both take m longer
+                ring_lv = min(range(L), key=lambda lv: net.port_bytes_per_s[lv])
+                ring_busy = 2.0 * (dense - last) * (g - 1) / g / net.port_bytes_per_s[ring_lv]
+                bwd_busy = mb * 2 * sum(ph[ring_lv] for ph in a2a_busy) + layers * rs_busy[ring_lv]
+                m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
+                synced = max(stream_end + m, last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
+                exposed_gs = max(0.0, synced - bwd)
+            else:  # the earlier buckets overlap the backward compute; the last one follows it
+                exposed_gs = max(0.0, early - bwd_compute) + ring_allreduce_s(last, g, net, terms.latency)
             iteration += exposed_gs
         iteration += optimizer_s(w)
         compute += optimizer_s(w)

@@ -24,7 +24,8 @@ engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`
   tokens and its gather in); else each layer's at its forward start; stages outermost level first;
 * reduce-scatters of the gathered experts' gradients: after the last micro-batch's expert
   backward of each layer, one after the other, innermost stage first;
-* ring all-reduce of the dense gradients, released at the start of the last backward.
+* ring all-reduces of the dense gradients (DDP's buckets): the earlier ones released at the start
+  of the last backward, the last one when the backward ends and the earlier ones are through.
 
 Folding (``fold=True``): senders of the dispatch (and receivers of the combine) are symmetric --
 every rank routes with the same expert-load histogram -- so a flow class is "all flows into rank b
@@ -469,6 +470,15 @@ class IterationSim:
         last_bucket = ddp_last_bucket_bytes(w.dense_grad_bytes)
         end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
         rs_queue: list[int] = []
+        # the buckets' all-reduces run one after the other on their process group: the last one once
+        # the backward has ended and the earlier ones are through
+        last_waits = {"ready"} | ({"early"} if w.dense_grad_bytes - last_bucket > 0 else set())
+
+        def sync_last(event: str) -> None:
+            last_waits.discard(event)
+            if not last_waits:
+                self._grad_sync(last_bucket, lambda t: end.__setitem__("gs", t))
+
         rs_busy = {"on": False}
 
         taken: set[int] = set()
@@ -530,10 +540,11 @@ class IterationSim:
             if layer < 0:
                 end["bwd"] = t0
                 if m == mb - 1 and self.terms.grad_sync:  # DDP's last bucket: ready when the backward ends
-                    self._grad_sync(last_bucket, lambda t: end.__setitem__("gs", t))
+                    sync_last("ready")
                 return nxt(m)
             if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
-                self._grad_sync(w.dense_grad_bytes - last_bucket, lambda t: end.__setitem__("gs0", t))
+                self._grad_sync(w.dense_grad_bytes - last_bucket,
+                                lambda t: (end.__setitem__("gs0", t), sync_last("early")))
 
             def experts_done(t: float) -> None:
                 if m == mb - 1 and ag_levels:
