@@ -654,7 +654,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
                 # and beside the backward's exchanges on the ring's slowest port: both take m longer
                 ring_lv = min(range(L), key=lambda lv: net.port_bytes_per_s[lv])
                 ring_busy = 2.0 * (dense - last) * (g - 1) / g / net.port_bytes_per_s[ring_lv]
-                bwd_busy = mb * 2 * sum(ph[ring_lv] for ph in a2a_busy) + layers * rs_busy[ring_lv]
+                bwd_busy = 2 * sum(ph[ring_lv] for ph in a2a_busy) + layers * rs_busy[ring_lv]  # last micro-batch
                 m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
                 synced = max(stream_end + m, last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
                 exposed_gs = max(0.0, synced - bwd)
