@@ -266,7 +266,8 @@ class CostTerms(_Strict):
     """All streams share a worker's port: the iteration is at least the busiest level's bytes per
     port divided by its rate (overlapped gathers still occupy the link the all-to-alls need), and a
     prefetched gather or reduce-scatter is through no earlier than its own bytes plus those of the
-    all-to-alls issued while it is in flight on the levels both use."""
+    all-to-alls issued while it is in flight on the levels both use (the dense gradients' ring
+    likewise beside the backward's exchanges on its slowest port)."""
     overlap: StrictBool = True
     """Prefetched gathers of all layers and asynchronous reduce-scatters overlap compute across
     layers (two-stream schedule); off = the paper's per-layer max(Lat_PE, Lat_AG)."""

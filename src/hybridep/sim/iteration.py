@@ -479,6 +479,10 @@ class IterationSim:
             if not last_waits:
                 self._grad_sync(last_bucket, lambda t: end.__setitem__("gs", t))
 
+        def early_synced(t: float) -> None:
+            end["gs0"] = t
+            sync_last("early")
+
         rs_busy = {"on": False}
 
         taken: set[int] = set()
@@ -543,8 +547,7 @@ class IterationSim:
                     sync_last("ready")
                 return nxt(m)
             if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
-                self._grad_sync(w.dense_grad_bytes - last_bucket,
-                                lambda t: (end.__setitem__("gs0", t), sync_last("early")))
+                self._grad_sync(w.dense_grad_bytes - last_bucket, early_synced)
 
             def experts_done(t: float) -> None:
                 if m == mb - 1 and ag_levels:
