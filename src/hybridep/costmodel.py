@@ -529,12 +529,18 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     ag_shards = dom.ag_shards_by_level()
     gather_bytes = w.sent_expert_bytes
 
-    def stages_time(shard_bytes) -> float:
-        """The gather's (or reduce-scatter's) stages one after the other (seconds); ``shard_bytes(l)``:
-        bytes of one device's experts as sent over level l."""
-        port = [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv) / net.gather_rate_factor(lv)
+    first = 1 if net.dc_link_bytes_per_s is not None else 0  # a DC link matrix: no shared top port
+
+    def stage_port_bytes(shard_bytes) -> list[float]:
+        """Bytes each level's busiest port carries in the gather's (or reduce-scatter's) stage over
+        that level, at the gather's rate; ``shard_bytes(l)``: bytes of one device's experts as sent
+        over level l."""
+        return [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv) / net.gather_rate_factor(lv)
                 for lv in range(L)]
-        first = 1 if net.dc_link_bytes_per_s is not None else 0
+
+    def stages_time(shard_bytes) -> float:
+        """The gather's (or reduce-scatter's) stages one after the other (seconds)."""
+        port = stage_port_bytes(shard_bytes)
         t = sum(max(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency),
                     engine_s(net, [lv], 2 * (dom.sizes[lv] - 1), terms.latency))
                 + (net.stage_delay(lv) if port[lv] > 0 else 0.0) for lv in range(first, L))
@@ -549,9 +555,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
 
     def stages_busy(shard_bytes) -> list[float]:
         """Seconds the gather's (or reduce-scatter's) bytes keep each level's busiest port busy."""
-        first = 1 if net.dc_link_bytes_per_s is not None else 0
-        return [0.0 if lv < first else topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv)
-                / net.gather_rate_factor(lv) / net.port_bytes_per_s[lv] for lv in range(L)]
+        return [0.0 if lv < first else b / net.port_bytes_per_s[lv]
+                for lv, b in enumerate(stage_port_bytes(shard_bytes))]
 
     ag_busy, rs_busy = stages_busy(lambda lv: gather_bytes), stages_busy(w.sent_grad_bytes)
 
@@ -653,7 +658,7 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
                 # one when the compute stream's backward ends -- beside the reduce-scatters' tail
                 # and beside the backward's exchanges on the ring's slowest port: both take m longer
                 ring_lv = min(range(L), key=lambda lv: net.port_bytes_per_s[lv])
-                ring_busy = 2.0 * (dense - last) * (g - 1) / g / net.port_bytes_per_s[ring_lv]
+                ring_busy = ring_allreduce_s(dense - last, g, net, latency=False)  # its bytes on that port
                 bwd_busy = 2 * sum(ph[ring_lv] for ph in a2a_busy) + layers * rs_busy[ring_lv]  # last micro-batch
                 m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
                 synced = max(stream_end + m, last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
