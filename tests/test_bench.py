@@ -36,6 +36,7 @@ def test_bench_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hybridep.cli", "bench", "--steps", "3", "--set", "bench.warmup=1",
          "--set", "moe.tokens_per_gpu=512", "--set", "moe.hidden=32", "--set", "moe.ffn=32",
+         "--set", "moe.blocks_before_moe=1",  # a dense block before each MoE block: DDP covers its FFN
          "--out", str(tmp_path / "run"), "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -48,7 +48,7 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
     if m.hidden % cfg.bench.heads:
         raise BenchError(f"moe.hidden ({m.hidden}) must be divisible by bench.heads ({cfg.bench.heads})")
     lm = LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
-                  experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind)
+                  experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind, dense_blocks=m.blocks_before_moe)
     return lm, m.tokens_per_gpu // m.seq_len
 
 

@@ -1,4 +1,5 @@
-"""A small decoder-only byte-level language model with an MoE FFN in every block (nanoGPT-sized).
+"""A small decoder-only byte-level language model (nanoGPT-sized): ``layers`` MoE blocks, each after
+``dense_blocks`` dense ones (0: an MoE FFN in every block; 1: in every other block, as in GShard).
 
 The model is parallelism-agnostic: apply a strategy to its ``MoE`` layers from a plan. The MoE
 layer is pluggable (``moe_factory``) so that a peer's MoE layer can be measured in the same model.
@@ -6,6 +7,7 @@ layer is pluggable (``moe_factory``) so that a peer's MoE layer can be measured 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from hybridep.moe.experts import WEIGHT_NAMES, ffn
 from hybridep.moe.layer import MoE
 
 
@@ -28,6 +31,8 @@ class LMConfig:
     top_k: int = 2
     expert_kind: str = "gelu"
     aux_loss_coef: float = 0.01
+    dense_blocks: int = 0
+    """Dense blocks (attention + an FFN of ``ffn`` units) before each MoE block."""
 
 
 class Attention(nn.Module):
@@ -44,16 +49,36 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, h))
 
 
+class DenseFFN(nn.Module):
+    """The FFN of a dense block: the experts' kind and size, one copy, data-parallel like attention."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.kind = cfg.expert_kind
+        shapes = {"w1": (cfg.hidden, cfg.ffn), "w2": (cfg.ffn, cfg.hidden), "w3": (cfg.hidden, cfg.ffn)}
+        for name in WEIGHT_NAMES[self.kind]:
+            w = nn.Parameter(torch.empty(shapes[name]))
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[0]))
+            setattr(self, name, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = {name: getattr(self, name) for name in WEIGHT_NAMES[self.kind]}
+        return ffn(self.kind, w, x.reshape(-1, x.shape[-1])).view_as(x)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, moe: nn.Module):
+    """Attention, then an FFN: ``moe`` (an MoE layer) or, when None, a dense one (``dense``)."""
+
+    def __init__(self, cfg: LMConfig, moe: nn.Module | None):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
         self.attn = Attention(cfg)
         self.moe = moe
+        self.dense = DenseFFN(cfg) if moe is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.moe(self.ln2(x))
+        return x + (self.moe if self.moe is not None else self.dense)(self.ln2(x))
 
 
 def default_moe(cfg: LMConfig) -> nn.Module:
@@ -66,9 +91,14 @@ class MoELM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
         self.pos = nn.Parameter(torch.zeros(cfg.seq_len, cfg.hidden))
-        self.blocks = nn.ModuleList(Block(cfg, moe_factory(cfg)) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, moe_factory(cfg) if (i + 1) % (cfg.dense_blocks + 1) == 0 else None)
+                                    for i in range(cfg.layers * (cfg.dense_blocks + 1)))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         nn.init.normal_(self.embed.weight, std=0.02)
+
+    @property
+    def moe_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.moe is not None]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-byte cross-entropy plus the weighted MoE balance losses."""
@@ -77,5 +107,5 @@ class MoELM(nn.Module):
             x = block(x)
         logits = self.ln_f(x) @ self.embed.weight.t()
         loss = functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        aux = sum(b.moe.aux_loss for b in self.blocks if getattr(b.moe, "aux_loss", None) is not None)
+        aux = sum(b.moe.aux_loss for b in self.moe_blocks if getattr(b.moe, "aux_loss", None) is not None)
         return loss + self.cfg.aux_loss_coef * aux

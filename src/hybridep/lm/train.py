@@ -113,7 +113,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
 
         dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         model = MoELM(cfg, lambda c: DeepSpeedMoE(c, comm.world_size))
-        for b in model.blocks:
+        for b in model.moe_blocks:
             b.moe.layer.set_deepspeed_parallelism()
         from torch.nn.parallel import DistributedDataParallel
 

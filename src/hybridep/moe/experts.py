@@ -27,6 +27,14 @@ class ExpertSource(Protocol):
         ...
 
 
+def ffn(kind: str, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One feed-forward network of ``kind`` (``gelu`` or ``swiglu``) with weights ``w`` ({w1: [hidden,
+    ffn], w2: [ffn, hidden](, w3: [hidden, ffn])}) on rows ``x`` -- an expert, or a dense block's FFN."""
+    h = x @ w["w1"]
+    h = torch.nn.functional.silu(h) * (x @ w["w3"]) if kind == "swiglu" else torch.nn.functional.gelu(h)
+    return h @ w["w2"]
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` FFN experts of one layer as stacked parameters."""
 
@@ -59,9 +67,7 @@ class GroupedExperts(nn.Module):
 
     def run_expert(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One expert with weights ``w`` ({name: tensor without the expert axis}) on rows ``x``."""
-        h = x @ w["w1"]
-        h = torch.nn.functional.silu(h) * (x @ w["w3"]) if self.kind == "swiglu" else torch.nn.functional.gelu(h)
-        return h @ w["w2"]
+        return ffn(self.kind, w, x)
 
     def compute(self, weights: dict[str, torch.Tensor] | ExpertSource, x: torch.Tensor,
                 counts: list[int]) -> torch.Tensor:
