@@ -37,7 +37,7 @@ def test_bench_smoke(tmp_path):
         [sys.executable, "-m", "hybridep.cli", "bench", "--steps", "3", "--set", "bench.warmup=1",
          "--set", "moe.tokens_per_gpu=512", "--set", "moe.hidden=32", "--set", "moe.ffn=32",
          "--set", "moe.blocks_before_moe=1",  # a dense block before each MoE block: DDP covers its FFN
-         "--out", str(tmp_path / "run"), "--json", str(out)],
+         "--out", str(tmp_path / "run"), "--json", str(out), "--trace", str(tmp_path / "trace.json")],
         capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -55,6 +55,24 @@ def test_bench_smoke(tmp_path):
     cal = report["calibration"]
     assert cal["processors"] >= 1 and cal["optimizer_byte_s"] > 0 and cal["expert_weight_byte_s"] >= 0
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000
+    # the measured timelines: every rank's forward, backward and optimizer step in each timed step, and
+    # the expert gathers and reduce-scatters of full-domain HybridEP on the communication thread
+    ev = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in ev if e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e["name"] == "thread_name"}
+    assert COMPUTE_ONLY not in procs.values() and {"ep", "hybridep(dc=2,gpu=2)"} <= set(procs.values())
+    timed = 3 - 1
+    for pid, name in procs.items():
+        spans = [e for e in ev if e["ph"] == "X" and e["pid"] == pid]
+        assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+        for rank in range(4):
+            mine = [e for e in spans if threads[(pid, e["tid"])] == f"rank {rank} compute"]
+            assert sorted(e["name"] for e in mine) == sorted(["forward", "backward", "optimizer"] * timed), name
+        background = {e["name"] for e in spans if threads[(pid, e["tid"])].endswith("comm (background)")}
+        if name == "hybridep(dc=2,gpu=2)":
+            assert {"ag", "rs"} <= background
+        if name == "ep":
+            assert not background and any(e["name"].startswith("a2a") for e in spans)
     # same seed, same data: our strategies compute the same model, so the same losses
     losses = [v["final_loss"] for n, v in strategies.items() if n == "ep" or n.startswith("hybridep(")]
     assert max(losses) - min(losses) == pytest.approx(0.0, abs=1e-3)

@@ -21,12 +21,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from hybridep import trace
 from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, Workload, all_experts_fixed_s, predict, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
 from hybridep.topology import Domains
+from hybridep.trace import Span
 
 COMPUTE_ONLY = "compute-only"
 COMPUTE_ONLY_TIMED_FACTOR = 3
@@ -266,14 +268,33 @@ def plot(report: dict, path: Path) -> None:
 
 
 def bench_spec(cfg: Config, planned: PlanResult, peers: list[str], steps: int, shaped: bool,
-               rates_bps: list[float]) -> dict:
+               rates_bps: list[float], trace: bool = False) -> dict:
+    """The worker's input: model, runs, topology, rates; ``trace``: every run records its ranks'
+    timelines (:func:`chrome_trace`)."""
     lm, batch_size = lm_config(cfg)
     run_list = runs(cfg, planned, peers, steps)
     for r in run_list:
         r["batch_size"] = batch_size
+        r["trace"] = trace
     return {"names": [lv.name for lv in cfg.topology.levels], "counts": [lv.count for lv in cfg.topology.levels],
             "lm": asdict(lm), "runs": run_list, "shaped": shaped, "rates_bps": rates_bps,
             "collective_timeout_s": min(cfg.bench.timeout_s, 600.0)}
+
+
+def chrome_trace(results: dict) -> dict:
+    """The measured timelines of every run that recorded one, as Chrome/Perfetto trace-event JSON: one
+    process per strategy, one thread per rank and track (``compute``, ``comm``, ``comm (background)``,
+    ``grad sync``); times from the run's first recorded span."""
+    processes = {}
+    for name, r in results.items():
+        ranks = r.get("trace")
+        if not ranks:
+            continue
+        t0 = min((s[2] for spans in ranks for s in spans), default=0.0)
+        processes[name] = [Span(f"rank {rank} {track}", op, start - t0, end - t0)
+                           for rank, spans in enumerate(ranks) for track, op, start, end in spans]
+        processes[name].sort(key=lambda s: (s.track, s.start_s))
+    return trace.chrome_trace(processes, other={"source": "hybridep bench (measured)"})
 
 
 def default_out_dir() -> Path:

@@ -259,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else bench.default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     spec = bench.bench_spec(cfg, planned, peers, steps, shaped,
-                            rates or [lv.bandwidth_bps for lv in cfg.topology.levels])
+                            rates or [lv.bandwidth_bps for lv in cfg.topology.levels], trace=bool(args.trace))
     (out / "spec.json").write_text(json.dumps(spec, indent=1))
     argv = [sys.executable, "-m", "hybridep.bench_worker", str(out / "spec.json"), str(out)]
     try:
@@ -290,6 +290,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot_path = Path(args.plot) if args.plot else out / "bench.png"
     bench.plot(report, plot_path)
     console.print(f"plot: {plot_path}; logs: {out / 'logs'}")
+    if args.trace:
+        Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.trace).write_text(json.dumps(bench.chrome_trace(results)))
+        console.print(f"wrote {args.trace} (open in chrome://tracing or ui.perfetto.dev)")
     _write_json(args.json, report)
     return 0
 
@@ -424,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-testbed", action="store_true", help="leave the testbed up afterwards")
     p.add_argument("--out", metavar="DIR", help="folder for spec, logs, results, plot (default: a new temp folder)")
     p.add_argument("--plot", metavar="PATH", help="PNG plot path (default: OUT/bench.png)")
+    p.add_argument("--trace", metavar="PATH",
+                   help="Chrome/Perfetto trace of every rank's timed steps per strategy (measured)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("simulate", help="flow-level simulation of one iteration per strategy, with sweeps")

@@ -40,6 +40,8 @@ class RunSpec:
     sr_decode: str = "layer"
     sr_grads: str = "dense"
     a2a_chunks: int = 1
+    trace: bool = False
+    """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
 
     @property
     def sr(self) -> SRSettings | None:
@@ -72,6 +74,10 @@ class RunResult:
     """Median seconds of this rank's optimizer step over the timed iterations."""
     optimizer_param_bytes: int = 0
     """Bytes of the parameters this rank's optimizer updates."""
+    trace: list[list[tuple[str, str, float, float]]] | None = None
+    """With ``RunSpec.trace``: every rank's (track, name, start, end) spans of the timed steps, in
+    seconds of the host's monotonic clock (shared by the ranks on the testbed): the forward pass,
+    backward pass and optimizer step (track ``compute``) and every communicator call."""
 
     def summary(self) -> dict:
         it = sorted(self.iter_s)
@@ -81,7 +87,8 @@ class RunResult:
                 "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
                 "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
                 "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens,
-                "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes}
+                "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes,
+                **({"trace": self.trace} if self.trace is not None else {})}
 
 
 class DeepSpeedMoE(nn.Module):
@@ -150,6 +157,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
                 comm.quiesce()  # the prefetched gathers of this step are counted before the window
                 comm.traffic.reset()
                 comm.traffic.record_outer_intervals = True  # for the cross-DC busy time
+                comm.traffic.record_spans = spec.trace
             for layer in moe_layers(model):
                 layer.reset_routing_stats()
             if uplink_counter is not None:
@@ -158,12 +166,18 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
             stamps.append(time.perf_counter())
         x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank)
         opt.zero_grad(set_to_none=True)
+        t_fwd = time.perf_counter()
         loss = module(x, y)
+        t_bwd = time.perf_counter()
         loss.backward()
         t_opt = time.perf_counter()
         opt.step()
         if step >= spec.warmup:
             opt_s.append(time.perf_counter() - t_opt)
+            if comm is not None:
+                for name, a, b in (("forward", t_fwd, t_bwd), ("backward", t_bwd, t_opt),
+                                   ("optimizer", t_opt, t_opt + opt_s[-1])):
+                    comm.note_span(name, a, b, track="compute")
         if styles and spec.prefetch and step < spec.steps - 1:
             prefetch_all(styles, model)
         result.losses.append(loss.item())
@@ -178,6 +192,10 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         dist.barrier()
     if uplink_counter is not None and before is not None:
         result.uplink_bytes = (uplink_counter() - before) / timed
+    if spec.trace and comm is not None:
+        comm.traffic.record_spans = False
+        result.trace = [None] * comm.world_size
+        dist.all_gather_object(result.trace, comm.traffic.spans)
     if comm is not None and spec.strategy in ("ep", "hybridep", "hybridep+sr"):
         tr = comm.traffic
         secs = torch.tensor([tr.seconds_by_op.get(k, 0.0) for k in ("a2a", "meta", "ag", "rs")], dtype=torch.float64)

@@ -59,11 +59,18 @@ class Traffic:
     outer_intervals: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) in seconds of the host's monotonic clock of every call that kept this rank busy
     in an operation whose group spans the outermost level (issue, blocking transfer or wait)."""
+    record_spans: bool = False
+    """Keep :attr:`spans`, this rank's timeline (``hybridep bench --trace``)."""
+    spans: list[tuple[str, str, float, float]] = field(default_factory=list)
+    """(track, name, start, end) of every call into the communicator (seconds of the host's monotonic
+    clock): track ``comm`` on the training thread, ``comm (background)`` on the communication thread,
+    and whatever the caller notes (:meth:`Communicator.note_span`)."""
 
     def reset(self) -> None:
         for d in (self.bytes_by_op_level, self.bytes_by_op_peer, self.seconds_by_op, self.calls_by_op):
             d.clear()
         self.outer_intervals.clear()
+        self.spans.clear()
 
     def bytes_by_level(self, ops: Sequence[str] | None = None) -> dict[str, int]:
         """Bytes sent over each topology level by the operation families ``ops`` (None = all)."""
@@ -213,7 +220,9 @@ class Communicator:
             raise CommunicationError(
                 f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
                 "Another rank probably failed or stalled; see its output.") from err
-        self._add_seconds(op, time.perf_counter() - start)
+        end = time.perf_counter()
+        self._add_seconds(op, end - start)
+        self.note_span(f"{op} (wait)", start, end)
         return out
 
     def _add_seconds(self, op: str, seconds: float) -> None:
@@ -263,6 +272,7 @@ class Communicator:
                 "Another rank probably failed or stalled; see its output.") from err
         end = time.perf_counter()
         self.note_outer_interval(ranks, start, end)
+        self.note_span(op, start, end)
         return work, end - start
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
@@ -328,6 +338,16 @@ class Communicator:
             sent[peer] += buf.numel() * buf.element_size()
         self._record(op, ranks, [sent[r] for r in ranks], secs)
         return Requests(reqs)
+
+    def note_span(self, name: str, start: float, end: float, track: str | None = None) -> None:
+        """Add ``[start, end]`` (``time.perf_counter`` seconds) to this rank's timeline when spans are
+        being recorded; ``track`` defaults to the calling thread's (``comm`` or ``comm (background)``)."""
+        if self.traffic.record_spans:
+            if track is None:
+                background = self._background is not None and threading.current_thread() is self._background.thread
+                track = "comm (background)" if background else "comm"
+            with self._lock:
+                self.traffic.spans.append((track, name, start, end))
 
     def note_outer_interval(self, ranks: Sequence[int], start: float, end: float) -> None:
         """Record ``[start, end]`` (``time.perf_counter`` seconds) as time in a cross-DC exchange

@@ -291,7 +291,9 @@ def data_parallel(model: nn.Module, comm: Communicator | None = None) -> nn.Modu
             fut = allreduce_hook(state, bucket)
 
             def done(f):
-                comm.note_outer_interval(world, start, time.perf_counter())
+                end = time.perf_counter()
+                comm.note_outer_interval(world, start, end)
+                comm.note_span("allreduce (DDP bucket)", start, end, track="grad sync")
                 return f.value()
             return fut.then(done)
 

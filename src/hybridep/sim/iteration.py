@@ -61,19 +61,12 @@ from hybridep.costmodel import (
 )
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Domains
+from hybridep.trace import Span
 
 TRACKS = ("compute", "a2a", "ag", "rs", "grad_sync")
 COALESCE = 1e-3
 """In folded runs, completions of large batches (>= 256 flow classes) within 0.1 % of the batch's elapsed time
 are merged into one event: bytes are conserved, times err by at most that much."""
-
-
-@dataclass
-class Span:
-    track: str
-    name: str
-    start_s: float
-    end_s: float
 
 
 @dataclass

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hybridep import trace
 from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
 from hybridep.costmodel import Network, Workload, lower_bound, predict, workload_from_config
 from hybridep.plan import parse_name, strategy_name
@@ -206,18 +207,8 @@ def _set(data: dict, path: str, value, shown: str) -> None:
 # ---------------------------------------------------------------------- outputs
 def chrome_trace(sims: dict[str, SimResult], names: tuple[str, ...]) -> dict:
     """Chrome/Perfetto trace (JSON object format): one process per strategy, one thread per stream."""
-    events = []
-    for pid, (strategy, res) in enumerate(sims.items()):
-        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": strategy}})
-        for tid, track in enumerate(TRACKS):
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": track}})
-        for s in res.spans:
-            events.append({"ph": "X", "name": s.name, "cat": s.track, "pid": pid, "tid": TRACKS.index(s.track),
-                           "ts": s.start_s * 1e6, "dur": (s.end_s - s.start_s) * 1e6})
-        events.append({"ph": "i", "name": "iteration end", "pid": pid, "tid": 0, "s": "p",
-                       "ts": res.iteration_s * 1e6})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"levels": list(names), "time_unit": "microseconds"}}
+    return trace.chrome_trace({k: r.spans for k, r in sims.items()}, TRACKS,
+                              {k: r.iteration_s for k, r in sims.items()}, {"levels": list(names)})
 
 
 def plot(points: list[dict], var: str | None, path: Path) -> None:
