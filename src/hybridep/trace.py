@@ -23,9 +23,8 @@ class Span:
 def chrome_trace(processes: dict[str, Sequence[Span]], tracks: Sequence[str] | None = None,
                  marks: dict[str, float] | None = None, other: dict | None = None) -> dict:
     """Trace-event JSON (object format): one process per key of ``processes``, one thread per track
-    (``tracks`` in that order, else in order of first appearance); ``marks``: an instant event per
-    process at that time (seconds), named by the process's key in ``marks`` (e.g. an iteration's end);
-    ``other``: extra metadata."""
+    (``tracks`` in that order, else in order of first appearance); ``marks``: an "iteration end"
+    instant event for the processes it names, at that time (seconds); ``other``: extra metadata."""
     events = []
     for pid, (process, spans) in enumerate(processes.items()):
         order = list(tracks or dict.fromkeys(s.track for s in spans))
