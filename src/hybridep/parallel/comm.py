@@ -225,9 +225,12 @@ class Communicator:
         self.note_span(f"{op} (wait)", start, end)
         return out
 
+    def _on_background_thread(self) -> bool:
+        return self._background is not None and threading.current_thread() is self._background.thread
+
     def _add_seconds(self, op: str, seconds: float) -> None:
         """Count ``seconds`` under ``op``'s family, unless spent on the background thread."""
-        if self._background is not None and threading.current_thread() is self._background.thread:
+        if self._on_background_thread():
             return
         with self._lock:
             self.traffic.seconds_by_op[op_kind(op)] += seconds
@@ -344,8 +347,7 @@ class Communicator:
         being recorded; ``track`` defaults to the calling thread's (``comm`` or ``comm (background)``)."""
         if self.traffic.record_spans:
             if track is None:
-                background = self._background is not None and threading.current_thread() is self._background.thread
-                track = "comm (background)" if background else "comm"
+                track = "comm (background)" if self._on_background_thread() else "comm"
             with self._lock:
                 self.traffic.spans.append((track, name, start, end))
 
