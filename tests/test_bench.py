@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from hybridep.bench import COMPUTE_ONLY, lm_config, parse_name, runs, strategy_name
+from hybridep.bench import COMPUTE_ONLY, lm_config, our_spec, runs
 from hybridep.config import load_config
 from hybridep.planner import plan
 
@@ -19,13 +19,16 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     planned = plan(cfg)
     names = [r["name"] for r in runs(cfg, planned, ["deepspeed"], 5)]
     assert names[:2] == [COMPUTE_ONLY, "ep"]
-    assert strategy_name(planned.choice.domains.topology, planned.choice.domains.sizes) == names[2]
+    assert str(planned.choice.spec) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
                           "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "deepspeed"}
-    assert parse_name("hybridep+sr50(dc=2,gpu=2)") == ((2, 2), 50.0, "dense")
-    assert parse_name("ep") == ((), None, "dense")
-    assert parse_name("hybridep+sr50+topkgrads(dc=2,gpu=2)") == ((2, 2), 50.0, "topk")
-    assert parse_name("deepspeed") == (None, None, "dense")
+    topo = cfg.topology.as_topology()
+    sr = our_spec("hybridep+sr50(dc=2,gpu=2)", topo)
+    assert (sr.domain_sizes, sr.sr_ratio, sr.sr_grads) == ((2, 2), 50.0, "dense")
+    assert our_spec("ep", topo).is_ep
+    topk = our_spec("hybridep+sr50+topkgrads(dc=2,gpu=2)", topo)
+    assert (topk.domain_sizes, topk.sr_ratio, topk.sr_grads) == ((2, 2), 50.0, "topk")
+    assert our_spec("deepspeed", topo) is None and our_spec(COMPUTE_ONLY, topo) is None
     lm, batch = lm_config(cfg)
     assert batch * lm.seq_len == cfg.moe.tokens_per_gpu
 
@@ -53,7 +56,7 @@ def test_bench_smoke(tmp_path):
         assert strategies["hybridep(dc=2,gpu=2)"]["cross_dc_bytes"] < strategies["ep"]["cross_dc_bytes"] / 2
         assert strategies["ep"]["predicted_iter_s"] > 0
     cal = report["calibration"]
-    assert cal["processors"] >= 1 and cal["optimizer_byte_s"] > 0 and cal["expert_weight_byte_s"] >= 0
+    assert cal["processors"] >= 1 and cal["optimizer_s_per_byte"] > 0 and cal["expert_weight_s_per_byte"] >= 0
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000
     # the measured timelines: every rank's forward, backward and optimizer step in each timed step, and
     # the expert gathers and reduce-scatters of full-domain HybridEP on the communication thread
@@ -82,7 +85,7 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     """The compute-only ranks hold and update every expert; strategies update only their own. The
     compute rate comes from the compute-only time less its measured optimizer step and the cost of
     holding every expert in the expert computation."""
-    from hybridep.bench import BenchError, calibrated_model
+    from hybridep.calibration import CalibrationError, calibrated_model
     from hybridep.costmodel import optimizer_s, workload_from_config
 
     cfg = load_config()
@@ -91,19 +94,21 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     _, flops0 = calibrated_model(cfg, results, rates, {"efficiency_by_level": [1.0, 1.0]})
     per_byte = 1e-9
     w = workload_from_config(cfg, flops=1.0, sr_ratio=None)
-    opt_all = optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte), cfg.topology.world_size)
-    assert opt_all > optimizer_s(dataclasses.replace(w, optimizer_byte_s=per_byte)) > 0
-    _, flops1 = calibrated_model(cfg, results, rates, {"optimizer_byte_s": per_byte})
+    opt_all = optimizer_s(dataclasses.replace(w, optimizer_s_per_byte=per_byte), cfg.topology.world_size)
+    assert opt_all > optimizer_s(dataclasses.replace(w, optimizer_s_per_byte=per_byte)) > 0
+    _, flops1 = calibrated_model(cfg, results, rates, {"optimizer_s_per_byte": per_byte})
     assert flops1 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all))
-    with pytest.raises(BenchError, match="optimizer step"):
-        calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates, {"optimizer_byte_s": per_byte})
+    with pytest.raises(CalibrationError, match="optimizer step"):
+        calibrated_model(cfg, {COMPUTE_ONLY: {"median_iter_s": opt_all / 2}}, rates,
+                         {"optimizer_s_per_byte": per_byte})
     held = 1e-9 * cfg.topology.world_size * w.expert_bytes * w.layers  # all experts, forward + backward
-    _, flops2 = calibrated_model(cfg, results, rates, {"optimizer_byte_s": per_byte, "expert_weight_byte_s": 1e-9})
+    _, flops2 = calibrated_model(cfg, results, rates,
+                                 {"optimizer_s_per_byte": per_byte, "expert_weight_s_per_byte": 1e-9})
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))
 
 
 def test_gather_stages_and_exchanges_inside_a_dc_pay_the_delay_measured_while_computing():
-    from hybridep.bench import calibrated_model
+    from hybridep.calibration import calibrated_model
     from hybridep.costmodel import predict, workload_from_config
     from hybridep.sim.iteration import simulate
     from hybridep.topology import Domains

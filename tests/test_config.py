@@ -139,3 +139,53 @@ def test_random_yaml_text_raises_only_config_error(text):
         config_from_text(text)
     except ConfigError:
         pass
+
+
+SCI_FIELDS = [  # (path in the YAML document, --set key, attribute path of the validated value)
+    (("compute", "flops"), "compute.flops", ("compute", "flops")),
+    (("topology", "levels", 0, "bandwidth"), "topology.levels.0.bandwidth", ("topology", "levels", 0, "bandwidth_bps")),
+    (("topology", "levels", 1, "latency"), "topology.levels.1.latency", ("topology", "levels", 1, "latency_s")),
+    (("bench", "lr"), "bench.lr", ("bench", "lr")),
+]
+
+
+def _get(obj, path):
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(SCI_FIELDS), mantissa=st.integers(1, 999), exponent=st.integers(-6, 12),
+       style=st.sampled_from(["{m}e{e}", "{m}.0e{e}", "{m}E{e}", "{m}e+{e}"]), via_set=st.booleans())
+def test_numbers_in_scientific_notation_are_numbers(field, mantissa, exponent, style, via_set):
+    """Every numeric field reads 1e10, 300e12, 3.0e14 (YAML 1.1 would leave them strings), from the
+    file and from --set; the value is the number written."""
+    doc_path, key, attr = field
+    if style == "{m}e+{e}" and exponent < 0:
+        style = "{m}e{e}"
+    text = style.format(m=mantissa, e=exponent)
+    value = mantissa * 10.0**exponent
+    if key == "bench.lr" and value > 1e6:
+        value, text = mantissa * 1e-3, f"{mantissa}e-3"
+    if via_set:
+        cfg = load_config(None, [f"{key}={text}"])
+    else:
+        d = copy.deepcopy(VALID)
+        node = d
+        for p in doc_path[:-1]:
+            node = node[p]
+        node[doc_path[-1]] = "@"
+        cfg = config_from_text(yaml.safe_dump(d).replace("'@'", text))
+    assert _get(cfg, attr) == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize("text,expected", [("4.096e3", 4096), ("4096", 4096), ("1e2", 100)])
+def test_integer_fields_take_integral_numbers_in_scientific_notation(text, expected):
+    assert load_config(None, [f"moe.tokens_per_gpu={text}"]).moe.tokens_per_gpu == expected
+
+
+@pytest.mark.parametrize("text", ["4.55e1", "true", "1e400"])
+def test_integer_fields_refuse_fractions_booleans_and_overflow(text):
+    with pytest.raises(ConfigError, match=r"moe\.layers"):
+        load_config(None, [f"moe.layers={text}"])

@@ -185,7 +185,7 @@ def test_optimizer_step_is_charged_after_the_backward_on_owned_parameters():
 
     net = _net([2, 2], [1e8, 1e9])
     base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2, dense_grad_bytes=3e4)
-    slow = dataclasses.replace(base, optimizer_byte_s=1e-8)
+    slow = dataclasses.replace(base, optimizer_s_per_byte=1e-8)
     opt = 1e-8 * (3e4 + 2 * 4e4)
     assert optimizer_s(slow) == pytest.approx(opt)
     assert optimizer_s(slow, expert_copies=4) == pytest.approx(1e-8 * (3e4 + 4 * 2 * 4e4))
@@ -225,7 +225,7 @@ def test_holding_more_experts_costs_the_expert_computation_per_byte_held():
 
     net = _net([2, 2], [1e8, 1e9])
     base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2)
-    held = dataclasses.replace(base, expert_weight_byte_s=3e-8)
+    held = dataclasses.replace(base, expert_weight_s_per_byte=3e-8)
     assert held_weights_s(held, 4) == pytest.approx(4 * 4e4 * 1e-8)
     for sizes in [(1, 1), (1, 2), (2, 2)]:
         dom = Domains(net.topology, sizes)
@@ -397,7 +397,7 @@ def test_every_chunk_pays_the_cost_of_the_experts_held():
     terms = CostTerms(latency=False, grad_sync=False)
 
     def compute(sizes, chunks):
-        w = Workload(1e5, 1e6, 1e-3, expert_s=1e-3, experts=8, layers=1, expert_weight_byte_s=1e-9,
+        w = Workload(1e5, 1e6, 1e-3, expert_s=1e-3, experts=8, layers=1, expert_weight_s_per_byte=1e-9,
                      a2a_chunks=chunks)
         return predict(Domains(topo, sizes), w, net, terms).compute_s
 

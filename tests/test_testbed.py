@@ -117,7 +117,7 @@ def test_prerequisites_refuse_without_root(monkeypatch):
 
 @pytest.mark.skipif(not ROOT, reason="needs root and iproute2 (network namespaces, htb)")
 def test_real_testbed_rates_and_cleanup():
-    from hybridep.testbed.probe import measure
+    from hybridep.testbed.rate_probe import measure
 
     topo = Topology(("dc", "gpu"), (2, 2))
     try:

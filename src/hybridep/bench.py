@@ -14,23 +14,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from hybridep import trace
+from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, Workload, all_experts_fixed_s, predict, workload_from_config
+from hybridep.costmodel import Network, predict, workload_from_config
 from hybridep.lm.model import LMConfig
-from hybridep.plan import parse_name, strategy_name
 from hybridep.planner import PlanResult, plan_workload
-from hybridep.topology import Domains
+from hybridep.strategies import HybridEPSpec, parse
+from hybridep.topology import Topology
 from hybridep.trace import Span
 
-COMPUTE_ONLY = "compute-only"
 COMPUTE_ONLY_TIMED_FACTOR = 3
 """The compute-only run times this many times the strategies' timed steps (its median sets the
 compute rate of every prediction, so it gets more samples)."""
@@ -54,33 +57,62 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
     return lm, m.tokens_per_gpu // m.seq_len
 
 
-def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int) -> list[dict]:
-    """The run list of the worker: compute-only first, then EP, the choice, the rest, the peers."""
+def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
+    """The worker's description of one run of our strategy ``spec`` (named ``str(spec)``)."""
+    entry = {"name": str(spec), "strategy": spec.runtime_kind(), "domain_sizes": list(spec.domain_sizes), **base}
+    if spec.a2a_chunks is not None:
+        entry["a2a_chunks"] = spec.a2a_chunks
+    if spec.prefetch is not None:
+        entry["prefetch"] = spec.prefetch
+    if spec.compressed:
+        b = cfg.bench
+        entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,
+                      "sr_values": cfg.moe.sr_values, "sr_grads": spec.sr_grads})
+    return entry
+
+
+def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpec | None = None) -> list[HybridEPSpec]:
+    """Our strategies a bench runs: EP, the planner's choice, every other domain size
+    (``bench.all_domain_sizes``) and the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``;
+    with a plan file (``planned_spec``): EP and exactly the planned strategy."""
     topo = planned.choice.domains.topology
+    ep = HybridEPSpec.ep(topo)
+    if planned_spec is not None:
+        return [ep] if planned_spec == ep else [ep, planned_spec]
+    b = cfg.bench
+    choice = planned.choice.spec
+    specs = [ep] + ([choice] if choice != ep else [])
+    if b.all_domain_sizes:
+        specs += [HybridEPSpec(topo, s) for s in topo.feasible_domain_sizes() if HybridEPSpec(topo, s) not in specs]
+    if not choice.is_ep:
+        specs += [dataclasses.replace(choice, sr_ratio=ratio, sr_grads=grads)
+                  for ratio in b.sr_ratios for grads in b.sr_grads]
+    return specs
+
+
+def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int,
+         planned_spec: HybridEPSpec | None = None) -> list[dict]:
+    """The run list of the worker: compute-only first, then our strategies
+    (:func:`bench_strategies`), then the peers (none with a plan file)."""
     b = cfg.bench
     base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed, "prefetch": b.prefetch,
             "a2a_chunks": cfg.moe.a2a_chunks}
-    choice = planned.choice.domains.sizes
-    sizes = [tuple(1 for _ in topo.counts)]
-    if choice not in sizes:
-        sizes.append(choice)
-    if b.all_domain_sizes:
-        sizes += [s for s in topo.feasible_domain_sizes() if s not in sizes]
     # the compute-only reference calibrates every prediction: three times the timed steps
     reference = {**base, "steps": base["warmup"] + COMPUTE_ONLY_TIMED_FACTOR * (steps - base["warmup"])}
     out = [{"name": COMPUTE_ONLY, "strategy": "local", **reference}]
-    for s in sizes:
-        out.append({"name": strategy_name(topo, s), "strategy": "ep" if all(x == 1 for x in s) else "hybridep",
-                    "domain_sizes": list(s), **base})
-    if any(x > 1 for x in choice):
-        for ratio in b.sr_ratios:
-            for grads in b.sr_grads:
-                out.append({"name": strategy_name(topo, choice, ratio, grads), "strategy": "hybridep+sr",
-                            "domain_sizes": list(choice), "sr_ratio": ratio, "sr_basis": b.sr_basis,
-                            "sr_decode": b.sr_decode, "sr_values": cfg.moe.sr_values, "sr_grads": grads, **base})
-    for peer in peers:
+    out += [run_entry(spec, cfg, base) for spec in bench_strategies(cfg, planned, planned_spec)]
+    for peer in peers if planned_spec is None else []:
         out.append({"name": peer, "strategy": peer, **base})
     return out
+
+
+def our_spec(name: str, topology: Topology) -> HybridEPSpec | None:
+    """The strategy of a bench result named ``name``; None for the compute-only reference and the peers."""
+    if name == COMPUTE_ONLY or name in PEERS:
+        return None
+    spec = parse(name, topology)
+    assert isinstance(spec, HybridEPSpec)
+    return spec
 
 
 def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
@@ -94,77 +126,6 @@ def available_peers(cfg: Config) -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
-                     calibration: dict | None = None) -> tuple[Network, float] | None:
-    """The cost model's network and compute rate calibrated by microbenchmarks only (the bench's
-    ``calibration``) -- compute by the compute-only run less what holding every expert costs its
-    ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
-    both measured), each level's links by its probed rate times the measured all-to-all efficiency
-    (the expert gather's measured efficiency relative to it, and its measured delay per stage
-    while every rank computes), the measured per-message overhead, latency zero (what the testbed
-    has; the configured latencies apply to the real WAN)."""
-    if COMPUTE_ONLY not in results:
-        return None
-    cal = calibration or {}
-    efficiency = cal.get("efficiency_by_level") or [1.0] * len(rates_bps)
-    gather_efficiency = cal.get("gather_efficiency_by_level")
-    # the testbed cannot emulate latency (no netem): the model of *this* run uses none
-    net0 = Network.from_config(cfg)
-    topo = net0.topology
-    relative = None
-    if gather_efficiency is not None:
-        relative = tuple(g / e for g, e in zip(gather_efficiency, efficiency, strict=True))
-    delay = cal.get("gather_delay_s_by_level")  # the gathers run while the ranks compute
-    net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
-                  (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative,
-                  tuple(delay) if delay else None, message_s=cal.get("message_s") or 0.0)
-    ep = Domains(topo, tuple(1 for _ in topo.counts))
-    # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
-    w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_byte_s=0.0, expert_weight_byte_s=0.0,
-                            codec_expert_s=0.0)
-    flops = predict(ep, w, net, cfg.terms).compute_s
-    fixed = all_experts_fixed_s(dataclasses.replace(
-        w, optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
-        expert_weight_byte_s=measured_rate(cfg, cal, "expert_weight_byte_s")), topo.world_size)
-    compute = results[COMPUTE_ONLY]["median_iter_s"] - fixed
-    if compute <= 0:
-        raise BenchError(f"the compute-only run ({results[COMPUTE_ONLY]['median_iter_s']:.3f} s) is not longer "
-                         f"than its measured optimizer step and held-expert cost ({fixed:.3f} s)")
-    return net, flops / compute
-
-
-def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
-    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else 0
-    (``optimizer_byte_s``, ``expert_weight_byte_s``, ``codec_expert_s``)."""
-    configured = getattr(cfg.compute, key)
-    if configured is not None:
-        return configured
-    return (calibration or {}).get(key) or 0.0
-
-
-def measured_workload(cfg: Config, flops: float, sr_ratio: float | None, result: dict,
-                      calibration: dict | None = None, sr_grads: str = "dense") -> Workload:
-    """The workload of a measured run: dimensions from the configuration, routing as measured --
-    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and from
-    the bench's ``calibration``: the processors its ranks shared (the host's cores, when fewer than
-    ranks) and the measured SR encode/decode seconds per expert. ``sr_grads``: how the run returned
-    its gradients (``dense`` or ``topk``)."""
-    w = workload_from_config(cfg, flops, sr_ratio, sr_grads)
-    cal = calibration or {}
-    processors = cal.get("processors")
-    if processors is not None and processors < cfg.topology.world_size:
-        w = dataclasses.replace(w, processors=processors)
-    w = dataclasses.replace(w, codec_expert_s=measured_rate(cfg, cal, "codec_expert_s"),
-                            optimizer_byte_s=measured_rate(cfg, cal, "optimizer_byte_s"),
-                            expert_weight_byte_s=measured_rate(cfg, cal, "expert_weight_byte_s"),
-                            expert_recompute=sr_ratio is not None and cfg.bench.sr_decode == "expert")
-    tokens = result.get("expert_tokens")
-    if not tokens or any(sum(row) <= 0 for row in tokens):
-        return w
-    loads = tuple(tuple(x / sum(row) for x in row) for row in tokens)
-    return dataclasses.replace(w, layer_loads=loads, experts=len(loads[0]))
-
-
 def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
                 calibration: dict | None = None) -> dict[str, float | None]:
     """The calibrated model's iteration time per strategy we run, with each run's measured routing
@@ -174,29 +135,29 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
     net, flops = model
     out: dict[str, float | None] = {}
     for name in results:
-        sizes, ratio, grads = parse_name(name)
-        if sizes is None:
+        spec = our_spec(name, net.topology)
+        if spec is None:
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
-        sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, results[name], calibration, grads)
-        out[name] = predict(Domains(net.topology, sizes), w, net, cfg.terms).iteration_s
+        w = measured_workload(cfg, flops, spec, results[name], calibration)
+        out[name] = predict(spec.domains(), w, net, cfg.terms).iteration_s
     return out
 
 
 def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_choice: str,
-            calibration: dict | None = None) -> dict:
+            calibration: dict | None = None, from_plan: bool = False) -> dict:
     """Per-strategy figures for the report and JSON.
 
     ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
-    from the configuration alone (``planner_choice_config``).
+    from the configuration alone (``planner_choice_config``); with ``from_plan`` it is the plan
+    file's strategy (``config_choice``), the one that ran.
     """
     model = calibrated_model(cfg, results, rates_bps, calibration) if rates_bps is not None else None
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
-    if model is not None:
+    if model is not None and not from_plan:
         cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)
-        planner_choice = strategy_name(cal.choice.domains.topology, cal.choice.domains.sizes)
+        planner_choice = str(cal.choice.spec)
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
     n_uplinks = top.count
@@ -212,8 +173,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
         if cross is None:
             cross = r["payload_bytes_by_level"].get(top.name)
         util = None
-        sizes = parse_name(name)[0]
-        overlapped = bool(sizes) and sizes[0] > 1  # cross-DC traffic = gathers hidden behind compute
+        spec = our_spec(name, cfg.topology.as_topology())
+        overlapped = spec is not None and spec.gathers_across_top_level  # cross-DC traffic = gathers, hidden
         if cross is not None and comm and rates_bps is not None and name != COMPUTE_ONLY and not overlapped:
             util = cross / (n_uplinks * rate / 8 * comm)
         breakdown = None
@@ -230,8 +191,9 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     ep_t = out.get("ep", {}).get("median_iter_s")
     for v in out.values():
         v["speedup_vs_ep"] = ep_t / v["median_iter_s"] if ep_t else None
-    fastest = min((n for n in out if parse_name(n)[0] is not None and parse_name(n)[1] is None),
-                  key=lambda n: out[n]["median_iter_s"])
+    topo = cfg.topology.as_topology()
+    uncompressed = [n for n in out if (spec := our_spec(n, topo)) is not None and not spec.compressed]
+    fastest = min(uncompressed, key=lambda n: out[n]["median_iter_s"])
     ratio = [abs(v["predicted_iter_s"] / v["median_iter_s"] - 1) for n, v in out.items()
              if v["predicted_iter_s"] is not None and n != COMPUTE_ONLY]
     return {"strategies": out, "planner_choice": planner_choice, "planner_choice_config": config_choice,
@@ -268,11 +230,11 @@ def plot(report: dict, path: Path) -> None:
 
 
 def bench_spec(cfg: Config, planned: PlanResult, peers: list[str], steps: int, shaped: bool,
-               rates_bps: list[float], trace: bool = False) -> dict:
+               rates_bps: list[float], trace: bool = False, planned_spec: HybridEPSpec | None = None) -> dict:
     """The worker's input: model, runs, topology, rates; ``trace``: every run records its ranks'
-    timelines (:func:`chrome_trace`)."""
+    timelines (:func:`chrome_trace`); ``planned_spec``: the strategy of a plan file (see :func:`runs`)."""
     lm, batch_size = lm_config(cfg)
-    run_list = runs(cfg, planned, peers, steps)
+    run_list = runs(cfg, planned, peers, steps, planned_spec)
     for r in run_list:
         r["batch_size"] = batch_size
         r["trace"] = trace
@@ -295,6 +257,48 @@ def chrome_trace(results: dict) -> dict:
                            for rank, spans in enumerate(ranks) for track, op, start, end in spans]
         processes[name].sort(key=lambda s: (s.track, s.start_s))
     return trace.chrome_trace(processes, other={"source": "hybridep bench (measured)"})
+
+
+@contextlib.contextmanager
+def testbed(cfg: Config, mode: str, reuse: bool = False, keep: bool = False) -> Iterator[str | None]:
+    """Hold the emulated testbed for a bench's ranks while the block runs: ``mode`` ``auto`` (shape
+    when possible), ``on`` (required) or ``off``; ``reuse``: keep a testbed already up for this
+    topology; ``keep``: leave it up afterwards. Yields None when shaped, else why not (``off``, or
+    the prerequisite that is missing under ``auto``). Raises TestbedError when ``on`` cannot be had."""
+    from hybridep.testbed import netns
+
+    if mode == "off":
+        yield "--testbed off"
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            netns.check_prerequisites()
+            held.enter_context(netns.hold())
+        except netns.TestbedError as err:
+            if mode == "on":
+                raise
+            why: str | None = str(err)
+        else:
+            why = None
+            st = netns.state()
+            want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
+            if not (reuse and st and (st["names"], st["counts"]) == want):
+                netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
+                if not keep:
+                    held.callback(netns.down)
+        yield why
+
+
+def launch_ranks(cfg: Config, spec: dict, out: Path, shaped: bool, on_line) -> dict:
+    """Write the worker's ``spec`` to OUT/spec.json, run one bench worker per rank (in the testbed's
+    namespaces when ``shaped``), call ``on_line`` with each line rank 0 prints and return the
+    worker's results.json ({"results", "calibration"}). Raises RankFailedError."""
+    from hybridep.testbed.launcher import launch
+
+    (out / "spec.json").write_text(json.dumps(spec, indent=1))
+    argv = [sys.executable, "-m", "hybridep.bench_worker", str(out / "spec.json"), str(out)]
+    launch(argv, cfg.topology.as_topology().world_size, out / "logs", shaped, cfg.bench.timeout_s, on_line)
+    return json.loads((out / "results.json").read_text())
 
 
 def default_out_dir() -> Path:

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybridep.compute_probe import measure_expert_weight_s_per_byte
 from hybridep.lm.model import LMConfig
 from hybridep.lm.train import RunSpec, run
 from hybridep.parallel.comm import Communicator
-from hybridep.probe import measure_expert_weight_byte_s
 from hybridep.topology import Topology
 
 
@@ -219,8 +219,8 @@ def main(spec_path: str, out_dir: str) -> int:
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k
-    calibration["expert_weight_byte_s"] = ranks_median(
-        measure_expert_weight_byte_s(cfg.hidden, cfg.ffn, cfg.expert_kind, copies, repeats=9))
+    calibration["expert_weight_s_per_byte"] = ranks_median(
+        measure_expert_weight_s_per_byte(cfg.hidden, cfg.ffn, cfg.expert_kind, copies, repeats=9))
     sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
     if sr_runs:  # every rank at once, as in training: the contended encode/decode time
         calibration["codec_expert_s"] = ranks_median(codec_time(cfg, sr_runs[0], topo.world_size))
@@ -232,7 +232,7 @@ def main(spec_path: str, out_dir: str) -> int:
         res = run(cfg, rs, None if local else comm, None if local else counter)
         results[name] = res.summary()
         if local:  # the compute-only run's own (contended) optimizer step, all parameters on every rank
-            calibration["optimizer_byte_s"] = ranks_median(res.optimizer_s) / res.optimizer_param_bytes
+            calibration["optimizer_s_per_byte"] = ranks_median(res.optimizer_s) / res.optimizer_param_bytes
         dist.barrier()
         if rank == 0:
             print(f"[bench] {name}: median {results[name]['median_iter_s']:.3f} s/iter, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def _write_json(path: str | None, data: dict) -> None:
 def _flops(cfg: Config) -> float | None:
     if cfg.workload is not None or cfg.compute.flops is not None:
         return cfg.compute.flops
-    from hybridep.probe import probe_flops
+    from hybridep.compute_probe import probe_flops
 
     flops = probe_flops()
     console.print(f"compute.flops not set: measured {flops / 1e9:.1f} GFLOP/s with a matmul probe")
@@ -42,6 +41,7 @@ def _flops(cfg: Config) -> float | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from hybridep.plan import plan_document, write_plan
     from hybridep.planner import plan
 
     cfg = load_config(args.config, args.overrides)
@@ -72,14 +72,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(f"({len(ranked) - len(shown)} more candidates; --top N shows more)")
     ch = result.choice
     cf = result.closed_form
-    console.print(f"choice: domain sizes {dict(zip(ch.domains.topology.names, ch.domains.sizes, strict=True))}"
-                  f", p = {ch.domains.p:.3f}, predicted {fmt_time(ch.prediction.iteration_s)} per iteration, "
-                  f"{result.speedup_over_ep:.2f}x over EP ({fmt_time(result.ep.prediction.iteration_s)})")
+    console.print(f"choice: {ch.spec}, p = {ch.domains.p:.3f}, predicted {fmt_time(ch.prediction.iteration_s)} "
+                  f"per iteration, {result.speedup_over_ep:.2f}x over EP "
+                  f"({fmt_time(result.ep.prediction.iteration_s)})")
     snapped = f", snapped to domain size {cf['snapped_domain_size']}" if "snapped_domain_size" in cf else ""
     console.print(f"paper closed form ({'exact' if cf['exact'] else 'flattened to one level'}): "
                   f"p* = {cf['p']:.3f} (domain size {cf['domain_size']:.2f}){snapped}")
     _write_json(args.json, result.to_dict())
+    if args.out:
+        write_plan(args.out, plan_document(cfg, result))
+        console.print(f"wrote plan {args.out}: {result.choice.spec} (run it with --plan {args.out})")
     return 0
+
+
+def _plan_spec(args: argparse.Namespace, cfg: Config):
+    """The strategy of ``--plan FILE`` checked against ``cfg``'s topology, or None without one."""
+    if not getattr(args, "plan", None):
+        return None
+    from hybridep.plan import planned_spec
+
+    spec = planned_spec(args.plan, cfg.topology.as_topology())
+    console.print(f"plan {args.plan}: {spec}")
+    return spec
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -99,15 +113,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if in_torchrun else args.world_size
     if world is None or world < 1:
         raise ConfigError([("--world-size", world, "a positive number of processes (or run under torchrun)")])
-    if args.config or args.overrides:
+    partitions = None
+    if args.config or args.overrides or args.plan:
         cfg = load_config(args.config, args.overrides)
         topo = cfg.topology.as_topology()
         if topo.world_size != world:
             raise ConfigError([("topology.levels", list(topo.counts),
                                 f"counts whose product equals the world size {world}")])
+        spec = _plan_spec(args, cfg)
+        if spec is not None:  # exactly the planned partition (its exchange; compression is lossy)
+            if spec.compressed:
+                console.print(f"{spec} compresses its gathers (lossy): verifying its exact variant "
+                              f"{spec.uncompressed()}")
+            strategies, partitions = ["ep" if spec.uncompressed().is_ep else "hybridep"], [
+                spec.domain_sizes]
     else:
         topo = default_topology(world)
-    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout)
+    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions)
     if in_torchrun:
         import torch.distributed as dist
 
@@ -151,7 +173,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _probe_levels(cfg: Config) -> list[float]:
     """Measured rank-0 point-to-point rate (bits/s) across each level of the testbed."""
-    from hybridep.testbed.probe import measure
+    from hybridep.testbed.rate_probe import measure
 
     topo = cfg.topology.as_topology()
     rates = []
@@ -212,10 +234,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hybridep import bench
+    from hybridep.calibration import CalibrationError
     from hybridep.launch import RankFailedError
     from hybridep.planner import plan
-    from hybridep.testbed import netns
-    from hybridep.testbed.launcher import launch
+    from hybridep.testbed.netns import TestbedError
 
     cfg = load_config(args.config, args.overrides)
     steps = args.steps or cfg.bench.steps
@@ -226,66 +248,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except bench.BenchError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2
+    planned_spec = _plan_spec(args, cfg)
     planned = plan(cfg, _flops(cfg))
-    choice = bench.strategy_name(planned.choice.domains.topology, planned.choice.domains.sizes)
-    console.print(f"planner's choice: {choice} (predicted {fmt_time(planned.choice.prediction.iteration_s)}, "
-                  f"{planned.speedup_over_ep:.2f}x over EP)")
+    choice = str(planned_spec if planned_spec is not None else planned.choice.spec)
+    predicted = fmt_time(planned.choice.prediction.iteration_s)
+    console.print(f"planner's choice: {planned.choice.spec} (predicted {predicted}, {planned.speedup_over_ep:.2f}x "
+                  "over EP)" + (f"; running the plan's {choice}" if planned_spec else ""))
     peers, notes = bench.available_peers(cfg)
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {n}")
-    shaped, rates = False, None
-    # the testbed, held while this bench's ranks use it (and taken down on leaving if brought up here)
-    held = contextlib.ExitStack()
-    if args.testbed != "off":
-        try:
-            netns.check_prerequisites()
-            held.enter_context(netns.hold())
-        except netns.TestbedError as err:
-            if args.testbed == "on":
-                console.print(f"[red]error:[/red] {err}", highlight=False)
-                return 2
-            console.print(f"[yellow]testbed unavailable:[/yellow] {err}. Running the unshaped comparison "
-                          "on loopback instead (no WAN emulation; predictions omitted).", highlight=False)
-        else:
-            st = netns.state()
-            want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
-            if not (args.testbed_is_up and st and (st["names"], st["counts"]) == want):
-                netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
-                if not args.keep_testbed:
-                    held.callback(netns.down)
-            console.print(f"testbed up; {LATENCY_NOTE}")
-            rates = _probe_levels(cfg)
-            shaped = True
     out = Path(args.out) if args.out else bench.default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    spec = bench.bench_spec(cfg, planned, peers, steps, shaped,
-                            rates or [lv.bandwidth_bps for lv in cfg.topology.levels], trace=bool(args.trace))
-    (out / "spec.json").write_text(json.dumps(spec, indent=1))
-    argv = [sys.executable, "-m", "hybridep.bench_worker", str(out / "spec.json"), str(out)]
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("bench", total=len(spec["runs"]))
+        with bench.testbed(cfg, args.testbed, args.testbed_is_up, args.keep_testbed) as why_unshaped:
+            shaped = why_unshaped is None
+            if shaped:
+                console.print(f"testbed up; {LATENCY_NOTE}")
+            elif args.testbed != "off":
+                console.print(f"[yellow]testbed unavailable:[/yellow] {why_unshaped}. Running the unshaped "
+                              "comparison on loopback instead (no WAN emulation; predictions omitted).",
+                              highlight=False)
+            rates = _probe_levels(cfg) if shaped else None
+            spec = bench.bench_spec(cfg, planned, peers, steps, shaped,
+                                    rates or [lv.bandwidth_bps for lv in cfg.topology.levels],
+                                    trace=bool(args.trace), planned_spec=planned_spec)
+            with Progress(TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total} runs"), TimeElapsedColumn(),
+                          console=console) as progress:
+                task = progress.add_task("bench", total=len(spec["runs"]))
 
-            def on_line(line: str) -> None:
-                if line.startswith("[calibrate]"):
-                    progress.console.print(line, highlight=False)
-                if line.startswith("[bench]"):
-                    progress.advance(task)
-                    progress.console.print(line, highlight=False)
+                def on_line(line: str) -> None:
+                    if line.startswith("[calibrate]"):
+                        progress.console.print(line, highlight=False)
+                    if line.startswith("[bench]"):
+                        progress.advance(task)
+                        progress.console.print(line, highlight=False)
 
-            launch(argv, cfg.topology.as_topology().world_size, out / "logs", shaped, cfg.bench.timeout_s, on_line)
+                raw = bench.launch_ranks(cfg, spec, out, shaped, on_line)
+    except TestbedError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 2
     except RankFailedError as err:
         console.print(f"[red]bench failed:[/red] {err}", highlight=False)
         return 1
-    finally:
-        held.close()
-    raw = json.loads((out / "results.json").read_text())
     results, calibration = raw["results"], raw["calibration"]
-    report = bench.analyse(cfg, results, rates, choice, calibration)
+    try:
+        report = bench.analyse(cfg, results, rates, choice, calibration, from_plan=planned_spec is not None)
+    except CalibrationError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 1
     report["calibration"] = calibration
     report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
-                   "notes": notes, "steps": steps})
+                   "notes": notes, "steps": steps, "plan": args.plan})
     _print_bench(report)
     plot_path = Path(args.plot) if args.plot else out / "bench.png"
     bench.plot(report, plot_path)
@@ -367,7 +381,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for values, cfg in configs:
         if "f" not in flops_cache:
             flops_cache["f"] = _flops(cfg)
-        pts, sims = study.run_point(cfg, flops_cache["f"])
+        planned = _plan_spec(args, cfg) if args.plan else None  # checked against every point's topology
+        pts, sims = study.run_point(cfg, flops_cache["f"], strategies=[str(planned)] if planned else None)
         for p in pts:
             p["sweep"] = values
         points += pts
@@ -378,7 +393,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "vs EP (model)", "sim wall"]:
         table.add_column(col, justify="right")
     for p in points:
-        table.add_row(*(str(p["sweep"][k]) for k in names), p["strategy"], f"{p['p']:.3f}",
+        shown = p["strategy"] if p["spec"] == p["strategy"] else f"{p['spec']}: {p['strategy']}"
+        table.add_row(*(str(p["sweep"][k]) for k in names), shown, f"{p['p']:.3f}",
                       fmt_time(p["iteration_s"]), fmt_time(p["model_iteration_s"]), fmt_time(p["lower_bound_s"]),
                       f"{p['speedup_vs_ep']:.2f}x", f"{p['model_speedup_vs_ep']:.2f}x", f"{p['sim_wall_s']:.2f} s")
     console.print(table)
@@ -402,10 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="choose per-level expert-domain sizes with the cost model")
     _add_config_args(p)
     p.add_argument("--top", type=int, default=12, help="candidates to show (default 12)")
+    p.add_argument("--out", metavar="PLAN", help="write the plan file (the chosen strategy) to PLAN")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("verify", help="check every strategy against the single-process reference")
     _add_config_args(p)
+    p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--world-size", type=int, default=4, help="local processes to start (default 4)")
     p.add_argument("--strategies", default="ep,hybridep", help="comma-separated: ep, hybridep")
     p.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
@@ -421,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="train every strategy and the peer side by side on the testbed")
     _add_config_args(p)
+    p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--steps", type=int, help="training steps per strategy (default: bench.steps)")
     p.add_argument("--testbed", choices=["auto", "on", "off"], default="auto",
                    help="auto: shape when root, else run unshaped; on: require it; off: loopback")
@@ -434,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="flow-level simulation of one iteration per strategy, with sweeps")
     _add_config_args(p)
+    p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
                    help="sweep dcs, bandwidth, latency or any config key (repeatable: cartesian product)")
     p.add_argument("--trace", metavar="PATH", help="Chrome/Perfetto trace of the first point's iteration")

@@ -13,6 +13,7 @@ escapes :func:`load_config` / :func:`config_from_dict`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -88,9 +90,19 @@ PositiveTimeS = Annotated[float, BeforeValidator(_positive(parse_time))]
 Bytes = Annotated[float, BeforeValidator(_non_negative(parse_bytes))]
 PositiveBytes = Annotated[float, BeforeValidator(_positive(parse_bytes))]
 Flops = Annotated[float, BeforeValidator(_positive(parse_flops))]
-Count = Annotated[StrictInt, Field(ge=1, le=MAX_COUNT)]
-NonNegInt = Annotated[StrictInt, Field(ge=0, le=10**9)]
-PositiveInt = Annotated[StrictInt, Field(ge=1, le=10**9)]
+def _integral(value: object) -> object:
+    """A float with an integral value (``1e3``, ``4096.0``) as that integer; anything else unchanged
+    (so booleans, fractions and text still fail the integer check with their own message)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[StrictInt, BeforeValidator(_integral)]
+"""An integer field: integers, and numbers in scientific notation with an integral value."""
+Count = Annotated[Int, Field(ge=1, le=MAX_COUNT)]
+NonNegInt = Annotated[Int, Field(ge=0, le=10**9)]
+PositiveInt = Annotated[Int, Field(ge=1, le=10**9)]
 
 
 def _finite_non_negative(value: object) -> float:
@@ -193,7 +205,7 @@ class MoEConfig(_Strict):
     """How the gathered copies' gradients return to their owners under compression: ``dense`` (exact,
     straight-through) or ``topk`` (the top-k of each expert's gradient at ``sr_ratio``, with error
     feedback: what one iteration leaves out is sent with the next)."""
-    a2a_chunks: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    a2a_chunks: Annotated[Int, Field(ge=1, le=64)] = 1
     """Each rank's tokens travel in this many chunks whose dispatch, expert computation and combine
     pipeline (one chunk's combine overlaps the next ones' dispatch, filling both directions of a
     link under skewed routing); 1 = one dispatch and one combine per layer."""
@@ -246,10 +258,13 @@ class ComputeConfig(_Strict):
     codec_expert_s: TimeS | None = None
     """Seconds to SR-encode or -decode one expert on one device (compressed gathers); None = not
     charged (``hybridep bench`` measures it on its ranks and uses the measurement)."""
-    optimizer_byte_s: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = None
+    optimizer_s_per_byte: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = Field(
+        default=None, validation_alias=AliasChoices("optimizer_s_per_byte", "optimizer_byte_s"))
     """Seconds per byte of parameters for one device's optimizer step (its dense parameters and its
-    own experts); None = not charged (``hybridep bench`` measures Adam on its ranks)."""
-    expert_weight_byte_s: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = None
+    own experts); None = not charged (``hybridep bench`` measures Adam on its ranks). Read under its
+    earlier name ``optimizer_byte_s`` too (stored results)."""
+    expert_weight_s_per_byte: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = Field(
+        default=None, validation_alias=AliasChoices("expert_weight_s_per_byte", "expert_weight_byte_s"))
     """Seconds per byte of expert weights a device holds for a layer, per forward + backward of the
     layer (the expert computation's cost beyond FLOPs); None = not charged (``hybridep bench``
     measures it on its ranks)."""
@@ -283,11 +298,11 @@ class CostTerms(_Strict):
 class BenchConfig(_Strict):
     """Settings of ``hybridep bench`` (the language model uses ``moe`` for its MoE dimensions)."""
 
-    steps: Annotated[StrictInt, Field(ge=2, le=100_000)] = 20
-    warmup: Annotated[StrictInt, Field(ge=0, le=100_000)] = 3
+    steps: Annotated[Int, Field(ge=2, le=100_000)] = 20
+    warmup: Annotated[Int, Field(ge=0, le=100_000)] = 3
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
-    heads: Annotated[StrictInt, Field(ge=1, le=1024)] = 4
-    seed: StrictInt = 0
+    heads: Annotated[Int, Field(ge=1, le=1024)] = 4
+    seed: Int = 0
     peers: list[Literal["deepspeed"]] = ["deepspeed"]
     sr_ratios: list[Annotated[float, Field(gt=1, le=1e6, allow_inf_nan=False)]] = [50.0]
     """Also run HybridEP with SR compression at these ratios (at the planner's choice)."""
@@ -394,9 +409,30 @@ def config_from_dict(data: object) -> Config:
         raise ConfigError([("(config)", data, str(err))]) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that numbers in scientific notation are numbers
+    (``1e10``, ``300e12``, ``3.0e14``: YAML 1.2 floats), not strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`_Loader` (scientific notation read as numbers)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -462,7 +498,7 @@ def config_from_text(text: str, overrides: Iterable[str] = (), source: str = "(t
 
 def _data_from_text(text: str, overrides: Iterable[str], source: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as err:
         raise ConfigError([(source, text[:60], f"not valid YAML: {err}")]) from None
     except (ValueError, RecursionError) as err:

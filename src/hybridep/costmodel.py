@@ -24,7 +24,7 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
 * gradient sync of non-expert parameters (``full``): DDP's ring all-reduces per gradient bucket;
   the earlier buckets overlap the backward compute, the last one (the first layers' parameters,
   all of them in a small model) starts when the backward pass ends and is exposed.
-* optimizer step (``full``, when ``optimizer_byte_s`` is known): after the backward pass, over the
+* optimizer step (``full``, when ``optimizer_s_per_byte`` is known): after the backward pass, over the
   device's dense parameters and the experts it owns (:func:`optimizer_s`).
 * port sharing (``full``): overlapped streams still share the ports, so the iteration is at least
   the busiest level's bytes per port over its rate (the flow simulator shows the contention the
@@ -75,14 +75,14 @@ class Workload:
     codec_expert_s: float = 0.0
     """Seconds to encode or decode one expert (compressed gathers): per layer and iteration a device
     encodes its own experts and decodes the domain's, on its compute stream."""
-    expert_weight_byte_s: float = 0.0
+    expert_weight_s_per_byte: float = 0.0
     """Seconds per byte of expert weights a device holds for a layer (its domain's experts), per
     forward + backward of that layer: the expert computation's cost beyond its FLOPs (more, smaller
     matmuls and weight gradients per expert held), see :func:`held_weights_s`."""
     expert_recompute: bool = False
     """The expert forward runs again in the backward pass, with its decode (compressed experts
     decoded one at a time under activation checkpointing, ``sr_decode="expert"``)."""
-    optimizer_byte_s: float = 0.0
+    optimizer_s_per_byte: float = 0.0
     """Seconds per byte of parameters for the optimizer step, after the backward pass (see
     :func:`optimizer_s`)."""
     a2a_chunks: int = 1
@@ -156,7 +156,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
     if flops is None:
         flops = cfg.compute.flops
     if flops is None:
-        raise ValueError("compute.flops is not set: measure it with hybridep.probe first")
+        raise ValueError("compute.flops is not set: measure it with hybridep.compute_probe first")
     g = cfg.topology.world_size
     mats = 3 if m.expert_kind == "swiglu" else 2
     fl = flops_per_layer(cfg)
@@ -188,8 +188,8 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         gather_bytes=gather,
         grad_bytes=gather if (sr_grads or m.sr_grads) == "topk" else None,
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
-        optimizer_byte_s=cfg.compute.optimizer_byte_s or 0.0,
-        expert_weight_byte_s=cfg.compute.expert_weight_byte_s or 0.0,
+        optimizer_s_per_byte=cfg.compute.optimizer_s_per_byte or 0.0,
+        expert_weight_s_per_byte=cfg.compute.expert_weight_s_per_byte or 0.0,
         a2a_chunks=m.a2a_chunks,
     )
 
@@ -460,7 +460,7 @@ def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
     """Seconds of one device's optimizer step: its dense parameters and ``expert_copies`` times its
     own experts (1 under every strategy -- a device updates only the experts it owns; G for a
     device that holds and updates all experts, the compute-only reference)."""
-    return w.optimizer_byte_s * (w.dense_grad_bytes + expert_copies * w.layers * w.expert_bytes)
+    return w.optimizer_s_per_byte * (w.dense_grad_bytes + expert_copies * w.layers * w.expert_bytes)
 
 
 def recompute_s(dom: Domains, w: Workload) -> tuple[float, float]:
@@ -493,7 +493,7 @@ def codec_s(dom: Domains, w: Workload) -> float:
 def held_weights_s(w: Workload, experts_held: float) -> float:
     """Forward share (1/3; the backward takes 2/3) of the per-layer cost of holding
     ``experts_held`` times a device's own experts (the domain size; G for the compute-only run)."""
-    return w.expert_weight_byte_s * experts_held * w.expert_bytes / 3.0
+    return w.expert_weight_s_per_byte * experts_held * w.expert_bytes / 3.0
 
 
 def all_experts_fixed_s(w: Workload, world: int) -> float:

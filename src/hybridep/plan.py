@@ -1,88 +1,88 @@
-"""The Plan: a small serialisable value that everything downstream of the planner consumes."""
+"""The plan file: the contract between ``hybridep plan`` and every command that runs a strategy.
+
+``hybridep plan --out plan.json`` writes the chosen strategy (its name and parameters), the topology
+and model it was planned for and the predicted breakdown; ``bench``, ``verify`` and ``simulate``
+take ``--plan plan.json`` and run exactly that strategy. A plan made for another topology (level
+names, counts, hence world size) is refused with a :class:`~hybridep.config.ConfigError` naming
+``--plan``. Schema: ``docs/cli.md``.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from datetime import UTC, datetime
 from pathlib import Path
 
-from hybridep.topology import Domains, Topology
+from hybridep import __version__
+from hybridep.config import Config, ConfigError, config_to_dict
+from hybridep.strategies import StrategyError, StrategySpec, parse
+from hybridep.topology import Topology
 
-TOPK_GRADS = "+topkgrads"
-"""Name suffix of compressed runs whose gradients return as top-k with error feedback."""
-
-
-def strategy_name(topology: Topology, sizes: tuple[int, ...], sr_ratio: float | None = None,
-                  sr_grads: str = "dense") -> str:
-    """``ep`` (all sizes 1, uncompressed), ``hybridep(dc=2,gpu=1)``, ``hybridep+sr50(dc=2,gpu=2)`` or,
-    with compressed gradients, ``hybridep+sr50+topkgrads(dc=2,gpu=2)``."""
-    if all(s == 1 for s in sizes) and not sr_ratio:
-        return "ep"
-    base = "hybridep"
-    if sr_ratio:
-        base += f"+sr{sr_ratio:g}" + (TOPK_GRADS if sr_grads == "topk" else "")
-    return base + "(" + ",".join(f"{n}={s}" for n, s in zip(topology.names, sizes, strict=True)) + ")"
+FORMAT = "hybridep-plan"
+VERSION = 1
+MAX_PLAN_BYTES = 16 << 20
+"""A plan file larger than this is refused before it is parsed (a plan is a few kB)."""
 
 
-def parse_name(name: str) -> tuple[tuple[int, ...] | None, float | None, str]:
-    """Domain sizes, SR ratio and gradient return (``dense``/``topk``) of one of our strategy names
-    (None, None, "dense" for others)."""
-    if name == "ep":
-        return (), None, "dense"
-    if not name.startswith("hybridep") or "(" not in name:
-        return None, None, "dense"
-    head, args = name[:-1].split("(", 1)
-    grads = "topk" if head.endswith(TOPK_GRADS) else "dense"
-    head = head.removesuffix(TOPK_GRADS)
-    ratio = float(head.split("+sr")[1]) if "+sr" in head else None
-    return tuple(int(kv.split("=")[1]) for kv in args.split(",")), ratio, grads
+def plan_document(cfg: Config, result) -> dict:
+    """The plan file's content for a planner result (:class:`~hybridep.planner.PlanResult`)."""
+    choice = result.choice
+    return {
+        "format": FORMAT, "version": VERSION, "hybridep_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "strategy": str(choice.spec), "spec": choice.spec.to_dict(),
+        "topology": {"levels": [{"name": lv.name, "count": lv.count, "bandwidth_bps": lv.bandwidth_bps,
+                                 "latency_s": lv.latency_s} for lv in cfg.topology.levels],
+                     "world_size": cfg.topology.world_size},
+        "predicted": choice.to_dict(),
+        "ep_predicted_iteration_s": result.ep.prediction.iteration_s,
+        "speedup_over_ep": result.speedup_over_ep,
+        "config": config_to_dict(cfg),
+    }
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Which strategy to run and with which per-level expert-domain sizes.
+def write_plan(path: str | Path, document: dict) -> None:
+    """Write a plan document (see :func:`plan_document`) as JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(document, indent=2))
 
-    ``strategy`` is ``"ep"`` (all sizes 1) or ``"hybridep"``.
-    """
 
-    strategy: str
-    level_names: tuple[str, ...]
-    level_counts: tuple[int, ...]
-    domain_sizes: tuple[int, ...]
-    predicted_iteration_s: float | None = None
+def read_plan(path: str | Path) -> dict:
+    """A plan file's document, or a ConfigError naming ``--plan`` and what is wrong with it."""
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_PLAN_BYTES:
+            raise ConfigError([("--plan", str(path), f"a plan file of at most {MAX_PLAN_BYTES} bytes")])
+        doc = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError([("--plan", str(path), f"a readable plan file: {err.strerror}")]) from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ConfigError([("--plan", str(path), f"a JSON plan written by hybridep plan --out: {err}")]) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError([("--plan", str(path), f"a plan written by hybridep plan --out (format {FORMAT!r})")])
+    if doc.get("version") != VERSION:
+        raise ConfigError([("--plan", str(path), f"plan format version {VERSION}, got {doc.get('version')!r}")])
+    return doc
 
-    @property
-    def topology(self) -> Topology:
-        return Topology(self.level_names, self.level_counts)
 
-    @property
-    def domains(self) -> Domains:
-        return Domains(self.topology, self.domain_sizes)
+def planned_spec(path: str | Path, topology: Topology) -> StrategySpec:
+    """The strategy of the plan file at ``path``, checked against the topology it is to run on."""
+    doc = read_plan(path)
+    try:
+        levels = doc["topology"]["levels"]
+        names = tuple(str(lv["name"]) for lv in levels)
+        counts = tuple(int(lv["count"]) for lv in levels)
+        name = doc["strategy"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError([("--plan", str(path), f"a complete plan file (missing or bad {err})")]) from None
+    if (names, counts) != (topology.names, topology.counts):
+        planned = " x ".join(f"{c} {n}" for n, c in zip(names, counts, strict=True))
+        here = " x ".join(f"{c} {n}" for n, c in zip(topology.names, topology.counts, strict=True))
+        raise ConfigError([("--plan", str(path), f"a plan for this topology ({here}, world size "
+                            f"{topology.world_size}); it was made for {planned} (world size {math.prod(counts)})")])
+    try:
+        return parse(name, topology)
+    except StrategyError as err:
+        raise ConfigError([("--plan", str(path), str(err))]) from None
 
-    @classmethod
-    def for_sizes(cls, topology: Topology, sizes: tuple[int, ...],
-                  predicted_iteration_s: float | None = None) -> Plan:
-        strategy = "ep" if all(s == 1 for s in sizes) else "hybridep"
-        return cls(strategy, topology.names, topology.counts, tuple(sizes), predicted_iteration_s)
-
-    def to_dict(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "levels": [{"name": n, "count": c} for n, c in zip(self.level_names, self.level_counts,
-                                                                strict=True)],
-            "domain_sizes": dict(zip(self.level_names, self.domain_sizes, strict=True)),
-            "predicted_iteration_s": self.predicted_iteration_s,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        names = tuple(x["name"] for x in d["levels"])
-        return cls(d["strategy"], names, tuple(int(x["count"]) for x in d["levels"]),
-                   tuple(int(d["domain_sizes"][n]) for n in names), d.get("predicted_iteration_s"))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -18,7 +18,7 @@ from hybridep.costmodel import (
     predict,
     workload_from_config,
 )
-from hybridep.plan import Plan
+from hybridep.strategies import HybridEPSpec
 from hybridep.topology import Domains, Topology, divisors
 
 
@@ -27,10 +27,16 @@ class Candidate:
     domains: Domains
     prediction: Prediction
 
+    @property
+    def spec(self) -> HybridEPSpec:
+        """The strategy this candidate is (uncompressed, chunks and prefetch as configured)."""
+        return HybridEPSpec(self.domains.topology, self.domains.sizes)
+
     def to_dict(self) -> dict:
         names = self.domains.topology.names
         pred = self.prediction
         return {
+            "strategy": str(self.spec),
             "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
             "p": self.domains.p,
             "p_volume": self.domains.p_volume,
@@ -54,11 +60,6 @@ class PlanResult:
     closed_form: dict
 
     @property
-    def plan(self) -> Plan:
-        return Plan.for_sizes(self.choice.domains.topology, self.choice.domains.sizes,
-                              self.choice.prediction.iteration_s)
-
-    @property
     def speedup_over_ep(self) -> float:
         return self.ep.prediction.iteration_s / self.choice.prediction.iteration_s
 
@@ -66,6 +67,7 @@ class PlanResult:
         names = self.choice.domains.topology.names
         return {
             "choice": {
+                "strategy": str(self.choice.spec),
                 "domain_sizes": dict(zip(names, self.choice.domains.sizes, strict=True)),
                 "p": self.choice.domains.p,
                 "predicted_iteration_s": self.choice.prediction.iteration_s,

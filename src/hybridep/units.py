@@ -44,6 +44,12 @@ def _number(value: object, what: str, allowed: str) -> float | None:
     raise UnitError(f"expected {what}, got {type(value).__name__}; allowed: {allowed}")
 
 
+def _bare(value: object) -> float | None:
+    """A string that is a plain number (``'1e10'``, ``'3.0e14'``): the number in the base unit."""
+    parts = _split(str(value))
+    return parts[0] if parts is not None and parts[1] == "" else None
+
+
 def _split(text: str) -> tuple[float, str] | None:
     m = re.fullmatch(_NUM + r"\s*(.*)", text.strip())
     if not m:
@@ -62,6 +68,8 @@ def parse_bandwidth(value: object) -> float:
     """Parse a data rate; returns bits per second."""
     x = _number(value, "a data rate", BANDWIDTH_FORMS)
     if x is not None:
+        return x
+    if (x := _bare(value)) is not None:
         return x
     parts = _split(str(value))
     if parts is not None:
@@ -85,6 +93,8 @@ def parse_time(value: object) -> float:
     x = _number(value, "a duration", TIME_FORMS)
     if x is not None:
         return x
+    if (x := _bare(value)) is not None:
+        return x
     parts = _split(str(value))
     if parts is not None and parts[1] in _TIME:
         return parts[0] * _TIME[parts[1]]
@@ -98,6 +108,8 @@ def parse_bytes(value: object) -> float:
     """Parse a size; returns bytes."""
     x = _number(value, "a size", BYTES_FORMS)
     if x is not None:
+        return x
+    if (x := _bare(value)) is not None:
         return x
     parts = _split(str(value))
     if parts is not None:
@@ -114,6 +126,8 @@ def parse_flops(value: object) -> float:
     """Parse a compute throughput; returns FLOP/s."""
     x = _number(value, "a compute rate", FLOPS_FORMS)
     if x is not None:
+        return x
+    if (x := _bare(value)) is not None:
         return x
     parts = _split(str(value))
     if parts is not None:

@@ -160,7 +160,10 @@ def default_topology(world: int) -> Topology:
     return Topology(("gpu",), (world,))
 
 
-def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int) -> list[Case]:
+def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int,
+               only: list[tuple[int, ...]] | None = None) -> list[Case]:
+    """Every scenario for every partition of the given families (``ep``: all ones; ``hybridep``: every
+    other feasible partition), or only the partitions in ``only`` (a plan's)."""
     cases = []
     for strategy in strategies:
         if strategy == "ep":
@@ -169,6 +172,8 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
             partitions = [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
         else:
             raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: ep, hybridep")
+        if only is not None:
+            partitions = [s for s in partitions if tuple(s) in {tuple(o) for o in only}]
         for sizes in partitions:
             for dtype in dtypes:
                 for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
@@ -179,12 +184,15 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
 
 
 def verify_worker(rank: int, world: int, names: tuple[str, ...], counts: tuple[int, ...], strategies: list[str],
-                  dtypes: list[str], seed: int, timeout_s: float) -> list[dict]:
-    """Body of one rank (local spawn or torchrun): every case, results identical on all ranks."""
+                  dtypes: list[str], seed: int, timeout_s: float,
+                  partitions: list[tuple[int, ...]] | None = None) -> list[dict]:
+    """Body of one rank (local spawn or torchrun): every case, results identical on all ranks;
+    ``partitions``: only these domain sizes (a plan's)."""
     topology = Topology(names, counts)
     comm = Communicator(topology, timeout_s)
     experts = world * max(2, -(-4 // world))  # at least 4 experts, so that top-k 4 is covered
-    return [run_case(comm, topology, c, experts) for c in make_cases(topology, strategies, dtypes, experts, seed)]
+    cases = make_cases(topology, strategies, dtypes, experts, seed, partitions)
+    return [run_case(comm, topology, c, experts) for c in cases]
 
 
 def summarize(results: list[dict]) -> dict:

@@ -92,7 +92,7 @@ def encoded_bytes(ratio: float, p: int, param_bytes: int, n: int = 1, value_byte
 def measure_codec_expert_s(codec: SRCodec, n: int, reps: int = 9) -> float:
     """Seconds to encode or decode one expert with ``codec`` on this process: the median over
     ``reps`` of (encode ``n`` experts + decode them) / (2 n), on random experts."""
-    from hybridep.probe import median_seconds
+    from hybridep.compute_probe import median_seconds
 
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(codec.p, generator=g, dtype=codec.dtype)

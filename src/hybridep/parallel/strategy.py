@@ -83,11 +83,6 @@ class ExpertParallelStyle:
         self.next_prefetch: Callable[[], None] | None = None
         """Issues the next layer's gather; called when this layer takes a prefetched gather."""
 
-    @property
-    def name(self) -> str:
-        base = "ep" if len(self.domain) == 1 else "hybridep"
-        return base + "+sr" if self.sr else base
-
     # --- experts -------------------------------------------------------------------------
     def shard(self, experts: GroupedExperts) -> None:
         """Keep only this rank's experts as parameters (gradients scaled by 1/G, see module doc)."""

@@ -562,7 +562,7 @@ class IterationSim:
         forward(0, 0)
         self.eng.run()
         iteration = max(end.values())
-        if self.terms.backward and w.optimizer_byte_s > 0:
+        if self.terms.backward and w.optimizer_s_per_byte > 0:
             self._span("compute", "optimizer step", iteration, iteration + optimizer_s(w))
             iteration += optimizer_s(w)
         return SimResult(dom.sizes, iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),

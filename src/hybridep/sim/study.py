@@ -8,24 +8,24 @@ and lower bound next to it. Times in seconds, bandwidths in bits/s, bytes per it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hybridep import trace
+from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
-from hybridep.costmodel import Network, Workload, lower_bound, predict, workload_from_config
-from hybridep.plan import parse_name, strategy_name
+from hybridep.costmodel import Network, Workload, lower_bound, predict
 from hybridep.planner import plan_workload
 from hybridep.sim.iteration import TRACKS, SimResult, simulate
-from hybridep.topology import Domains, divisors
+from hybridep.strategies import HybridEPSpec, StrategyError, parse, parse_request
+from hybridep.topology import Domains
 
-_SPEC = re.compile(r"^(ep|planner|hybridep)(?:\+sr(\d+(?:\.\d+)?))?(?:\((.*)\))?$")
 FOLD_AUTO_MAX_RANKS = 32
 LOG_Y_SPAN = 10.0
 """The plot's speedup axis turns logarithmic when its values span more than this factor."""
@@ -33,69 +33,34 @@ LOG_Y_SPAN = 10.0
 
 @dataclass
 class Strategy:
-    """A resolved strategy: display name, per-level domain sizes, SR ratio."""
+    """A resolved ``simulate.strategies`` entry: the text as written and the spec it names."""
 
-    spec: str
-    name: str
-    sizes: tuple[int, ...]
-    sr_ratio: float | None
+    text: str
+    spec: HybridEPSpec
+
+    @property
+    def name(self) -> str:
+        return str(self.spec)
 
 
-def resolve(spec: str, cfg: Config, net: Network, flops: float | None) -> Strategy:
-    """Turn one ``simulate.strategies`` entry into domain sizes (see SimulateConfig)."""
+def resolve(text: str, cfg: Config, net: Network, flops: float | None) -> Strategy:
+    """Turn one ``simulate.strategies`` entry into a spec: what it leaves open (the planner's choice,
+    levels left out, a target p) is filled with the partition the cost model predicts fastest."""
     topo = net.topology
-    m = _SPEC.match(spec.replace(" ", ""))
-    allowed = "ep, planner, hybridep(LEVEL=SIZE,...), hybridep(p=P), optionally +srRATIO after the name"
-    if not m:
-        raise ConfigError([("simulate.strategies", spec, allowed)])
-    kind, ratio_s, args = m.groups()
-    ratio = float(ratio_s) if ratio_s else None
-    if kind == "ep":
-        if args:
-            raise ConfigError([("simulate.strategies", spec, "ep takes no arguments")])
-        sizes = tuple(1 for _ in topo.counts)
-        return Strategy(spec, strategy_name(topo, sizes, ratio, _grads(cfg)), sizes, ratio)
-    fixed: dict[int, int] = {}
-    p_target = None
-    for item in filter(None, (args or "").split(",")):
-        key, _, val = item.partition("=")
-        if key != "p" and key not in topo.names:
-            allowed_keys = ", ".join(["p", *topo.names])
-            raise ConfigError([("simulate.strategies", spec, f"unknown key {key!r}; allowed: {allowed_keys}")])
-        if key == "p":
-            p_target = _number(spec, key, val, float, "0 <= p < 1")
-            if not 0 <= p_target < 1:
-                raise ConfigError([("simulate.strategies", spec, "p: 0 <= p < 1")])
-            continue
-        lv = topo.names.index(key)
-        fixed[lv] = _number(spec, key, val, int, f"a divisor of {topo.counts[lv]}")
-        if fixed[lv] not in divisors(topo.counts[lv]):
-            raise ConfigError([("simulate.strategies", spec,
-                                f"{key} domain size must divide {topo.counts[lv]}: {divisors(topo.counts[lv])}")])
-    g = topo.world_size
-    cands = [s for s in topo.feasible_domain_sizes()
-             if all(s[lv] == v for lv, v in fixed.items())
-             and (p_target is None or abs(math.prod(s) - (1 - p_target) * g) < 1e-9)]
-    if not cands:
-        ok = sorted({round(1 - math.prod(s) / g, 6) for s in topo.feasible_domain_sizes()})
-        raise ConfigError([("simulate.strategies", spec, f"no partition matches; feasible p on this topology: {ok}")])
-    w = workload_from_config(cfg, flops, ratio)
-    best = min(cands, key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
-    if not args:
-        best = plan_workload(net, w, cfg.terms).choice.domains.sizes
-    return Strategy(spec, strategy_name(topo, best, ratio, _grads(cfg)), best, ratio)
-
-
-def _grads(cfg: Config) -> str:
-    """How compressed strategies return their gradients (``moe.sr_grads``; dense for a direct workload)."""
-    return cfg.moe.sr_grads if cfg.moe is not None else "dense"
-
-
-def _number(spec: str, key: str, val: str, kind, allowed: str):
     try:
-        return kind(val)
-    except ValueError:
-        raise ConfigError([("simulate.strategies", spec, f"{key}: {allowed}, got {val!r}")]) from None
+        request = parse_request(text, topo)
+    except StrategyError as err:
+        raise ConfigError([("simulate.strategies", text, str(err))]) from None
+    template = request.template
+    if template.compressed and template.sr_grads == "dense" and cfg.moe is not None:
+        template = dataclasses.replace(template, sr_grads=cfg.moe.sr_grads)  # as configured
+    w = template.workload(cfg, flops)
+    if request.planner:
+        best = plan_workload(net, w, cfg.terms).choice.domains.sizes
+    else:
+        best = min(request.candidates(),
+                   key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
+    return Strategy(text, dataclasses.replace(template, domain_sizes=tuple(best)))
 
 
 def fold_for(cfg: Config, w: Workload) -> bool:
@@ -108,17 +73,19 @@ def fold_for(cfg: Config, w: Workload) -> bool:
     return not (skewed and cfg.topology.world_size <= FOLD_AUTO_MAX_RANKS)
 
 
-def run_point(cfg: Config, flops: float | None, net: Network | None = None) -> tuple[list[dict], dict[str, SimResult]]:
-    """Simulate every configured strategy on one configuration; one JSON point per strategy."""
+def run_point(cfg: Config, flops: float | None, net: Network | None = None,
+              strategies: list[str] | None = None) -> tuple[list[dict], dict[str, SimResult]]:
+    """Simulate every configured strategy (``strategies``, default ``simulate.strategies``) on one
+    configuration, plain EP always among them; one JSON point per strategy."""
     net = net or Network.from_config(cfg)
     topo = net.topology
-    strategies = [resolve(s, cfg, net, flops) for s in cfg.simulate.strategies]
+    strategies = [resolve(s, cfg, net, flops) for s in (strategies or cfg.simulate.strategies)]
     if not any(s.name == "ep" for s in strategies):
         strategies.insert(0, resolve("ep", cfg, net, flops))
     points, sims = [], {}
     for s in strategies:
-        w = workload_from_config(cfg, flops, s.sr_ratio)
-        dom = Domains(topo, s.sizes)
+        w = s.spec.workload(cfg, flops)
+        dom = s.spec.domains()
         t0 = time.perf_counter()
         if s.name not in sims:  # two specs may resolve to the same partition: simulate it once
             sims[s.name] = simulate(dom, w, net, cfg.terms, fold_for(cfg, w))
@@ -127,7 +94,7 @@ def run_point(cfg: Config, flops: float | None, net: Network | None = None) -> t
         pred = predict(dom, w, net, cfg.terms)
         points.append({
             "dcs": topo.counts[0], "bandwidth_bps": net.port_bytes_per_s[0] * 8, "strategy": s.name,
-            "spec": s.spec, "domain_sizes": dict(zip(topo.names, s.sizes, strict=True)), "p": dom.p,
+            "spec": s.text, "domain_sizes": dict(zip(topo.names, s.spec.domain_sizes, strict=True)), "p": dom.p,
             "iteration_s": res.iteration_s,
             "model_iteration_s": pred.iteration_s,
             "lower_bound_s": lower_bound(dom, w, net, cfg.terms, pred),
@@ -280,8 +247,6 @@ def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
     """Simulate the strategies of a ``hybridep bench --json`` result (``report``, read from
     ``bench_json`` unless given) on its calibrated network (probed link rates x measured all-to-all
     efficiency, compute rate of the compute-only run) and compare with the measured medians."""
-    from hybridep.bench import COMPUTE_ONLY, calibrated_model, measured_workload
-
     report = report if report is not None else _read_bench(bench_json)
     cfg = config_from_dict(report["config"])
     rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
@@ -292,12 +257,11 @@ def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
     net, flops = model
     rows = []
     for name, m in measured.items():
-        sizes, ratio, grads = parse_name(name)
-        if sizes is None:
+        if name == COMPUTE_ONLY or name in PEERS:
             continue
-        sizes = sizes or tuple(1 for _ in net.topology.counts)
-        w = measured_workload(cfg, flops, ratio, m, report.get("calibration"), grads)
-        dom = Domains(net.topology, sizes)
+        spec = parse(name, net.topology)
+        w = measured_workload(cfg, flops, spec, m, report.get("calibration"))
+        dom = spec.domains()
         sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
         model_s = predict(dom, w, net, cfg.terms).iteration_s
         rows.append({"strategy": name, "measured_s": m["median_iter_s"], "simulated_s": sim, "model_s": model_s,

@@ -1,7 +1,7 @@
 """Point-to-point rate probe between two ranks of the testbed (TCP, a short timed stream).
 
-Run as ``python -m hybridep.testbed.probe serve IP PORT`` in the receiver's namespace and
-``python -m hybridep.testbed.probe send IP PORT SECONDS`` in the sender's. The receiver prints the
+Run as ``python -m hybridep.testbed.rate_probe serve IP PORT`` in the receiver's namespace and
+``python -m hybridep.testbed.rate_probe send IP PORT SECONDS`` in the sender's. The receiver prints the
 measured rate in bits/s (from its first to its last received byte).
 """
 
@@ -56,10 +56,10 @@ def send(ip: str, port: int, seconds: float) -> None:
 def measure(src: int, dst: int, seconds: float = 1.0, port: int = 29999) -> float:
     """Rate (bits/s) from rank ``src`` to rank ``dst`` through the testbed."""
     py = sys.executable
-    server = subprocess.Popen(["ip", "netns", "exec", rank_ns(dst), py, "-m", "hybridep.testbed.probe", "serve",
+    server = subprocess.Popen(["ip", "netns", "exec", rank_ns(dst), py, "-m", "hybridep.testbed.rate_probe", "serve",
                                rank_ip(dst), str(port)], stdout=subprocess.PIPE, text=True)
     try:
-        subprocess.run(["ip", "netns", "exec", rank_ns(src), py, "-m", "hybridep.testbed.probe", "send",
+        subprocess.run(["ip", "netns", "exec", rank_ns(src), py, "-m", "hybridep.testbed.rate_probe", "send",
                         rank_ip(dst), str(port), str(seconds)], check=True, timeout=seconds + 60)
         out, _ = server.communicate(timeout=60)
     finally:

@@ -38,7 +38,7 @@ def median_seconds(fn, repeats: int) -> float:
     return sorted(times)[repeats // 2]
 
 
-def measure_expert_weight_byte_s(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
+def measure_expert_weight_s_per_byte(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
                                  repeats: int = 5) -> float:
     """Seconds per byte of expert weights held, per forward + backward of one MoE layer's expert
     computation, beyond its FLOPs: the same ``tokens`` spread over ``many`` instead of ``few``

@@ -1,0 +1,18 @@
+"""Strategy families: one module per family, one grammar for names.
+
+A strategy is a frozen *spec* (the family's parameters). ``str(spec)`` is its name and
+:func:`parse` turns a name back into the spec: every command, JSON file and plot uses this pair,
+and no other code builds or parses strategy names. :func:`parse_request` reads the looser form a
+user may write in ``simulate.strategies`` (``planner``, ``hybridep(p=0.5)``, levels left open),
+which a planner then resolves to a spec.
+
+Families today: :mod:`hybridep.strategies.hybridep` (HybridEP expert domains; plain EP is its
+all-ones case). A new family is one module here plus its line in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from hybridep.strategies.base import FAMILIES, Request, StrategyError, StrategySpec, parse, parse_request
+from hybridep.strategies.hybridep import HybridEPSpec
+
+__all__ = ["FAMILIES", "HybridEPSpec", "Request", "StrategyError", "StrategySpec", "parse", "parse_request"]

@@ -1,0 +1,74 @@
+"""What every strategy family provides, and the registry that maps a name to its family."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from hybridep.topology import Domains, Topology
+
+
+class StrategyError(ValueError):
+    """A strategy name that no family accepts, or one that does not fit the topology; the message
+    names the name, what is wrong and what is allowed."""
+
+
+@runtime_checkable
+class StrategySpec(Protocol):
+    """A family's parameters. Frozen; ``str(spec)`` is the one name of the strategy."""
+
+    family: str
+
+    def __str__(self) -> str: ...
+
+    def domains(self) -> Domains:
+        """The partition of the ranks into expert domains and rails that this strategy runs on."""
+        ...
+
+    def to_dict(self) -> dict:
+        """The parameters as JSON (the family and its name included)."""
+        ...
+
+
+class Request(Protocol):
+    """A partly given strategy (``simulate.strategies``): what is fixed, what a planner chooses."""
+
+    text: str
+
+
+class _Family(Protocol):
+    """A strategy family module's entry points (see :data:`FAMILIES`)."""
+
+    def accepts(self, name: str) -> bool: ...
+
+    def parse(self, name: str, topology: Topology) -> StrategySpec: ...
+
+    def parse_request(self, text: str, topology: Topology) -> Request: ...
+
+
+def _families() -> dict[str, _Family]:
+    from hybridep.strategies import hybridep
+
+    return {"hybridep": hybridep}
+
+
+FAMILIES: tuple[str, ...] = ("hybridep",)
+"""The registered families, by name (one line per family in :func:`_families`)."""
+
+
+def _family_of(name: str) -> _Family:
+    text = name.replace(" ", "")
+    for family in _families().values():
+        if family.accepts(text):
+            return family
+    raise StrategyError(f"strategy {name!r}: no family accepts this name; known forms: ep, "
+                        "hybridep(LEVEL=SIZE,...), hybridep+srRATIO[+topkgrads](LEVEL=SIZE,...)")
+
+
+def parse(name: str, topology: Topology) -> StrategySpec:
+    """The spec named ``name`` (``str(spec)`` of some spec) on ``topology``."""
+    return _family_of(name).parse(name.replace(" ", ""), topology)
+
+
+def parse_request(text: str, topology: Topology) -> Request:
+    """A ``simulate.strategies`` entry: a full name, or the looser forms a family allows."""
+    return _family_of(text).parse_request(text.replace(" ", ""), topology)

@@ -1,0 +1,278 @@
+"""The HybridEP family: expert domains per topology level (plain EP is the all-ones case).
+
+Parameters (:class:`HybridEPSpec`): per-level expert-domain sizes; shared + residual compression of
+the expert gather (``sr_ratio``) and how the gathered copies' gradients return (``sr_grads``);
+the pipelined exchange's chunk count (``a2a_chunks``) and whether the gathers are prefetched.
+
+Names (the one grammar, ``str(spec)`` / :func:`parse`)::
+
+    ep                                    every domain size 1, uncompressed
+    hybridep(dc=2,gpu=1)                  per-level domain sizes, every level named
+    hybridep+sr50(dc=2,gpu=2)             SR compression at ratio 50 (dense gradients)
+    hybridep+sr50+topkgrads(dc=2,gpu=2)   ... with top-k gradients (error feedback)
+    ...+chunks3 / ...+[no]prefetch        after the other modifiers (ep+chunks3 too)
+
+``a2a_chunks`` and ``prefetch`` left out of a name mean "as configured" (``moe.a2a_chunks``,
+``bench.prefetch``): a spec whose fields are None takes them from the configuration it runs with.
+
+Requests (``simulate.strategies``, :func:`parse_request`) may also say ``planner`` (the planner's
+choice), leave levels out (the planner's best for them) or give ``p=P`` (domain size (1-p)·G).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from hybridep.config import Config
+from hybridep.costmodel import Workload, workload_from_config
+from hybridep.strategies.base import StrategyError
+from hybridep.topology import Domains, Topology, divisors
+
+_NAME = re.compile(r"^(?P<base>ep|planner|hybridep)(?P<mods>(?:\+[a-z]+[0-9.]*(?:e[-+]?[0-9]+)?)*)"
+                   r"(?:\((?P<args>[^()]*)\))?$")
+_MOD = re.compile(r"\+(sr(?P<sr>[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)|topkgrads|chunks(?P<chunks>[0-9]+)"
+                  r"|noprefetch|prefetch)")
+MAX_CHUNKS = 64
+FORMS = ("ep, hybridep(LEVEL=SIZE,...) with every level, optionally +srRATIO[+topkgrads], +chunksC, +[no]prefetch "
+         "after the family name")
+REQUEST_FORMS = ("ep, planner, hybridep(LEVEL=SIZE,...) (levels left out: the planner's best), hybridep(p=P), "
+                 "optionally +srRATIO[+topkgrads], +chunksC, +[no]prefetch after the name")
+
+
+@dataclass(frozen=True)
+class HybridEPSpec:
+    """One HybridEP strategy on one topology."""
+
+    topology: Topology
+    domain_sizes: tuple[int, ...]
+    sr_ratio: float | None = None
+    """SR compression ratio of the expert gather (None: uncompressed)."""
+    sr_grads: str = "dense"
+    """``dense`` or ``topk`` (compressed gradient return; only with ``sr_ratio``)."""
+    a2a_chunks: int | None = None
+    """Chunks of the pipelined exchange; None = the configuration's ``moe.a2a_chunks``."""
+    prefetch: bool | None = None
+    """Prefetch the expert gathers; None = the configuration's ``bench.prefetch``."""
+    family: ClassVar[str] = "hybridep"
+
+    def __post_init__(self) -> None:
+        topo, sizes = self.topology, self.domain_sizes
+        if len(sizes) != topo.num_levels:
+            raise StrategyError(f"strategy {self.name_or_sizes()}: one domain size per level "
+                                f"({', '.join(topo.names)}), got {len(sizes)}")
+        for name, count, s in zip(topo.names, topo.counts, sizes, strict=True):
+            if not isinstance(s, int) or s not in divisors(count):
+                raise StrategyError(f"strategy {self.name_or_sizes()}: {name} domain size {s!r} must divide "
+                                    f"{count}; allowed: {divisors(count)}")
+        if self.sr_ratio is not None and not (math.isfinite(self.sr_ratio) and 1 <= self.sr_ratio <= 1e6):
+            raise StrategyError(f"strategy {self.name_or_sizes()}: SR ratio {self.sr_ratio!r}; allowed: 1..1e6")
+        if self.sr_grads not in ("dense", "topk"):
+            raise StrategyError(f"strategy {self.name_or_sizes()}: sr_grads {self.sr_grads!r}; allowed: dense, topk")
+        if self.sr_grads == "topk" and self.sr_ratio is None:
+            raise StrategyError(f"strategy {self.name_or_sizes()}: +topkgrads needs +srRATIO before it")
+        chunks = self.a2a_chunks
+        if chunks is not None and not (isinstance(chunks, int) and 1 <= chunks <= MAX_CHUNKS):
+            raise StrategyError(f"strategy {self.name_or_sizes()}: chunks {chunks!r}; allowed: 1..{MAX_CHUNKS}")
+
+    def name_or_sizes(self) -> str:
+        """What the error messages call this spec (its name may not be formable yet)."""
+        pairs = zip(self.topology.names, self.domain_sizes, strict=False)
+        return "'hybridep(" + ",".join(f"{n}={s}" for n, s in pairs) + ")'"
+
+    # --- the name --------------------------------------------------------------------------
+    def __str__(self) -> str:
+        tail = f"+chunks{self.a2a_chunks}" if self.a2a_chunks is not None else ""
+        tail += {None: "", True: "+prefetch", False: "+noprefetch"}[self.prefetch]
+        if self.is_ep:
+            return "ep" + tail
+        head = "hybridep"
+        if self.sr_ratio is not None:
+            head += f"+sr{_shortest(self.sr_ratio)}" + ("+topkgrads" if self.sr_grads == "topk" else "")
+        sizes = ",".join(f"{n}={s}" for n, s in zip(self.topology.names, self.domain_sizes, strict=True))
+        return f"{head}{tail}({sizes})"
+
+    # --- what the other modules ask of a spec ----------------------------------------------------
+    @property
+    def is_ep(self) -> bool:
+        """Plain expert parallelism: every domain size 1, uncompressed."""
+        return all(s == 1 for s in self.domain_sizes) and self.sr_ratio is None
+
+    @property
+    def compressed(self) -> bool:
+        return self.sr_ratio is not None
+
+    @property
+    def gathers_across_top_level(self) -> bool:
+        """Whether expert domains span top-level workers (their cross-DC traffic is gathers)."""
+        return self.domain_sizes[0] > 1
+
+    def domains(self) -> Domains:
+        return Domains(self.topology, self.domain_sizes)
+
+    def runtime_kind(self) -> str:
+        """The dispatcher this spec runs with: ``ep``, ``hybridep`` or ``hybridep+sr``."""
+        if self.sr_ratio is not None:
+            return "hybridep+sr"
+        return "ep" if self.is_ep else "hybridep"
+
+    def uncompressed(self) -> HybridEPSpec:
+        """The same partition without compression (the exact variant of this spec)."""
+        return replace(self, sr_ratio=None, sr_grads="dense")
+
+    def resolved(self, a2a_chunks: int, prefetch: bool) -> HybridEPSpec:
+        """The spec with its "as configured" fields filled in."""
+        return replace(self, a2a_chunks=self.a2a_chunks if self.a2a_chunks is not None else a2a_chunks,
+                       prefetch=self.prefetch if self.prefetch is not None else prefetch)
+
+    def workload(self, cfg: Config, flops: float | None = None) -> Workload:
+        """The cost model's workload of ``cfg`` run under this spec (its compression and chunks)."""
+        w = workload_from_config(cfg, flops, self.sr_ratio, self.sr_grads if self.compressed else None)
+        return w if self.a2a_chunks is None else dataclasses.replace(w, a2a_chunks=self.a2a_chunks)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "name": str(self),
+                "domain_sizes": dict(zip(self.topology.names, self.domain_sizes, strict=True)),
+                "sr_ratio": self.sr_ratio, "sr_grads": self.sr_grads, "a2a_chunks": self.a2a_chunks,
+                "prefetch": self.prefetch}
+
+    @classmethod
+    def ep(cls, topology: Topology, **params) -> HybridEPSpec:
+        """Plain EP on ``topology`` (keyword parameters as for the class)."""
+        return cls(topology, tuple(1 for _ in topology.counts), **params)
+
+
+def _shortest(x: float) -> str:
+    """The shortest text that reads back as exactly ``x`` (``50``, ``12.5``, ``10000.75``, ``1e+16``)."""
+    text = repr(float(x))
+    return text.removesuffix(".0")
+
+
+@dataclass(frozen=True)
+class HybridEPRequest:
+    """A ``simulate.strategies`` entry of this family: the parameters given, the rest for a planner."""
+
+    text: str
+    fixed: dict[int, int]
+    """Domain sizes given, by level index."""
+    p: float | None
+    """Target p (domain size (1-p)·G), or None."""
+    planner: bool
+    """The planner's choice (``planner``, or ``hybridep`` with no arguments)."""
+    template: HybridEPSpec
+    """Every parameter but the domain sizes (which are all ones here)."""
+
+    def with_sizes(self, sizes: tuple[int, ...]) -> HybridEPSpec:
+        return replace(self.template, domain_sizes=tuple(sizes))
+
+    def candidates(self) -> list[tuple[int, ...]]:
+        """Every feasible partition that fits what was given."""
+        topo = self.template.topology
+        g = topo.world_size
+        return [s for s in topo.feasible_domain_sizes()
+                if all(s[lv] == v for lv, v in self.fixed.items())
+                and (self.p is None or abs(math.prod(s) - (1 - self.p) * g) < 1e-9)]
+
+
+def accepts(name: str) -> bool:
+    return _NAME.match(name) is not None
+
+
+def _modifiers(name: str, mods: str) -> dict:
+    """The ``+...`` modifiers of a name as spec fields, in the one order the grammar allows."""
+    out: dict = {}
+    pos, order = 0, []
+    for m in _MOD.finditer(mods):
+        if m.start() != pos:
+            break
+        pos = m.end()
+        word = m.group(1)
+        key = "sr" if m.group("sr") else "chunks" if m.group("chunks") else word.removeprefix("no")
+        if key in order:
+            raise StrategyError(f"strategy {name!r}: +{key} given twice")
+        order.append(key)
+        if m.group("sr"):
+            out["sr_ratio"] = float(m.group("sr"))
+        elif word == "topkgrads":
+            out["sr_grads"] = "topk"
+        elif m.group("chunks"):
+            out["a2a_chunks"] = int(m.group("chunks"))
+        else:
+            out["prefetch"] = word == "prefetch"
+    if pos != len(mods):
+        raise StrategyError(f"strategy {name!r}: cannot read {mods[pos:]!r}; allowed: {FORMS}")
+    canonical = [k for k in ("sr", "topkgrads", "chunks", "prefetch") if k in order]
+    if order != canonical:
+        raise StrategyError(f"strategy {name!r}: modifiers in the order +srRATIO, +topkgrads, +chunksC, "
+                            "+prefetch or +noprefetch")
+    return out
+
+
+def _args(name: str, args: str | None, topology: Topology, allow_p: bool) -> tuple[dict[int, int], float | None]:
+    fixed: dict[int, int] = {}
+    p = None
+    for item in filter(None, (args or "").split(",")):
+        key, sep, val = item.partition("=")
+        allowed_keys = ", ".join((["p"] if allow_p else []) + list(topology.names))
+        if not sep or (key not in topology.names and not (allow_p and key == "p")):
+            raise StrategyError(f"strategy {name!r}: unknown key {key!r}; allowed: {allowed_keys}")
+        if key == "p":
+            try:
+                p = float(val)
+            except ValueError:
+                p = math.nan
+            if not 0 <= p < 1:
+                raise StrategyError(f"strategy {name!r}: p must satisfy 0 <= p < 1, got {val!r}")
+            continue
+        lv = topology.names.index(key)
+        if lv in fixed:
+            raise StrategyError(f"strategy {name!r}: level {key!r} given twice")
+        if not val.isdigit() or int(val) not in divisors(topology.counts[lv]):
+            raise StrategyError(f"strategy {name!r}: {key} domain size must divide {topology.counts[lv]}; "
+                                f"allowed: {divisors(topology.counts[lv])}, got {val!r}")
+        fixed[lv] = int(val)
+    return fixed, p
+
+
+def parse(name: str, topology: Topology) -> HybridEPSpec:
+    """The spec named ``name`` (every level's domain size given, or ``ep``)."""
+    m = _NAME.match(name)
+    if m is None or m.group("base") == "planner":
+        raise StrategyError(f"strategy {name!r}: not a strategy name; allowed: {FORMS}")
+    params = _modifiers(name, m.group("mods"))
+    if m.group("base") == "ep":
+        if m.group("args") is not None or "sr_ratio" in params:
+            raise StrategyError(f"strategy {name!r}: ep takes no domain sizes and no compression; allowed: {FORMS}")
+        return HybridEPSpec.ep(topology, **params)
+    fixed, _ = _args(name, m.group("args"), topology, allow_p=False)
+    if len(fixed) != topology.num_levels:
+        raise StrategyError(f"strategy {name!r}: a name gives every level's domain size "
+                            f"({', '.join(topology.names)}); allowed: {FORMS}")
+    return HybridEPSpec(topology, tuple(fixed[lv] for lv in range(topology.num_levels)), **params)
+
+
+def parse_request(text: str, topology: Topology) -> HybridEPRequest:
+    """A ``simulate.strategies`` entry (see the module docstring)."""
+    m = _NAME.match(text)
+    if m is None:
+        raise StrategyError(f"strategy {text!r}: allowed: {REQUEST_FORMS}")
+    params = _modifiers(text, m.group("mods"))
+    base, args = m.group("base"), m.group("args")
+    if base in ("ep", "planner") and args is not None:
+        raise StrategyError(f"strategy {text!r}: {base} takes no arguments")
+    if base == "ep" and "sr_ratio" in params:
+        raise StrategyError(f"strategy {text!r}: ep takes no compression; allowed: {REQUEST_FORMS}")
+    fixed, p = _args(text, args, topology, allow_p=True)
+    template = HybridEPSpec.ep(topology, **params)
+    if base == "ep":
+        fixed = dict(enumerate(template.domain_sizes))
+    request = HybridEPRequest(text, fixed, p, planner=base == "planner" or (base == "hybridep" and not args),
+                              template=template)
+    if base != "ep" and not request.candidates():
+        g = topology.world_size
+        ok = sorted({round(1 - math.prod(s) / g, 6) for s in topology.feasible_domain_sizes()})
+        raise StrategyError(f"strategy {text!r}: no partition matches; feasible p on this topology: {ok}")
+    return request
