@@ -134,3 +134,54 @@ def test_union_seconds_counts_each_covered_instant_once(raw):
     intervals = [(float(a), float(a + n)) for a, n in raw]
     covered = {t for a, b in intervals for t in range(int(a), int(b))}
     assert union_seconds(intervals) == len(covered)
+
+
+@pytest.mark.parametrize("sizes,chunks", [((1, 1), 1), ((1, 1), 3), ((2, 1), 1), ((1, 2), 1), ((2, 2), 1)])
+def test_a_nan_token_poisons_only_its_own_output_row(sizes, chunks):
+    """A NaN element in one token of rank 0 reaches that token's output row and no other row on any
+    rank, under every partition and the pipelined exchange."""
+    bad = run_local(workers.nan_rows, 4, (("dc", "gpu"), (2, 2), sizes, "float64", chunks), timeout_s=240)[0]
+    assert bad == [[3], [], [], []]
+
+
+def test_a_nan_token_poisons_only_its_own_row_in_one_process():
+    import torch
+
+    from hybridep.moe.stack import MoEStack
+
+    torch.manual_seed(0)
+    model = MoEStack(2, 16, 24, 8, 2).double()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    x[3, 5] = float("nan")
+    y = model(x)
+    assert (~torch.isfinite(y)).any(dim=1).nonzero().flatten().tolist() == [3]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_with_large_finite_activations_stays_finite(dtype):
+    """4096 x 64 activations of 4.0 overflow a float16 sum; no output row may turn inf or NaN."""
+    import torch
+
+    from hybridep.moe.experts import GroupedExperts
+
+    experts = GroupedExperts(4, 64, 32).to(getattr(torch, dtype))
+    for w in experts.weights().values():
+        torch.nn.init.constant_(w, 1e-3)
+    x = torch.full((4096, 64), 4.0, dtype=getattr(torch, dtype), requires_grad=True)
+    y = experts.compute(experts.weights(), x, [1024] * 4)
+    assert torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_rank_step_and_where():
+    """The rank whose loss went NaN says so; the other, whose dense gradients the all-reduce made NaN,
+    says that: both are named with the step and where."""
+    with pytest.raises(RankFailedError) as err:
+        run_local(workers.nonfinite_step, 2, ("stop", 1, 2), timeout_s=120, collective_timeout_s=20)
+    assert "rank 1, step 2: non-finite loss" in str(err.value)
+    assert "rank 0, step 2: non-finite dense gradients" in str(err.value)
+
+
+def test_skip_mode_skips_the_nonfinite_step_on_every_rank_and_counts_it():
+    assert run_local(workers.nonfinite_step, 2, ("skip", 1, 2), timeout_s=120) == [[2], [2]]

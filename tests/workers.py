@@ -295,3 +295,53 @@ def link_calibration(rank, world):
     out = calibrate_links(comm, [1e8, 1e9], mib=0.25, reps=2, shard_bytes=8192)
     out["message_s"] = measure_message_s(comm, reps=3)
     return out
+
+
+def nan_rows(rank, world, names, counts, sizes, dtype_name, chunks):
+    """One NaN element in one token of rank 0: which output rows of every rank come out non-finite
+    (forward only), as ([rank's non-finite row indices] per rank)."""
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(5)
+    model = MoEStack(2, 16, 24, 2 * world, 2).to(dtype)
+    parallelize(model, comm, Domains(topo, sizes), a2a_chunks=chunks)
+    g = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(12, 16, generator=g).to(dtype)
+    if rank == 0:
+        x[3, 5] = float("nan")
+    with torch.no_grad():
+        y = model(x)
+    bad = (~torch.isfinite(y)).any(dim=1).nonzero().flatten().tolist()
+    out = [None] * world
+    dist.all_gather_object(out, bad)
+    return out
+
+
+def nonfinite_step(rank, world, mode, bad_rank, bad_step):
+    """Three SGD steps of a small EP stack; rank ``bad_rank`` feeds a NaN at step ``bad_step``.
+    Returns the steps this rank skipped (``on_nonfinite: skip``); raises under ``stop``."""
+    from hybridep.lm.train import RunSpec, check_finite
+
+    topo = Topology(("gpu",), (world,))
+    comm = Communicator(topo, 60.0)
+    torch.manual_seed(0)
+    model = MoEStack(1, 8, 16, 2 * world, 2)
+    parallelize(model, comm, Domains(topo, (1,)))
+    ddp = data_parallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    spec = RunSpec("ep", on_nonfinite=mode)
+    skipped = []
+    for step in range(3):
+        x = torch.randn(6, 8)
+        if rank == bad_rank and step == bad_step:
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        loss = ddp(x).square().mean()
+        loss.backward()
+        if check_finite(loss, model, spec, rank, step, True):
+            skipped.append(step)
+            opt.zero_grad(set_to_none=True)
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    return skipped

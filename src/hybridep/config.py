@@ -320,6 +320,9 @@ class BenchConfig(_Strict):
     all_domain_sizes: StrictBool = True
     """Also run HybridEP at every feasible domain size besides the planner's choice."""
     timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1800.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: ``stop`` the run with an error naming the rank, the step and
+    where (loss, expert or dense gradients), or ``skip`` that step on every rank and count it."""
 
     @model_validator(mode="after")
     def _check(self) -> BenchConfig:

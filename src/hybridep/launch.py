@@ -63,8 +63,8 @@ def root_cause(errors: dict[int, str]) -> RankFailedError:
         return "CommunicationError" in msg or msg.startswith("died with exit code")
 
     rank = min(errors, key=lambda r: (secondary(errors[r]), r))
-    others = ", ".join(f"rank {r}" for r in sorted(errors) if r != rank)
-    tail = f" (then also failed: {others})" if others else ""
+    others = "; ".join(f"rank {r}: {errors[r].splitlines()[0]}" for r in sorted(errors) if r != rank)
+    tail = f"\n(then also failed: {others})" if others else ""
     return RankFailedError(f"rank {rank} failed: {errors[rank]}{tail}", rank)
 
 

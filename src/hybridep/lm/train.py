@@ -20,7 +20,7 @@ from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator, union_seconds
-from hybridep.parallel.strategy import data_parallel, moe_layers, parallelize, prefetch_all
+from hybridep.parallel.strategy import data_parallel, expert_param_names, moe_layers, parallelize, prefetch_all
 from hybridep.topology import Domains
 
 
@@ -42,6 +42,9 @@ class RunSpec:
     a2a_chunks: int = 1
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient: ``stop`` the run with :class:`NonFiniteError`, or ``skip`` the
+    step on every rank (no optimizer step) and count it (:attr:`RunResult.skipped_steps`)."""
 
     @property
     def sr(self) -> SRSettings | None:
@@ -71,6 +74,8 @@ class RunResult:
     """Token copies routed to each expert (column) of each MoE layer (row) per timed iteration,
     all ranks together: the measured routing histogram."""
     optimizer_s: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps whose optimizer step was skipped for a non-finite loss or gradient (``on_nonfinite: skip``)."""
     """Median seconds of this rank's optimizer step over the timed iterations."""
     optimizer_param_bytes: int = 0
     """Bytes of the parameters this rank's optimizer updates."""
@@ -88,6 +93,7 @@ class RunResult:
                 "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
                 "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens,
                 "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes,
+                "skipped_steps": self.skipped_steps,
                 **({"trace": self.trace} if self.trace is not None else {})}
 
 
@@ -132,6 +138,39 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
     return data_parallel(model, comm), model, styles
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the rank, the step and where it appeared."""
+
+
+def nonfinite_where(loss: torch.Tensor, model: nn.Module) -> str | None:
+    """Where this rank's step went non-finite: ``loss``, ``expert gradients`` (the first such
+    parameter named) or ``dense gradients``; None when all is finite. Reads values once per
+    parameter (as Megatron-Core's check_for_nan_in_loss_and_grad)."""
+    if not torch.isfinite(loss).all():
+        return "loss"
+    experts = set(expert_param_names(model))
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"{'expert' if name in experts else 'dense'} gradients ({name})"
+    return None
+
+
+def check_finite(loss: torch.Tensor, model: nn.Module, spec: RunSpec, rank: int, step: int,
+                 distributed: bool) -> bool:
+    """True when this step must be skipped (``on_nonfinite: skip``, any rank non-finite: the ranks
+    agree by an all-reduce of one flag); raises :class:`NonFiniteError` under ``stop``."""
+    where = nonfinite_where(loss, model)
+    if spec.on_nonfinite == "stop":
+        if where is not None:
+            raise NonFiniteError(f"rank {rank}, step {step}: non-finite {where} (on_nonfinite: stop; "
+                                 "'skip' skips such steps instead)")
+        return False
+    flag = torch.tensor([0.0 if where is None else 1.0])
+    if distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=None) -> RunResult:
     """Train ``spec.steps`` steps; time the ones after ``spec.warmup``."""
     corpus = load_corpus()
@@ -171,6 +210,9 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         t_bwd = time.perf_counter()
         loss.backward()
         t_opt = time.perf_counter()
+        if check_finite(loss, model, spec, rank, step, distributed):
+            result.skipped_steps.append(step)
+            opt.zero_grad(set_to_none=True)
         opt.step()
         if step >= spec.warmup:
             opt_s.append(time.perf_counter() - t_opt)

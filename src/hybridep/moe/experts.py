@@ -27,6 +27,22 @@ class ExpertSource(Protocol):
         ...
 
 
+class Tie(torch.autograd.Function):
+    """``Tie.apply(y, *others)`` is ``y`` in forward, and in backward gives every tensor of ``others``
+    a zero gradient: ``y`` depends on them for autograd (their backward -- a reduce-scatter, a
+    decode -- runs on every rank, tokens or not) without reading their values, so a NaN or inf in
+    one of them reaches no output row (``y + 0 * x.sum()`` would spread it to all of them)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in others]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
 def ffn(kind: str, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """One feed-forward network of ``kind`` (``gelu`` or ``swiglu``) with weights ``w`` ({w1: [hidden,
     ffn], w2: [ffn, hidden](, w3: [hidden, ffn])}) on rows ``x`` -- an expert, or a dense block's FFN."""
@@ -91,6 +107,6 @@ class GroupedExperts(nn.Module):
                 outs.append(self.run_expert({name: r[i] for name, r in rows.items()}, chunk))
             else:
                 outs.append(checkpoint(lambda c, i=i: self.run_expert(source.expert(i), c), chunk, use_reentrant=False))
-        y = torch.cat(outs) if outs else x * 0.0
-        tie = source.anchor if source is not None else sum(w.sum() for w in weights.values())
-        return y + (x.sum() * 0.0 + tie * 0.0)
+        y = torch.cat(outs) if outs else x.new_zeros(x.shape)
+        tied = [source.anchor] if source is not None else list(weights.values())
+        return Tie.apply(y, x, *tied)
