@@ -283,9 +283,9 @@ def testbed(cfg: Config, mode: str, reuse: bool = False, keep: bool = False) -> 
             st = netns.state()
             want = ([lv.name for lv in cfg.topology.levels], [lv.count for lv in cfg.topology.levels])
             if not (reuse and st and (st["names"], st["counts"]) == want):
-                netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
-                if not keep:
+                if not keep:  # registered first: a signal during up still takes down what it made
                     held.callback(netns.down)
+                netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
         yield why
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -464,13 +465,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: unwinds the command so that its ``finally`` blocks stop the ranks
+    and tear down what it brought up (a BaseException, so no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the teardown short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 0, 1 (the run failed), 2 (bad input), 128 + signal when stopped
+    by SIGTERM (143) or SIGINT (130) -- after stopping every rank and tearing down its testbed."""
     args = build_parser().parse_args(argv)
+    handlers = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return args.func(args)
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         return 2
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        console.print(f"hybridep {args.command}: stopped by {name}; its ranks are stopped and what it brought up "
+                      "is taken down", highlight=False)
+        return 128 + stop.signum
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
     failure: RankFailedError | None = None
+    finished = False
     try:
         while len(results) < world_size and not errors:
             try:
@@ -118,9 +119,12 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
                 else:
                     errors[rank] = payload
             failure = root_cause(errors)
+        finished = True
     finally:
+        # a clean finish lets the ranks leave on their own; a failure or an interruption (a signal
+        # unwinding the caller) stops them at once
         for p in procs:
-            p.join(timeout=0.5 if failure else 10.0)
+            p.join(timeout=10.0 if finished and failure is None else 0.5)
         for p in procs:
             if p.is_alive():
                 p.kill()
