@@ -150,3 +150,33 @@ def test_launcher_names_the_failed_rank_and_stops_the_others(tmp_path):
 def test_launcher_timeout_stops_everything(tmp_path):
     with pytest.raises(RankFailedError, match="timed out"):
         launch([sys.executable, "-c", "import time; time.sleep(60)"], 2, tmp_path / "logs", False, timeout_s=2)
+
+
+STALL = """
+import os, time
+import torch, torch.distributed as dist
+from datetime import timedelta
+from hybridep.parallel.comm import Communicator
+from hybridep.topology import Topology
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))
+rank = dist.get_rank()
+comm = Communicator(Topology(("gpu",), (3,)), 3.0)
+comm.create_groups([[0, 1, 2]])
+t = torch.ones(3, 2)
+comm.all_to_all(torch.empty_like(t), t, [1, 1, 1], [1, 1, 1], [0, 1, 2], "a2a")
+if rank == 1:
+    time.sleep(60)
+comm.all_to_all(torch.empty_like(t), t, [1, 1, 1], [1, 1, 1], [0, 1, 2], "a2a")
+"""
+
+
+def test_launcher_names_the_rank_that_stalled_alive(tmp_path):
+    """Rank 1 stays alive outside the communicator; ranks 0 and 2 time out in their second exchange:
+    the launcher names rank 1, not the ranks that waited for it."""
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as ei:
+        launch([sys.executable, "-c", STALL], 3, tmp_path / "logs", False, timeout_s=60)
+    assert ei.value.rank == 1
+    msg = str(ei.value)
+    assert "rank 1 stalled: ranks [0, 2] waited" in msg and "a2a (call #2 in group [0, 1, 2])" in msg
+    assert time.monotonic() - start < 40

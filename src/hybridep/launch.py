@@ -12,15 +12,19 @@ import os
 import queue
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from hybridep.parallel.progress import PROGRESS_DIR_ENV, diagnose
 
 
 class RankFailedError(RuntimeError):
@@ -37,8 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, backend, timeout_s, args, out) -> None:
+def _entry(fn, rank, world, port, backend, timeout_s, args, out, progress_dir) -> None:
     torch.set_num_threads(1)
+    os.environ[PROGRESS_DIR_ENV] = progress_dir  # where this rank's communicator notes its calls
     try:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -57,15 +62,28 @@ def _entry(fn, rank, world, port, backend, timeout_s, args, out) -> None:
         pass
 
 
+def secondary(msg: str) -> bool:
+    """Whether a rank's error is a consequence of another rank's (its collective broke, or it died)."""
+    return "CommunicationError" in msg or msg.startswith("died with exit code")
+
+
 def root_cause(errors: dict[int, str]) -> RankFailedError:
     """The failure to report: a rank that failed on its own, not one whose collective broke."""
-    def secondary(msg: str) -> bool:
-        return "CommunicationError" in msg or msg.startswith("died with exit code")
-
     rank = min(errors, key=lambda r: (secondary(errors[r]), r))
     others = "; ".join(f"rank {r}: {errors[r].splitlines()[0]}" for r in sorted(errors) if r != rank)
     tail = f"\n(then also failed: {others})" if others else ""
     return RankFailedError(f"rank {rank} failed: {errors[rank]}{tail}", rank)
+
+
+def stalled_or(failure: RankFailedError, progress_dir: str | Path | None, world: int) -> RankFailedError:
+    """``failure``, or -- when the ranks' progress files show a rank that never reached a call the
+    others waited in (:func:`~hybridep.parallel.progress.diagnose`) -- an error that names that rank
+    first, with ``failure`` after it."""
+    found = diagnose(progress_dir, world)
+    if found is None:
+        return failure
+    rank, why = found
+    return RankFailedError(f"{why}\n(what the ranks reported: {failure})", rank)
 
 
 def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0,
@@ -75,12 +93,17 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
     ``fn`` must be importable (a module-level function). ``collective_timeout_s`` is the
     process-group timeout of each rank (default: ``timeout_s``).
     """
+    with tempfile.TemporaryDirectory(prefix="hybridep-progress-") as progress_dir:
+        return _run_local(fn, world_size, args, timeout_s, backend, collective_timeout_s or timeout_s, progress_dir)
+
+
+def _run_local(fn, world_size: int, args: tuple, timeout_s: float, backend: str, ct: float,
+               progress_dir: str) -> list[Any]:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    ct = collective_timeout_s or timeout_s
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, backend, ct, args, out), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, backend, ct, args, out, progress_dir),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -98,8 +121,8 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
                     errors[dead[0]] = f"died with exit code {procs[dead[0]].exitcode}"
                 elif time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in results]
-                    failure = RankFailedError(f"local run timed out after {timeout_s:.0f} s; ranks {missing} "
-                                          "did not finish")
+                    failure = stalled_or(RankFailedError(f"local run timed out after {timeout_s:.0f} s; ranks "
+                                                         f"{missing} did not finish"), progress_dir, world_size)
                     break
                 continue
             if ok:
@@ -119,6 +142,8 @@ def run_local(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout
                 else:
                     errors[rank] = payload
             failure = root_cause(errors)
+            if all(secondary(msg) for msg in errors.values()):  # nobody failed on its own: who stalled?
+                failure = stalled_or(failure, progress_dir, world_size)
         finished = True
     finally:
         # a clean finish lets the ranks leave on their own; a failure or an interruption (a signal

@@ -39,6 +39,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hybridep.parallel.progress import ProgressLog
 from hybridep.topology import Topology
 
 
@@ -189,6 +190,8 @@ class Communicator:
         self._level_name = [topology.names[lv] if lv < topology.num_levels else "self" for lv in self._level]
         self._lock = threading.Lock()
         self._background: _Background | None = None
+        self.progress = ProgressLog.from_environment(self.rank)
+        """Where this rank is in its calls, for the launcher to name a stalled rank (see progress.py)."""
 
     # --- background chains ----------------------------------------------------------------
     def in_background(self, fn: Callable[[], object]) -> Future:
@@ -267,12 +270,16 @@ class Communicator:
 
     def _run(self, op: str, ranks: Sequence[int], fn):
         start = time.perf_counter()
+        if self.progress is not None:
+            self.progress.enter(op, ranks)
         try:
             work = fn()
         except Exception as err:  # gloo/NCCL raise RuntimeError subclasses; keep the cause
             raise CommunicationError(
                 f"rank {self.rank}: {op} in group {list(ranks)} failed ({type(err).__name__}): {err}. "
                 "Another rank probably failed or stalled; see its output.") from err
+        if self.progress is not None:  # a failed call stays "inside": that is where this rank waited
+            self.progress.leave(ranks)
         end = time.perf_counter()
         self.note_outer_interval(ranks, start, end)
         self.note_span(op, start, end)

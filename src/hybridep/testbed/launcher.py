@@ -10,12 +10,14 @@ timeout stop all ranks too. No rank outlives :func:`launch`.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from hybridep.launch import RankFailedError, free_port, root_cause
+from hybridep.launch import RankFailedError, free_port, root_cause, stalled_or
+from hybridep.parallel.progress import PROGRESS_DIR_ENV, diagnose
 from hybridep.testbed.netns import IFACE, rank_ip, rank_ns
 
 
@@ -24,12 +26,15 @@ def rank_command(rank: int, argv: list[str], namespaced: bool) -> list[str]:
     return (["ip", "netns", "exec", rank_ns(rank)] if namespaced else []) + argv
 
 
-def rank_env(rank: int, world: int, port: int, namespaced: bool, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of one rank (pure)."""
+def rank_env(rank: int, world: int, port: int, namespaced: bool, base: dict[str, str] | None = None,
+             progress_dir: Path | None = None) -> dict[str, str]:
+    """The environment of one rank (pure); ``progress_dir``: where its communicator notes its calls."""
     env = dict(os.environ if base is None else base)
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                 "MASTER_ADDR": rank_ip(0) if namespaced else "127.0.0.1", "MASTER_PORT": str(port),
                 "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    if progress_dir is not None:
+        env[PROGRESS_DIR_ENV] = str(progress_dir)
     if namespaced:
         env["GLOO_SOCKET_IFNAME"] = IFACE
     else:
@@ -64,13 +69,16 @@ def launch(argv: list[str], world: int, logdir: Path, namespaced: bool, timeout_
     ``on_line(text)`` is called with each new line of rank 0's log (progress display).
     """
     logdir.mkdir(parents=True, exist_ok=True)
+    progress = logdir / "progress"
+    shutil.rmtree(progress, ignore_errors=True)
     port = free_port()
     procs, logs = [], []
     for r in range(world):
         log = logdir / f"rank{r}.log"
         logs.append(log)
         with open(log, "w") as fh:
-            procs.append(subprocess.Popen(rank_command(r, argv, namespaced), env=rank_env(r, world, port, namespaced),
+            procs.append(subprocess.Popen(rank_command(r, argv, namespaced),
+                                          env=rank_env(r, world, port, namespaced, progress_dir=progress),
                                           stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     seen = 0
@@ -87,13 +95,18 @@ def launch(argv: list[str], world: int, logdir: Path, namespaced: bool, timeout_
                 time.sleep(1.0)  # let the first failure's peers report too, then pick the root cause
                 codes = [p.poll() for p in procs]
                 _stop(procs)
-                raise root_cause({r: f"exited with code {codes[r]}; end of its log ({logs[r]}):\n{_tail(logs[r])}"
-                                   for r in failed})
+                failure = root_cause({r: f"exited with code {codes[r]}; end of its log ({logs[r]}):\n{_tail(logs[r])}"
+                                      for r in failed})
+                found = diagnose(progress, world)
+                if found is not None and found[0] not in failed:  # alive, but never arrived: it stalled
+                    failure = stalled_or(failure, progress, world)
+                raise failure
             if all(c == 0 for c in codes):
                 return
             if time.monotonic() > deadline:
                 _stop(procs)
-                raise RankFailedError(f"run timed out after {timeout_s:.0f} s; logs in {logdir}")
+                raise stalled_or(RankFailedError(f"run timed out after {timeout_s:.0f} s; logs in {logdir}"),
+                                 progress, world)
             time.sleep(0.2)
     except KeyboardInterrupt:
         _stop(procs)
