@@ -86,6 +86,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cores(world: int, args: argparse.Namespace, key: str) -> None:
+    """Refuse to start ``world`` local ranks when they exceed this machine's cores by more than
+    ``--max-ranks-per-core`` (every rank would crawl and collectives time out instead)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    if world > args.max_ranks_per_core * cores:
+        raise ConfigError([(key, world, f"at most {args.max_ranks_per_core:g} ranks per core on this machine's "
+                            f"{cores} cores ({int(args.max_ranks_per_core * cores)} ranks); raise "
+                            "--max-ranks-per-core to start them anyway")])
+
+
 def _plan_spec(args: argparse.Namespace, cfg: Config):
     """The strategy of ``--plan FILE`` checked against ``cfg``'s topology, or None without one."""
     if not getattr(args, "plan", None):
@@ -142,6 +154,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if rank != 0:
             leave(0 if all(r["passed"] for r in results) else 1)
     else:
+        _check_cores(world, args, "--world-size")
         console.print(f"verify: {world} local processes ({args.backend}), topology "
                       + " x ".join(f"{c} {n}" for n, c in zip(topo.names, topo.counts, strict=True)))
         try:
@@ -249,6 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except bench.BenchError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2
+    _check_cores(cfg.topology.world_size, args, "topology.levels")
     planned_spec = _plan_spec(args, cfg)
     planned = plan(cfg, _flops(cfg))
     choice = str(planned_spec if planned_spec is not None else planned.choice.spec)
@@ -426,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--world-size", type=int, default=4, help="local processes to start (default 4)")
+    p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
+                   help="refuse to start more than F local ranks per core (default 4)")
     p.add_argument("--strategies", default="ep,hybridep", help="comma-separated: ep, hybridep")
     p.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
     p.add_argument("--seed", type=int, default=0)
@@ -442,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--steps", type=int, help="training steps per strategy (default: bench.steps)")
+    p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
+                   help="refuse to start more than F local ranks per core (default 4)")
     p.add_argument("--testbed", choices=["auto", "on", "off"], default="auto",
                    help="auto: shape when root, else run unshaped; on: require it; off: loopback")
     p.add_argument("--testbed-is-up", action="store_true", help="reuse a testbed already up for this topology")

@@ -38,6 +38,10 @@ from hybridep.units import UnitError, parse_bandwidth, parse_bytes, parse_flops,
 
 MAX_COUNT = 1_000_000
 """Largest allowed worker count of one topology level."""
+MAX_LAYERS = 1024
+"""Most MoE layers of a model (``moe.layers``, ``workload.layers``)."""
+MAX_MICRO_BATCHES = 1024
+"""Most micro-batches per iteration."""
 
 
 class ConfigError(ValueError):
@@ -84,12 +88,26 @@ def _non_negative(parser):
     return parse
 
 
-BandwidthBps = Annotated[float, BeforeValidator(_positive(parse_bandwidth))]
-TimeS = Annotated[float, BeforeValidator(_non_negative(parse_time))]
-PositiveTimeS = Annotated[float, BeforeValidator(_positive(parse_time))]
-Bytes = Annotated[float, BeforeValidator(_non_negative(parse_bytes))]
-PositiveBytes = Annotated[float, BeforeValidator(_positive(parse_bytes))]
-Flops = Annotated[float, BeforeValidator(_positive(parse_flops))]
+def _within(parser, lo: float, hi: float, shown: str):
+    """Wrap a unit parser so that it also rejects values outside [lo, hi] (``shown`` says the range
+    in the field's own units)."""
+
+    def parse(value: object) -> float:
+        x = parser(value)
+        if not lo <= x <= hi:
+            raise UnitError(f"must be within {shown}, got {value!r}")
+        return x
+
+    return parse
+
+
+MAX_TIME_S = 3600.0
+BandwidthBps = Annotated[float, BeforeValidator(_within(parse_bandwidth, 1.0, 1e14, "1 bit/s .. 100 Tbit/s"))]
+TimeS = Annotated[float, BeforeValidator(_within(parse_time, 0.0, MAX_TIME_S, "0 .. 3600 s (1 h)"))]
+LatencyS = Annotated[float, BeforeValidator(_within(parse_time, 0.0, 600.0, "0 .. 600 s (10 min)"))]
+Bytes = Annotated[float, BeforeValidator(_within(parse_bytes, 0.0, 1e15, "0 .. 1 PB"))]
+PositiveBytes = Annotated[float, BeforeValidator(_within(parse_bytes, 1.0, 1e15, "1 B .. 1 PB"))]
+Flops = Annotated[float, BeforeValidator(_within(parse_flops, 1e3, 1e18, "1 kFLOP/s .. 1 EFLOP/s"))]
 def _integral(value: object) -> object:
     """A float with an integral value (``1e3``, ``4096.0``) as that integer; anything else unchanged
     (so booleans, fractions and text still fail the integer check with their own message)."""
@@ -101,8 +119,23 @@ def _integral(value: object) -> object:
 Int = Annotated[StrictInt, BeforeValidator(_integral)]
 """An integer field: integers, and numbers in scientific notation with an integral value."""
 Count = Annotated[Int, Field(ge=1, le=MAX_COUNT)]
-NonNegInt = Annotated[Int, Field(ge=0, le=10**9)]
-PositiveInt = Annotated[Int, Field(ge=1, le=10**9)]
+
+
+def _bounded(lo: int, hi: int):
+    return Annotated[Int, Field(ge=lo, le=hi)]
+
+
+def _not_bool(value: object) -> object:
+    """Booleans are not numbers here (pydantic would read ``true`` as 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _real(lo: float, hi: float, lo_open: bool = False):
+    """A finite real number in [lo, hi] (or (lo, hi] with ``lo_open``), booleans refused."""
+    bound = Field(gt=lo, le=hi, allow_inf_nan=False) if lo_open else Field(ge=lo, le=hi, allow_inf_nan=False)
+    return Annotated[float, BeforeValidator(_not_bool), bound]
 
 
 def _finite_non_negative(value: object) -> float:
@@ -117,7 +150,7 @@ def _finite_non_negative(value: object) -> float:
     return x
 
 
-NonNegFloat = Annotated[float, BeforeValidator(_finite_non_negative)]
+NonNegFloat = Annotated[float, BeforeValidator(_finite_non_negative), Field(le=1e12)]
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -134,7 +167,7 @@ class LevelConfig(_Strict):
     bandwidth_bps: BandwidthBps = Field(alias="bandwidth")
     """Per-direction rate (bits/s) of the port through which a worker of this level reaches
     its siblings: shared by all ranks inside that worker."""
-    latency_s: TimeS = Field(default=0.0, alias="latency")
+    latency_s: LatencyS = Field(default=0.0, alias="latency")
     """One-way message latency (seconds) between two workers that differ at this level."""
 
 
@@ -178,25 +211,25 @@ class TopologyConfig(_Strict):
 class MoEConfig(_Strict):
     """Model dimensions of the MoE part of the network, per MoE layer."""
 
-    hidden: PositiveInt = 512
-    ffn: PositiveInt = 1024
+    hidden: _bounded(1, 1_000_000) = 512
+    ffn: _bounded(1, 10_000_000) = 1024
     """Hidden size of one expert's FFN (and of the dense FFN blocks)."""
-    experts: PositiveInt = 8
+    experts: _bounded(1, 1_000_000) = 8
     """Total experts per MoE layer; must be divisible by the world size."""
-    top_k: PositiveInt = 2
-    layers: PositiveInt = 2
+    top_k: _bounded(1, 1_000_000) = 2
+    layers: _bounded(1, MAX_LAYERS) = 2
     """Number of MoE layers."""
-    blocks_before_moe: NonNegInt = 1
+    blocks_before_moe: _bounded(0, 64) = 1
     """The paper's m: dense transformer blocks before each MoE block."""
-    tokens_per_gpu: NonNegInt = 4096
+    tokens_per_gpu: _bounded(0, 100_000_000) = 4096
     """Tokens of one micro-batch on one device."""
-    seq_len: PositiveInt = 256
-    micro_batches: PositiveInt = 1
+    seq_len: _bounded(1, 100_000_000) = 256
+    micro_batches: _bounded(1, MAX_MICRO_BATCHES) = 1
     dtype: Literal["float64", "float32", "bfloat16", "float16"] = "float32"
     expert_kind: Literal["gelu", "swiglu"] = "gelu"
-    capacity_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    capacity_factor: _real(0, 1e3, lo_open=True) | None = None
     """None = dropless."""
-    sr_ratio: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] | None = None
+    sr_ratio: _real(1, 1e6) | None = None
     """Shared + residual compression ratio of the expert gather (None = uncompressed)."""
     sr_values: Literal["param", "float16", "bfloat16"] = "float16"
     """Precision of the residual values sent under compression (``param``: the model's dtype); at a
@@ -211,7 +244,7 @@ class MoEConfig(_Strict):
     link under skewed routing); 1 = one dispatch and one combine per layer."""
     expert_load: list[NonNegFloat] | None = None
     """Optional histogram (any scale) of how many tokens each expert receives; uniform if absent."""
-    expert_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
+    expert_zipf: _real(0, 10) | None = None
     """Zipf skew s of the expert load instead of a histogram: expert e gets a share ~ (e+1)^-s."""
 
     @model_validator(mode="after")
@@ -244,11 +277,11 @@ class WorkloadConfig(_Strict):
     """Lat_PE: compute time before the experts (attention + dense blocks)."""
     expert_s: TimeS = 0.0
     """Expert compute time per layer on one device (uniform routing)."""
-    layers: PositiveInt = 1
-    micro_batches: PositiveInt = 1
+    layers: _bounded(1, MAX_LAYERS) = 1
+    micro_batches: _bounded(1, MAX_MICRO_BATCHES) = 1
     dense_grad_bytes: Bytes = 0.0
     """Bytes of non-expert gradients one device all-reduces per iteration."""
-    device_zipf: Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)] | None = None
+    device_zipf: _real(0, 10) | None = None
     """Zipf skew s of the routed load over devices (device d's experts get a share ~ (d+1)^-s)."""
 
 
@@ -258,12 +291,12 @@ class ComputeConfig(_Strict):
     codec_expert_s: TimeS | None = None
     """Seconds to SR-encode or -decode one expert on one device (compressed gathers); None = not
     charged (``hybridep bench`` measures it on its ranks and uses the measurement)."""
-    optimizer_s_per_byte: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = Field(
+    optimizer_s_per_byte: _real(0, 1.0) | None = Field(
         default=None, validation_alias=AliasChoices("optimizer_s_per_byte", "optimizer_byte_s"))
     """Seconds per byte of parameters for one device's optimizer step (its dense parameters and its
     own experts); None = not charged (``hybridep bench`` measures Adam on its ranks). Read under its
     earlier name ``optimizer_byte_s`` too (stored results)."""
-    expert_weight_s_per_byte: Annotated[float, Field(ge=0, le=1.0, allow_inf_nan=False)] | None = Field(
+    expert_weight_s_per_byte: _real(0, 1.0) | None = Field(
         default=None, validation_alias=AliasChoices("expert_weight_s_per_byte", "expert_weight_byte_s"))
     """Seconds per byte of expert weights a device holds for a layer, per forward + backward of the
     layer (the expert computation's cost beyond FLOPs); None = not charged (``hybridep bench``
@@ -300,11 +333,11 @@ class BenchConfig(_Strict):
 
     steps: Annotated[Int, Field(ge=2, le=100_000)] = 20
     warmup: Annotated[Int, Field(ge=0, le=100_000)] = 3
-    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    lr: _real(0, 1e3, lo_open=True) = 1e-3
     heads: Annotated[Int, Field(ge=1, le=1024)] = 4
-    seed: Int = 0
-    peers: list[Literal["deepspeed"]] = ["deepspeed"]
-    sr_ratios: list[Annotated[float, Field(gt=1, le=1e6, allow_inf_nan=False)]] = [50.0]
+    seed: _bounded(0, 2**63 - 1) = 0
+    peers: Annotated[list[Literal["deepspeed"]], Field(max_length=1)] = ["deepspeed"]
+    sr_ratios: Annotated[list[_real(1, 1e6, lo_open=True)], Field(max_length=16)] = [50.0]
     """Also run HybridEP with SR compression at these ratios (at the planner's choice)."""
     sr_grads: Annotated[list[Literal["dense", "topk"]], Field(min_length=1, max_length=2)] = ["dense"]
     """Gradient return of those runs (``moe.sr_grads``), one run each: ``dense``, ``topk``
@@ -319,7 +352,7 @@ class BenchConfig(_Strict):
     """Issue each layer's expert gather right after the optimizer step (False: in the forward pass)."""
     all_domain_sizes: StrictBool = True
     """Also run HybridEP at every feasible domain size besides the planner's choice."""
-    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1800.0
+    timeout_s: _real(0, 7 * 86400.0, lo_open=True) = 1800.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: ``stop`` the run with an error naming the rank, the step and
     where (loss, expert or dense gradients), or ``skip`` that step on every rank and count it."""
@@ -328,7 +361,8 @@ class BenchConfig(_Strict):
     def _check(self) -> BenchConfig:
         if self.warmup >= self.steps:
             raise _FieldError("bench.warmup", self.warmup, f"fewer than bench.steps ({self.steps})")
-        for key, values in (("bench.sr_ratios", self.sr_ratios), ("bench.sr_grads", self.sr_grads)):
+        for key, values in (("bench.sr_ratios", self.sr_ratios), ("bench.sr_grads", self.sr_grads),
+                            ("bench.peers", self.peers)):
             if len(set(values)) != len(values):
                 raise _FieldError(key, values, "each value once (every value is one run, named by it)")
         if self.sr_decode == "expert" and self.sr_basis == "delta":
@@ -336,6 +370,13 @@ class BenchConfig(_Strict):
                               "'layer' with bench.sr_basis 'delta' (its receivers keep dense copies); "
                               "'expert' needs sr_basis 'shared' or 'zero'")
         return self
+
+
+def _on_off(value: object) -> object:
+    """YAML 1.1 reads ``on``/``off`` (and ``yes``/``no``) as booleans: take them back as the words."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 class SimulateConfig(_Strict):
@@ -346,7 +387,7 @@ class SimulateConfig(_Strict):
     """``ep``; ``planner`` (HybridEP at the planner's choice); ``hybridep(dc=2,gpu=8)`` (given
     per-level domain sizes; levels left out take the planner's best); ``hybridep(p=0.5)`` (the
     domain size (1-p)*G, levels split by the planner); ``hybridep+sr50(...)`` with SR compression."""
-    fold: Literal["auto", "on", "off"] = "auto"
+    fold: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = "auto"
     """Fold symmetric senders into per-level means (``on``), simulate every rank pair (``off``), or
     fold unless routing is skewed and the world has at most 32 ranks (``auto``)."""
 
@@ -412,9 +453,27 @@ def config_from_dict(data: object) -> Config:
         raise ConfigError([("(config)", data, str(err))]) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice (PyYAML would keep the last one silently)."""
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that numbers in scientific notation are numbers
-    (``1e10``, ``300e12``, ``3.0e14``: YAML 1.2 floats), not strings."""
+    (``1e10``, ``300e12``, ``3.0e14``: YAML 1.2 floats), not strings, and that a key given twice in
+    one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let PyYAML say so
+                break
+            if duplicate:
+                raise DuplicateKeyError(f"key {key!r} given twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -482,15 +541,32 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return config_from_dict(load_config_data(path, overrides))
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A configuration file larger than this is refused (the shipped ones are under 2 kB)."""
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a configuration file: at most :data:`MAX_CONFIG_BYTES`, UTF-8, or a ConfigError
+    naming ``--config`` (a device like /dev/zero is read no further than the limit)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError([("--config", str(path), f"cannot read file: {err.strerror}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([("--config", str(path), f"a YAML file of at most {MAX_CONFIG_BYTES} bytes")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([("--config", str(path), f"UTF-8 text (byte {err.start} is not): a YAML file")]) from None
+
+
 def load_config_data(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """The raw mapping of :func:`load_config`, overrides applied, not yet validated."""
     if path is None:
         text, source = default_config_text(), "(embedded default)"
     else:
-        try:
-            text, source = Path(path).read_text(), str(path)
-        except OSError as err:
-            raise ConfigError([("--config", str(path), f"cannot read file: {err.strerror}")]) from None
+        text, source = read_config_text(path), str(path)
     return _data_from_text(text, overrides, source)
 
 

@@ -7,6 +7,7 @@ Ties (within 1e-9 relative) go to the smaller expert domain (less memory, closer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hybridep.config import Config, CostTerms
@@ -61,7 +62,10 @@ class PlanResult:
 
     @property
     def speedup_over_ep(self) -> float:
-        return self.ep.prediction.iteration_s / self.choice.prediction.iteration_s
+        ep, choice = self.ep.prediction.iteration_s, self.choice.prediction.iteration_s
+        if choice <= 0:  # nothing to do at all (no bytes, no compute): as fast as EP
+            return 1.0 if ep <= 0 else math.inf
+        return ep / choice
 
     def to_dict(self) -> dict:
         names = self.choice.domains.topology.names

@@ -14,6 +14,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,14 +127,24 @@ def parse_sweeps(items: list[str]) -> list[tuple[str, list]]:
     return out
 
 
-def sweep_configs(data: dict, sweeps: list[tuple[str, list]]) -> list[tuple[dict, Config]]:
-    """One validated configuration per combination of swept values (cartesian product).
+MAX_SWEEP_POINTS = 1000
+"""Most points one ``hybridep simulate`` run may sweep (the product of the ``--sweep`` lists)."""
+
+
+def sweep_configs(data: dict, sweeps: list[tuple[str, list]]) -> Iterator[tuple[dict, Config]]:
+    """One validated configuration per combination of swept values (cartesian product), made one
+    at a time as the caller asks; more than :data:`MAX_SWEEP_POINTS` combinations are refused before
+    any is made.
 
     ``dcs`` scales ``moe.experts`` with the world so that each device keeps its experts."""
-    if not sweeps:
-        return [({}, config_from_dict(copy.deepcopy(data)))]
+    points = math.prod(len(v) for _, v in sweeps)
+    if points > MAX_SWEEP_POINTS:
+        shown = " x ".join(f"{len(v)} {k}" for k, v in sweeps)
+        raise ConfigError([("--sweep", shown, f"at most {MAX_SWEEP_POINTS} points in all ({points} asked)")])
     base = config_from_dict(copy.deepcopy(data))
-    out = []
+    if not sweeps:
+        yield {}, base
+        return
     for combo in itertools.product(*(v for _, v in sweeps)):
         d = copy.deepcopy(data)
         for (key, _), val in zip(sweeps, combo, strict=True):
@@ -148,8 +159,7 @@ def sweep_configs(data: dict, sweeps: list[tuple[str, list]]) -> list[tuple[dict
         except ConfigError as err:
             raise ConfigError([(f"{key} (at --sweep {where})", val, allowed)
                                for key, val, allowed in err.problems]) from None
-        out.append((dict(zip((k for k, _ in sweeps), combo, strict=True)), cfg))
-    return out
+        yield dict(zip((k for k, _ in sweeps), combo, strict=True)), cfg
 
 
 def _set(data: dict, path: str, value, shown: str) -> None:
