@@ -15,8 +15,8 @@ from pathlib import Path
 
 from hybridep.config import load_config
 from hybridep.costmodel import Network, workload_from_config
-from hybridep.sim.iteration import simulate
 from hybridep.sim.study import fold_for, resolve
+from hybridep.strategies.hybridep import simulate
 from hybridep.topology import Domains
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim_1000dc.yaml"

@@ -109,8 +109,8 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
 
 def test_gather_stages_and_exchanges_inside_a_dc_pay_the_delay_measured_while_computing():
     from hybridep.calibration import calibrated_model
-    from hybridep.costmodel import predict, workload_from_config
-    from hybridep.sim.iteration import simulate
+    from hybridep.costmodel import workload_from_config
+    from hybridep.strategies.hybridep import predict, simulate
     from hybridep.topology import Domains
 
     cfg = load_config()

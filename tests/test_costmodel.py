@@ -9,18 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridep.config import CostTerms, load_config
-from hybridep.costmodel import (
-    Network,
-    Workload,
-    _a2a_level_bytes,
-    codec_s,
-    device_expert_s,
-    domain_load_grid,
-    lower_bound,
-    optimizer_s,
-    predict,
-)
+from hybridep.costmodel import Network, Workload, device_expert_s, optimizer_s
 from hybridep.planner import paper_latency, plan, plan_workload
+from hybridep.strategies.hybridep import _a2a_level_bytes, codec_s, domain_load_grid, lower_bound, predict
 from hybridep.topology import Domains, Topology, divisors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -181,7 +172,7 @@ def test_codec_time_is_charged_to_compressed_gathers_only():
 def test_optimizer_step_is_charged_after_the_backward_on_owned_parameters():
     """Every strategy steps the same owned parameters (dense + own experts): the same seconds are
     added to the model's and the simulator's iteration, whatever the domain sizes."""
-    from hybridep.sim.iteration import simulate
+    from hybridep.strategies.hybridep import simulate
 
     net = _net([2, 2], [1e8, 1e9])
     base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2, dense_grad_bytes=3e4)
@@ -198,8 +189,7 @@ def test_optimizer_step_is_charged_after_the_backward_on_owned_parameters():
 
 
 def test_recomputed_experts_cost_one_more_expert_forward_and_decode_in_backward():
-    from hybridep.costmodel import recompute_s
-    from hybridep.sim.iteration import simulate
+    from hybridep.strategies.hybridep import recompute_s, simulate
 
     net = _net([2, 2], [1e8, 1e9])
     base = Workload(1e6, 4e4, 1e-3, expert_s=2e-3, experts=8, layers=2, gather_bytes=800.0, codec_expert_s=1e-4)
@@ -221,7 +211,7 @@ def test_holding_more_experts_costs_the_expert_computation_per_byte_held():
     """A device holds its domain's experts: S times its own; the cost is per byte held, a third in
     the forward and two thirds in the backward, the same in the model and the simulator."""
     from hybridep.costmodel import held_weights_s
-    from hybridep.sim.iteration import simulate
+    from hybridep.strategies.hybridep import simulate
 
     net = _net([2, 2], [1e8, 1e9])
     base = Workload(1e6, 4e4, 1e-3, expert_s=1e-3, experts=8, layers=2)
@@ -257,7 +247,7 @@ def test_per_layer_routing():
     assert p_split.iteration_s >= lower_bound(d, split, net, ALL)
     # the flow simulator reads the same per-layer routing: slower than the averaged histogram, and
     # never below the bound
-    from hybridep.sim.iteration import simulate
+    from hybridep.strategies.hybridep import simulate
 
     for fold in (True, False):
         sim_split, sim_avg = simulate(d, split, net, ALL, fold), simulate(d, averaged, net, ALL, fold)
@@ -328,7 +318,7 @@ def test_compressed_gradients_shrink_the_reduce_scatter_over_the_dc_level_only()
     """``moe.sr_grads: topk``: the reduce-scatter's stage over the DC level sends the compressed size
     (model and simulator alike), the stage inside a DC stays dense, the gather is unchanged."""
     from hybridep.costmodel import workload_from_config
-    from hybridep.sim.iteration import simulate
+    from hybridep.strategies.hybridep import simulate
 
     over = ["moe.sr_ratio=50", "compute.codec_expert_s=0"]
     dense = load_config(CONFIGS / "bench_paper_regime.yaml", over)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from hybridep.cli import main
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, lower_bound, predict
+from hybridep.costmodel import Network, Workload
 from hybridep.sim.fluid import Batch, Engine
-from hybridep.sim.iteration import simulate
+from hybridep.strategies.hybridep import lower_bound, predict, simulate
 from hybridep.topology import Domains, Topology
 
 

@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload, predict
+from hybridep.costmodel import Network, Workload
 from hybridep.migration.sr import SRSettings, encoded_bytes, value_bytes
 from hybridep.moe.stack import MoEStack
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
-from hybridep.sim.iteration import simulate
+from hybridep.strategies.hybridep import predict, simulate
 from hybridep.topology import Domains, Topology
 
 

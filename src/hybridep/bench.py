@@ -27,7 +27,7 @@ from pathlib import Path
 from hybridep import trace
 from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, predict, workload_from_config
+from hybridep.costmodel import Network, evaluate, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.planner import PlanResult, plan_workload
 from hybridep.strategies import HybridEPSpec, parse
@@ -140,7 +140,7 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
             out[name] = results[name]["median_iter_s"] if name == COMPUTE_ONLY else None
             continue
         w = measured_workload(cfg, flops, spec, results[name], calibration)
-        out[name] = predict(spec.domains(), w, net, cfg.terms).iteration_s
+        out[name] = evaluate(spec.schedule(w), net, cfg.terms).iteration_s
     return out
 
 

@@ -49,7 +49,8 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     import time
 
     from hybridep.config import CostTerms
-    from hybridep.costmodel import Network, Workload, predict
+    from hybridep.costmodel import Network, Workload
+    from hybridep.strategies.hybridep import predict
     from hybridep.topology import Domains
 
     topo = comm.topology

@@ -14,9 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from hybridep.config import Config
-from hybridep.costmodel import Network, Workload, all_experts_fixed_s, predict, workload_from_config
+from hybridep.costmodel import Network, Workload, all_experts_fixed_s, evaluate, workload_from_config
 from hybridep.strategies import HybridEPSpec
-from hybridep.topology import Domains
 
 COMPUTE_ONLY = "compute-only"
 """Name of the bench's reference run: every rank computes the whole model, no communication."""
@@ -64,11 +63,10 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative,
                   tuple(delay) if delay else None, message_s=cal.get("message_s") or 0.0)
-    ep = Domains(topo, tuple(1 for _ in topo.counts))
     # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
     w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_s_per_byte=0.0,
                             expert_weight_s_per_byte=0.0, codec_expert_s=0.0)
-    flops = predict(ep, w, net, cfg.terms).compute_s
+    flops = evaluate(HybridEPSpec.ep(topo).schedule(w), net, cfg.terms).compute_s
     fixed = all_experts_fixed_s(dataclasses.replace(
         w, optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
         expert_weight_s_per_byte=measured_rate(cfg, cal, "expert_weight_s_per_byte")), topo.world_size)

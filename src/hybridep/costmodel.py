@@ -1,6 +1,9 @@
 """The stream-based cost model: bytes per link and seconds per stream for one training iteration.
 
-Written once, used by the planner (and later the simulator and the benchmark's predictions).
+:func:`evaluate` prices a :class:`~hybridep.schedule.Schedule` -- what a strategy family says one
+iteration runs -- and knows no family; the planner, the bench's predictions and ``simulate`` use it,
+and the simulator executes the same Schedule. This module also derives the :class:`Workload` from
+the configuration and the :class:`Network` from the topology.
 
 Network model (``port`` model, per level): every worker of level l (a DC, a node, a GPU) has one
 egress and one ingress port of rate ``B_l`` (bytes/s = bandwidth_bps / 8) through which all
@@ -31,6 +34,9 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
   two-stream recurrence alone misses).
 
 ``paper`` mode = the same code with backward, latency, expert compute and gradient sync off.
+The exchange, gather and reduce-scatter are whatever the Schedule says: the HybridEP family's
+(rail all-to-alls, hierarchical gathers inside expert domains) is built in
+:mod:`hybridep.strategies.hybridep`.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from hybridep.config import Config, CostTerms
-from hybridep.topology import Domains, Topology
+from hybridep.schedule import CountExchange, Exchange, Schedule, Stage
+from hybridep.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -263,36 +270,6 @@ class Prediction:
         return d
 
 
-def domain_load_grid(dom: Domains, w: Workload, layer: int = 0) -> np.ndarray:
-    """Share of routed tokens per expert domain in MoE layer ``layer``, as an array of shape
-    (R_0, ..., R_{L-1})."""
-    g = dom.topology.world_size
-    load = w.load_of_layer(layer)
-    if load is None or w.experts == 0:
-        per_rank = np.full(g, 1.0 / g)
-    else:
-        per_rank = np.asarray(load, dtype=float).reshape(g, -1).sum(axis=1)
-    shape = []
-    for r, s in zip(dom.rail_factors, dom.sizes, strict=True):
-        shape += [r, s]
-    grid = per_rank.reshape(shape)
-    return grid.sum(axis=tuple(range(1, 2 * dom.topology.num_levels, 2)))
-
-
-def _a2a_level_bytes(dom: Domains, w: Workload, load: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """Egress and ingress bytes of every level-``level`` worker's port for one dispatch A2A.
-
-    Returned arrays are indexed by the worker's domain ids (d_0..d_level).
-    """
-    n_l = dom.topology.ranks_per_worker(level)
-    r_l = dom.rail_factors[level]
-    a_next = load.sum(axis=tuple(range(level + 1, load.ndim)))  # shape (R_0..R_level)
-    a_this = a_next.sum(axis=level, keepdims=True)
-    egress = n_l * w.dispatch_bytes * (a_this - a_next)
-    ingress = (r_l - 1) * n_l * w.dispatch_bytes * a_next
-    return egress, ingress
-
-
 def _phase_time(bytes_per_port: list[float], net: Network, latency: bool) -> float:
     """max over levels of (alpha_l + bytes_l / B_l) for the levels that carry traffic."""
     t = 0.0
@@ -312,24 +289,17 @@ def engine_s(net: Network, levels: list[int], messages: float, latency: bool) ->
     return (max(net.latency_s[lv] for lv in levels) if latency else 0.0) + messages * net.message_s
 
 
-def a2a_messages(dom: Domains, w: Workload) -> int:
-    """Messages one rank sends plus receives in one dispatch (or combine) all-to-all: one per rail
-    peer and chunk each way."""
-    return 2 * (dom.rail_size - 1) * exchange_chunks(dom, w)
-
-
-def count_exchange_s(dom: Domains, net: Network, terms: CostTerms) -> float:
-    """Seconds of the row-count exchange before every forward dispatch: the rail members swap how
-    many rows they will send (a few bytes each), so no padding and no agreement are needed -- one
-    latency of the rail's slowest level and one message per rail peer each way."""
-    levels = dom.rail_levels()
-    if not levels:
+def count_exchange_s(counts: CountExchange | None, net: Network, terms: CostTerms) -> float:
+    """Seconds of the row-count exchange before every forward dispatch (:class:`CountExchange`): one
+    latency of the slowest level it crosses, or its messages through the engine."""
+    if counts is None:
         return 0.0
+    levels = list(counts.levels)
     lat = max(net.latency_s[lv] for lv in levels) if terms.latency else 0.0
-    return max(lat, engine_s(net, levels, 2 * (dom.rail_size - 1), terms.latency))
+    return max(lat, engine_s(net, levels, counts.messages, terms.latency))
 
 
-def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.ndarray) -> float:
+def _top_link_time(net: Network, pair_bytes: np.ndarray, mask: np.ndarray) -> float:
     """With a DC-to-DC matrix: the slowest pairwise top-level transfer (seconds)."""
     assert net.dc_link_bytes_per_s is not None
     if not mask.any():
@@ -337,88 +307,55 @@ def _top_link_time(dom: Domains, net: Network, pair_bytes: np.ndarray, mask: np.
     return float((pair_bytes[mask] / net.dc_link_bytes_per_s[mask]).max())
 
 
-def _a2a_phase(dom: Domains, w: Workload, net: Network, terms: CostTerms,
-               load: np.ndarray) -> tuple[float, list[float], list[float]]:
-    """One dispatch A2A under the domain loads ``load`` (combine is its mirror: same port loads,
-    directions swapped): (seconds, cluster-wide bytes crossing each level's ports, seconds the
-    busiest port of each level is busy with its bytes -- 0 at the top level with a DC link matrix).
+def exchange_delay_s(ex: Exchange, net: Network) -> float:
+    """Seconds one phase of ``ex`` takes beyond its bytes because it runs among busy ranks: the
+    largest measured per-stage delay (:attr:`Network.stage_delay_s`) of its ``delay_levels``. Such an
+    exchange (a rail inside each DC while the communication threads run gather chains) is made of
+    short transfers that each wait for their threads to be scheduled, as the measured gather stages
+    do; one over the shaped top-level links pays none (measured on the testbed)."""
+    return max((net.stage_delay(lv) for lv in ex.delay_levels), default=0.0)
+
+
+def interleaved(ex: Exchange, terms: CostTerms) -> bool:
+    """Whether the top-level all-to-all is several interleaving groups per uplink (``ex`` says so and
+    ``terms.rail_interleave`` charges it)."""
+    return terms.rail_interleave and ex.interleaved_top
+
+
+def _a2a_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, list[float], list[float]]:
+    """One dispatch (combine is its mirror: same port loads, directions swapped): (seconds,
+    cluster-wide bytes crossing each level's ports, seconds the busiest port of each level is busy
+    with its bytes -- 0 at the top level with a DC link matrix).
 
     A port's egress carries e bytes and its ingress i in the dispatch, the reverse in the combine.
     One exchange each: every phase waits for the busier direction, max(e, i). With the tokens in C
     pipelined chunks the combine of early chunks overlaps the dispatch of later ones: dispatch plus
     combine take max(e + i, max(e, i) * (1 + 1/C)) -- both directions busy, but the first chunk's
-    dispatch and the last one's combine alone -- charged here half per phase. Rails that interleave
+    dispatch and the last one's combine alone -- charged here half per phase. Groups that interleave
     on a DC uplink act like C -> infinity there: (e + i) / 2 per phase."""
-    topo = dom.topology
     port, total = [], []
-    chunks = exchange_chunks(dom, w)
-    for lv in range(topo.num_levels):
-        eg, ing = _a2a_level_bytes(dom, w, load, lv)
-        if lv == 0 and rails_interleave(dom, terms):
-            port.append(float(((eg + ing) / 2).max()))  # rails interleave (see CostTerms)
+    for lv, p in enumerate(ex.ports):
+        eg, ing = p.egress_bytes, p.ingress_bytes
+        if lv == 0 and interleaved(ex, terms):
+            port.append(float(((eg + ing) / 2).max()))
         else:
-            pair = np.maximum(eg + ing, np.maximum(eg, ing) * (1 + 1 / chunks))
+            pair = np.maximum(eg + ing, np.maximum(eg, ing) * (1 + 1 / ex.chunks))
             port.append(float((pair / 2).max()))
-        total.append(float(eg.sum()) * math.prod(dom.sizes[: lv + 1]))
+        total.append(p.total_bytes)
     t = _phase_time(port, net, terms.latency)
     if net.dc_link_bytes_per_s is not None:
-        c0 = topo.counts[0]
-        d0 = np.arange(c0) // dom.sizes[0]
-        o0 = np.arange(c0) % dom.sizes[0]
-        n0 = topo.ranks_per_worker(0)
-        a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
-        same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
-        pair = n0 * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
+        pair_bytes = ex.top_pair_bytes()
         lat = net.latency_s[0] if terms.latency else 0.0
-        t0 = _top_link_time(dom, net, np.maximum(pair, pair.T), same_off)
+        t0 = _top_link_time(net, pair_bytes, pair_bytes > 0)
         inner = _phase_time([0.0, *port[1:]], net, terms.latency)
         t = max(inner, t0 + lat if t0 > 0 else 0.0)
     levels = [lv for lv, b in enumerate(port) if b > 0]
-    t = max(t, engine_s(net, levels, a2a_messages(dom, w), terms.latency))
-    t += a2a_delay(dom, net)
+    t = max(t, engine_s(net, levels, ex.messages, terms.latency))
+    t += exchange_delay_s(ex, net)
     busy = [b / net.port_bytes_per_s[lv] for lv, b in enumerate(port)]
     if net.dc_link_bytes_per_s is not None:
         busy[0] = 0.0
     return t, total, busy
-
-
-def a2a_delay(dom: Domains, net: Network) -> float:
-    """Seconds one all-to-all phase takes beyond its bytes because it runs among busy ranks: the
-    largest measured per-stage delay (:attr:`Network.stage_delay_s`) of its levels, charged when the
-    exchange stays below the top level (a rail inside each DC) and each rank's communication thread
-    runs expert gathers and reduce-scatters beside it on the same cores. Such an exchange is made of
-    short transfers (~1 ms of bytes inside a DC here) that each wait for their threads to be
-    scheduled, as the measured gather stages do. An exchange over the top-level links is set by
-    those (shaped) links -- measured on the testbed: it pays no such delay (plain EP, rails across
-    the DCs) -- and plain EP runs no chains: 0 for both."""
-    levels = dom.rail_levels()
-    if dom.domain_size == 1 or not levels or levels[0] == 0:
-        return 0.0
-    return max(net.stage_delay(lv) for lv in levels)
-
-
-def exchange_chunks(dom: Domains, w: Workload) -> int:
-    """Chunks of the pipelined exchange in force for this partition (see
-    :meth:`~hybridep.topology.Domains.exchange_chunks`)."""
-    return dom.exchange_chunks(max(1, w.a2a_chunks))
-
-
-def rails_interleave(dom: Domains, terms: CostTerms) -> bool:
-    """Whether the top-level all-to-all is several interleaving rails per DC uplink: domains inside
-    a DC (no gather crosses DCs) with more than one member, and ``terms.rail_interleave``."""
-    return terms.rail_interleave and dom.sizes[0] == 1 and math.prod(dom.sizes[1:]) > 1
-
-
-def per_layer(w: Workload, fn):
-    """``[fn(layer) for every MoE layer]``, evaluated once when the layers route alike."""
-    if w.per_layer:
-        return [fn(lv) for lv in range(w.layers)]
-    return [fn(0)] * w.layers
-
-
-def layer_grids(dom: Domains, w: Workload) -> list[np.ndarray]:
-    """The domain-load grid of every MoE layer (see :func:`domain_load_grid`)."""
-    return per_layer(w, lambda lv: domain_load_grid(dom, w, lv))
 
 
 def device_expert_s(w: Workload, factor, world: int):
@@ -463,33 +400,6 @@ def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
     return w.optimizer_s_per_byte * (w.dense_grad_bytes + expert_copies * w.layers * w.expert_bytes)
 
 
-def recompute_s(dom: Domains, w: Workload) -> tuple[float, float]:
-    """(factor, seconds) the backward adds per layer and micro-batch when the experts are recomputed
-    (``expert_recompute``): the expert forward again (factor 1 of the forward expert time) and the
-    decode of the other members' experts; (0, 0) otherwise."""
-    if not w.expert_recompute:
-        return 0.0, 0.0
-    return 1.0, _codec_ops_s(dom, w, dom.domain_size - 1)
-
-
-def _codec_ops_s(dom: Domains, w: Workload, ops_per_expert: float) -> float:
-    """Seconds of ``ops_per_expert`` SR encodes or decodes per expert a device owns (compressed
-    gathers only; 0 when the expert count or the codec time is unknown)."""
-    g = dom.topology.world_size
-    if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
-        return 0.0
-    return w.codec_expert_s * ops_per_expert * (w.experts // g)
-
-
-def codec_s(dom: Domains, w: Workload) -> float:
-    """Seconds per layer a device spends encoding its own experts and decoding the other domain
-    members' (n + (S - 1) n), and with compressed gradients also encoding the gradient shares it sends
-    over the top level and decoding the ones it receives there (2 (S_0 - 1) n); charged to the
-    compute stream (shared cores here, a side stream on a GPU)."""
-    grads = 2 * (dom.sizes[0] - 1) if w.grad_bytes is not None else 0
-    return _codec_ops_s(dom, w, dom.domain_size + grads)
-
-
 def held_weights_s(w: Workload, experts_held: float) -> float:
     """Forward share (1/3; the backward takes 2/3) of the per-layer cost of holding
     ``experts_held`` times a device's own experts (the domain size; G for the compute-only run)."""
@@ -504,61 +414,73 @@ def all_experts_fixed_s(w: Workload, world: int) -> float:
     return optimizer_s(w, world) + held
 
 
-def _expert_s(dom: Domains, w: Workload, terms: CostTerms, grid: np.ndarray) -> float:
-    """Forward expert compute of the busiest domain's devices: their load is rail_size * the domain's
-    load share times the uniform one (1 when uniform), plus the cost of the domain's experts held --
-    once per chunk of a pipelined exchange (every chunk runs every expert: its weights are read and
-    its weight gradient computed C times)."""
+def _expert_s(s: Schedule, terms: CostTerms) -> list[float]:
+    """Forward expert compute of each layer's busiest rank (0 without ``terms.expert_compute``)."""
     if not terms.expert_compute:
-        return 0.0
-    busy = float(device_expert_s(w, float(grid.max()) * dom.rail_size, dom.topology.world_size))
-    return busy + held_weights_s(w, dom.domain_size) * exchange_chunks(dom, w)
+        return [0.0] * s.layers
+    return [float(row.max()) for row in s.expert_s]
 
 
-def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
-    """Evaluate the cost model for one partition (per-level domain sizes)."""
-    topo = dom.topology
-    names = topo.names
-    L = topo.num_levels
-    grids = layer_grids(dom, w)
-    phases = per_layer(w, lambda lv: _a2a_phase(dom, w, net, terms, grids[lv]))
+def _stage_port_bytes(s: Schedule, stages: tuple[Stage, ...], net: Network) -> list[float]:
+    """Bytes each level's busiest port carries in a gather's (or reduce-scatter's) stage over that
+    level, at the gather's rate."""
+    port = [0.0] * s.topology.num_levels
+    for st in stages:
+        port[st.level] = (s.topology.ranks_per_worker(st.level) * st.peers * st.flow_bytes
+                          / net.gather_rate_factor(st.level))
+    return port
+
+
+def _stages_time(s: Schedule, stages: tuple[Stage, ...], net: Network, terms: CostTerms) -> float:
+    """A gather's (or reduce-scatter's) stages one after the other (seconds); with a DC link matrix
+    the top stage runs on the pairwise links."""
+    port = _stage_port_bytes(s, stages, net)
+    first = 1 if net.dc_link_bytes_per_s is not None else 0  # a DC link matrix: no shared top port
+    t = 0.0
+    for st in stages:
+        lv = st.level
+        if lv < first:
+            rate_bytes = s.topology.ranks_per_worker(0) * st.flow_bytes / net.gather_rate_factor(0)
+            t0 = _top_link_time(net, np.full(net.dc_link_bytes_per_s.shape, rate_bytes), st.top_pairs())
+            t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
+            continue
+        t += (max(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency),
+                  engine_s(net, [lv], 2 * st.peers, terms.latency))
+              + (net.stage_delay(lv) if port[lv] > 0 else 0.0))
+    return t
+
+
+def _stages_busy(s: Schedule, stages: tuple[Stage, ...], net: Network) -> list[float]:
+    """Seconds a gather's (or reduce-scatter's) bytes keep each level's busiest port busy."""
+    first = 1 if net.dc_link_bytes_per_s is not None else 0
+    return [0.0 if lv < first else b / net.port_bytes_per_s[lv]
+            for lv, b in enumerate(_stage_port_bytes(s, stages, net))]
+
+
+def _stages_total(s: Schedule, stages: tuple[Stage, ...]) -> list[float]:
+    """Cluster-wide bytes a gather's (or reduce-scatter's) stages put on each level's ports."""
+    total = [0.0] * s.topology.num_levels
+    for st in stages:
+        total[st.level] = s.world_size * st.peers * st.flow_bytes
+    return total
+
+
+def evaluate(s: Schedule, net: Network, terms: CostTerms) -> Prediction:
+    """The cost model of one iteration schedule (:class:`~hybridep.schedule.Schedule`): streams,
+    alpha-beta per level, port sharing -- for any strategy family."""
+    L = s.topology.num_levels
+    cache: dict[int, tuple[float, list[float], list[float]]] = {}  # layers often share one exchange
+    phases = []
+    for ex in s.exchanges:
+        if id(ex) not in cache:
+            cache[id(ex)] = _a2a_phase(ex, net, terms)
+        phases.append(cache[id(ex)])
     a2a = [t for t, _, _ in phases]  # one dispatch A2A of each layer (seconds)
     a2a_busy = [busy for _, _, busy in phases]  # its busiest port's seconds per level
-    # --- one layer's all-gather (and its mirror, the gradient reduce-scatter): hierarchical, one
-    # stage per level, outermost first, so the slow levels carry single shards ---
-    ag_shards = dom.ag_shards_by_level()
-    gather_bytes = w.sent_expert_bytes
-
-    first = 1 if net.dc_link_bytes_per_s is not None else 0  # a DC link matrix: no shared top port
-
-    def stage_port_bytes(shard_bytes) -> list[float]:
-        """Bytes each level's busiest port carries in the gather's (or reduce-scatter's) stage over
-        that level, at the gather's rate; ``shard_bytes(l)``: bytes of one device's experts as sent
-        over level l."""
-        return [topo.ranks_per_worker(lv) * ag_shards[lv] * shard_bytes(lv) / net.gather_rate_factor(lv)
-                for lv in range(L)]
-
-    def stages_time(shard_bytes) -> float:
-        """The gather's (or reduce-scatter's) stages one after the other (seconds)."""
-        port = stage_port_bytes(shard_bytes)
-        t = sum(max(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency),
-                    engine_s(net, [lv], 2 * (dom.sizes[lv] - 1), terms.latency))
-                + (net.stage_delay(lv) if port[lv] > 0 else 0.0) for lv in range(first, L))
-        if first:
-            c0 = topo.counts[0]
-            d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
-            same_dom = (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
-            pair = np.full((c0, c0), topo.ranks_per_worker(0) * shard_bytes(0) / net.gather_rate_factor(0))
-            t0 = _top_link_time(dom, net, pair, same_dom)
-            t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
-        return t
-
-    def stages_busy(shard_bytes) -> list[float]:
-        """Seconds the gather's (or reduce-scatter's) bytes keep each level's busiest port busy."""
-        return [0.0 if lv < first else b / net.port_bytes_per_s[lv]
-                for lv, b in enumerate(stage_port_bytes(shard_bytes))]
-
-    ag_busy, rs_busy = stages_busy(lambda lv: gather_bytes), stages_busy(w.sent_grad_bytes)
+    # --- one layer's gather (and its mirror, the gradient reduce-scatter): stages one after the other
+    ag_busy, rs_busy = _stages_busy(s, s.gather, net), _stages_busy(s, s.reduce_scatter, net)
+    ag_total, rs_total = _stages_total(s, s.gather), _stages_total(s, s.reduce_scatter)
+    ag_t, rs_t = _stages_time(s, s.gather, net, terms), _stages_time(s, s.reduce_scatter, net, terms)
 
     def beside(left: list[float], phase: list[float]) -> tuple[float, list[float]]:
         """An all-to-all phase keeping each level's busiest port busy ``phase[lv]`` seconds alone,
@@ -574,24 +496,21 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         """What a gather or reduce-scatter has left after ``seconds`` with its ports to itself."""
         return [max(0.0, lf - seconds) for lf in left]
 
-    ag_total = [topo.world_size * ag_shards[lv] * gather_bytes for lv in range(L)]
-    rs_total = [topo.world_size * ag_shards[lv] * w.sent_grad_bytes(lv) for lv in range(L)]
-    ag_t, rs_t = stages_time(lambda lv: gather_bytes), stages_time(w.sent_grad_bytes)
 
     # --- compute per layer and micro-batch (the first micro-batch also encodes and decodes) ---
-    pe = w.pre_expert_s
-    codec = codec_s(dom, w)
-    e = per_layer(w, lambda lv: _expert_s(dom, w, terms, grids[lv]))
-    mb, layers = w.micro_batches, w.layers
+    pe = s.pre_expert_s
+    codec = s.codec_s
+    e = _expert_s(s, terms)
+    mb, layers = s.micro_batches, s.layers
 
-    chunks = exchange_chunks(dom, w)
+    chunks = s.exchanges[0].chunks if s.exchanges else 1
 
     def exchange(a: float, x: float) -> float:
         """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
         one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
         return 2 * a + x if chunks == 1 else max(2 * a + x / chunks, x + 2 * a / chunks)
 
-    pf = pe + count_exchange_s(dom, net, terms)  # forward: the row counts go out before the dispatch
+    pf = pe + count_exchange_s(s.counts, net, terms)  # forward: the row counts go out before the dispatch
     steps = [pf + exchange(a, x) for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
     if terms.overlap:
         # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
@@ -619,16 +538,16 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
     exposed_rs = 0.0
     grad_sync = exposed_gs = 0.0
     if terms.backward:
-        rc, redo = recompute_s(dom, w)
-        bwd_steps = [exchange(a, (2 + rc) * x + redo) + 2 * pe for a, x in zip(a2a, e, strict=True)]
-        bwd_compute = mb * sum(2 * pe + (2 + rc) * x + redo for x in e)
+        factor, extra = s.backward_factor, s.backward_extra_s
+        bwd_steps = [exchange(a, factor * x + extra) + 2 * pe for a, x in zip(a2a, e, strict=True)]
+        bwd_compute = mb * sum(2 * pe + factor * x + extra for x in e)
         if terms.overlap:
             # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
             # run one after the other while the earlier layers' backward goes on; the next layer's
             # two backward all-to-alls share the ports of the one in flight (see ``beside``)
             t, rs_free, issued = 0.0, 0.0, None
             for i in reversed(range(layers)):
-                x = (2 + rc) * e[i] + redo
+                x = factor * e[i] + extra
                 if issued is not None:  # the layer above's pre-expert backward, then this layer's two
                     # exchanges beside the reduce-scatter issued after the layer above
                     m1, left = beside(alone(rs_busy, max(0.0, t + 2 * pe - issued)), a2a_busy[i])
@@ -648,8 +567,8 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
         iteration += bwd
         compute += bwd_compute
         a2a_sum *= 2
-        if terms.grad_sync and w.dense_grad_bytes > 0 and topo.world_size > 1:
-            g, dense = topo.world_size, w.dense_grad_bytes
+        if terms.grad_sync and s.dense_grad_bytes > 0 and s.world_size > 1:
+            g, dense = s.world_size, s.dense_grad_bytes
             last = ddp_last_bucket_bytes(dense)
             grad_sync = ring_allreduce_s(dense, g, net, terms.latency)
             early = ring_allreduce_s(dense - last, g, net, terms.latency)
@@ -666,29 +585,28 @@ def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Predic
             else:  # the earlier buckets overlap the backward compute; the last one follows it
                 exposed_gs = max(0.0, early - bwd_compute) + ring_allreduce_s(last, g, net, terms.latency)
             iteration += exposed_gs
-        iteration += optimizer_s(w)
-        compute += optimizer_s(w)
+        iteration += s.optimizer_s
+        compute += s.optimizer_s
 
     directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
     by_level = {}
-    for lv, name in enumerate(names):
+    for lv, name in enumerate(s.topology.names):
         a2a_b = sum(tot[lv] for _, tot, _ in phases) * directions * mb
         ag_b = ag_total[lv] * layers
         rs_b = rs_total[lv] * layers if terms.backward else 0.0
         by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
-    port_bound = _port_bound(topo, by_level, net)
+    port_bound = _port_bound(s.topology, by_level, net)
     if terms.port_sharing:
         iteration = max(iteration, port_bound)
     return Prediction(
-        domain_sizes=dom.sizes, iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
+        domain_sizes=(), iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
         ag_s=layers * ag_t, rs_s=layers * rs_t if terms.backward else 0.0, grad_sync_s=grad_sync,
         exposed_ag_s=exposed_ag, exposed_rs_s=exposed_rs, exposed_grad_sync_s=exposed_gs,
         a2a_phase_s=sum(a2a) / layers, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
 
 
-def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
-                prediction: Prediction | None = None) -> float:
-    """A bound no schedule of this partition can beat (seconds per iteration).
+def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Prediction | None = None) -> float:
+    """A bound no execution of schedule ``s`` can beat (seconds per iteration).
 
     The larger of (a) the critical path of compute and message latency -- every layer and
     micro-batch runs its pre-expert compute, then the busiest rank's expert compute between a
@@ -697,16 +615,17 @@ def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
     average port of each level needs for the bytes the port model charges to it (all-to-all,
     gather and reduce-scatter; gradient sync left out). Both hold whatever the overlap, contention
     or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
-    partition's :func:`predict` result, if already at hand.
+    schedule's :func:`evaluate` result, if already at hand.
     """
-    e = sum(_expert_s(dom, w, terms, g) for g in layer_grids(dom, w))  # all layers
-    a2a_levels = [lv for lv, n in enumerate(dom.peers_by_level("a2a")) if n > 0]
+    e = sum(_expert_s(s, terms))  # all layers
+    peers = s.exchanges[0].peers_by_level if s.exchanges else ()
+    a2a_levels = [lv for lv, n in enumerate(peers) if n > 0]
     lat = min((net.latency_s[lv] for lv in a2a_levels), default=0.0) if terms.latency and a2a_levels else 0.0
-    steps = w.layers * w.micro_batches
-    path = steps * (w.pre_expert_s + 2 * lat) + w.micro_batches * e
+    steps = s.layers * s.micro_batches
+    path = steps * (s.pre_expert_s + 2 * lat) + s.micro_batches * e
     if terms.backward:
-        path += steps * (2 * w.pre_expert_s + 2 * lat) + w.micro_batches * 2 * e
-    prediction = prediction or predict(dom, w, net, terms)
+        path += steps * (2 * s.pre_expert_s + 2 * lat) + s.micro_batches * 2 * e
+    prediction = prediction or evaluate(s, net, terms)
     return max(path, prediction.port_bound_s)
 
 

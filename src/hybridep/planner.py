@@ -16,10 +16,10 @@ from hybridep.costmodel import (
     Prediction,
     Workload,
     paper_closed_form_p,
-    predict,
     workload_from_config,
 )
 from hybridep.strategies import HybridEPSpec
+from hybridep.strategies.hybridep import predict
 from hybridep.topology import Domains, Topology, divisors
 
 

@@ -7,23 +7,25 @@ receiver's ingress links of levels ``l .. L-1`` (so a DC uplink is shared by all
 cross-DC flows, and a GPU port by its intra- and cross-DC flows). Each flow is delivered its
 level's latency after its last byte.
 
-Per-operation quantities (bytes per device, compute seconds, expert load per domain, latencies)
-come from :mod:`hybridep.costmodel`; this module adds contention, skew and overlap by dependency.
+What runs comes from a :class:`~hybridep.schedule.Schedule` (any strategy family's: bytes per flow,
+peers per level, groups, compute seconds per rank); rates and latencies from the cost model's
+:class:`~hybridep.costmodel.Network`. This module adds contention, skew and overlap by dependency
+and knows no family.
 With a per-message overhead (``topology.message_overhead``), every rank also has a communication
 engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`).
 
 * forward, per layer and micro-batch: pre-expert compute -> the row-count exchange (its latency and
   messages, :func:`~hybridep.costmodel.count_exchange_s`) -> dispatch all-to-all (tokens of the
-  same rail) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
+  same exchange group) -> each rank's expert compute once its tokens *and* its layer's gathered experts are
   in and its own dispatch sends are delivered (a blocking all-to-all returns only then; folded
   runs do not track senders) -> combine all-to-all from that rank -> next layer once every rank
   has its results back;
 * backward mirrors it (expert and pre-expert compute twice as long);
-* expert all-gathers: with ``overlap``, the runtime's prefetch chain -- layer 0's at the start of
-  the iteration, layer l+1's when layer l takes its experts (the first rank with its dispatched
-  tokens and its gather in); else each layer's at its forward start; stages outermost level first;
-* reduce-scatters of the gathered experts' gradients: after the last micro-batch's expert
-  backward of each layer, one after the other, innermost stage first;
+* gather chains (:attr:`~hybridep.schedule.Schedule.gather`): with ``overlap``, the runtime's
+  prefetch chain -- layer 0's at the start of the iteration, layer l+1's when layer l takes its
+  experts (the first rank with its dispatched tokens and its gather in); else each layer's at its forward start; stages in their order;
+* reduce-scatter chains of the gathered experts' gradients: after the last micro-batch's expert
+  backward of each layer, one after the other, stages in their order;
 * ring all-reduces of the dense gradients (DDP's buckets): the earlier ones released at the start
   of the last backward, the last one when the backward ends and the earlier ones are through.
 
@@ -44,23 +46,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybridep.config import CostTerms
-from hybridep.costmodel import (
-    Network,
-    Workload,
-    a2a_delay,
-    codec_s,
-    count_exchange_s,
-    ddp_last_bucket_bytes,
-    device_expert_s,
-    exchange_chunks,
-    held_weights_s,
-    layer_grids,
-    optimizer_s,
-    rails_interleave,
-    recompute_s,
-)
+from hybridep.costmodel import Network, count_exchange_s, ddp_last_bucket_bytes, exchange_delay_s, interleaved
+from hybridep.schedule import Schedule, Stage
 from hybridep.sim.fluid import Batch, Engine
-from hybridep.topology import Domains
+from hybridep.topology import Topology
 from hybridep.trace import Span
 
 TRACKS = ("compute", "a2a", "ag", "rs", "grad_sync")
@@ -74,6 +63,7 @@ class SimResult:
     """One simulated iteration. Times in seconds, bytes per iteration (cluster-wide)."""
 
     domain_sizes: tuple[int, ...]
+    """The partition it ran (set by the family's wrapper; () from :func:`run_schedule`)."""
     iteration_s: float
     spans: list[Span]
     bytes_by_level: dict[str, dict[str, float]]
@@ -90,8 +80,7 @@ class _Fabric:
     that each flow occupies ``o / size`` per byte sent and per byte received, so a rank handles at
     most one message per ``o`` seconds (LogGP's overhead, in fluid form)."""
 
-    def __init__(self, dom: Domains, net: Network, pooled: bool):
-        topo = dom.topology
+    def __init__(self, topo: Topology, net: Network, pooled: bool):
         self.L = topo.num_levels
         self.G = topo.world_size
         self.workers = [math.prod(topo.counts[: j + 1]) for j in range(self.L)]
@@ -144,32 +133,27 @@ class _Fabric:
 class IterationSim:
     """Builds and runs one iteration on a fluid :class:`~hybridep.sim.fluid.Engine`."""
 
-    def __init__(self, dom: Domains, w: Workload, net: Network, terms: CostTerms, fold: bool = True):
+    def __init__(self, schedule: Schedule, net: Network, terms: CostTerms, fold: bool = True):
         if net.dc_link_bytes_per_s is not None:
             raise ValueError("topology.dc_bandwidth: the simulator models one shared port per DC; "
                              "a pairwise DC link matrix is not supported yet (remove it to simulate)")
-        self.dom, self.w, self.net, self.terms, self.fold = dom, w, net, terms, fold
-        topo = dom.topology
-        # rails sharing a DC uplink interleave: their top-level all-to-all flows use pooled uplinks
-        self.fab = _Fabric(dom, net, rails_interleave(dom, terms))
+        self.s, self.net, self.terms, self.fold = schedule, net, terms, fold
+        topo = self.topology = schedule.topology
+        ex = schedule.exchanges[0]
+        # groups sharing a DC uplink interleave: their top-level all-to-all flows use pooled uplinks
+        self.fab = _Fabric(topo, net, interleaved(ex, terms))
         self.G, self.L = topo.world_size, topo.num_levels
         ranks = np.arange(self.G)
         self.coords = np.stack(np.unravel_index(ranks, topo.counts), axis=1) if self.L > 1 else ranks[:, None]
-        # share of all routed tokens that rank b's domain processes (b serves its rail's share)
-        dom_ids = tuple((self.coords // np.asarray(dom.sizes)).T)
-        # per MoE layer and rank: the share of the layer's routed tokens that the rank's domain serves
-        self.share = np.stack([grid[dom_ids] for grid in layer_grids(dom, w)])
-        self.flow_bytes = w.dispatch_bytes * self.share  # [layer, b]: one sender -> b, per A2A
-        factor = self.share * dom.rail_size  # [layer, b]: each rank's expert work / the uniform one
-        held = held_weights_s(w, dom.domain_size) * exchange_chunks(dom, w)  # once per chunk
-        self.expert_s = (device_expert_s(w, factor, self.G) + held
-                         if terms.expert_compute else np.zeros_like(factor))
+        self.flow_bytes = np.stack([x.flow_bytes for x in schedule.exchanges])  # [layer, b]: one sender -> b
+        self.expert_s = schedule.expert_s if terms.expert_compute else np.zeros_like(schedule.expert_s)
         self.lat = [x if terms.latency else 0.0 for x in net.latency_s]
-        self.a2a_lat = [x + a2a_delay(dom, net) for x in self.lat]  # an exchange among busy ranks
+        self.a2a_lat = [x + exchange_delay_s(ex, net) for x in self.lat]  # an exchange among busy ranks
         self.eng = Engine(self.fab.capacity, self.fab.group, self.fab.groups, coalesce=COALESCE if fold else 0.0)
         self.spans: list[Span] = []
         self.classes = 0
-        self._a2a_peers = dom.peers_by_level("a2a")
+        self._a2a_peers = list(ex.peers_by_level)
+        self._chunks = ex.chunks
 
     # ------------------------------------------------------------------ flow classes
     def _a2a_batch(self, op: str, layer: int, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
@@ -227,19 +211,18 @@ class IterationSim:
         return self._p2p_engines(batch)
 
     def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
-        """For each rank, the rail members whose coarsest differing level is ``lv``."""
-        topo = self.dom.topology
-        rails = self.dom.rail_groups()
-        return np.asarray([[q for q in rails[self.dom.offset_index(r)] if topo.level_of_pair(r, q) == lv]
+        """For each rank, the members of its exchange group whose coarsest differing level is ``lv``."""
+        group_of = {r: g for g in self.s.exchanges[0].groups() for r in g}
+        return np.asarray([[q for q in group_of[r] if self.topology.level_of_pair(r, q) == lv]
                            for r in ranks.tolist()], dtype=int)
 
-    def _stage_batch(self, op: str, lv: int, shard_bytes: float, label: str) -> Batch:
-        """One stage of the hierarchical gather (or reduce-scatter) over level ``lv``, at the
-        network's gather efficiency of that level, each flow ending its stage delay after its last
-        byte (on top of the level's latency); every rank sends to and receives from each of its
-        S_l - 1 stage peers."""
-        s = self.dom.sizes[lv]
-        per_flow = shard_bytes * math.prod(self.dom.sizes[:lv])
+    def _stage_batch(self, op: str, stage: Stage, label: str) -> Batch:
+        """One stage of a gather (or reduce-scatter) chain over its level, at the network's gather
+        efficiency of that level, each flow ending its stage delay after its last byte (on top of
+        the level's latency); every rank sends to and receives from each of its stage peers."""
+        lv = stage.level
+        s = stage.peers + 1
+        per_flow = stage.flow_bytes
         n_flows = self.G * (s - 1)
         if self.fold:
             cls = np.zeros(self.L - lv, dtype=int)
@@ -250,7 +233,7 @@ class IterationSim:
                                 [[], [], []], [[np.concatenate(x)] for x in gent], label, [np.zeros(1, int)])
         else:
             src, dst = [], []
-            for group in self.dom.stage_groups(lv):
+            for group in stage.groups():
                 for a in group:
                     for b in group:
                         if a != b:
@@ -343,15 +326,14 @@ class IterationSim:
         batch.on_all_delivered = done
         self.eng.submit(batch)
 
-    def _staged(self, op: str, levels: list[int], shard_bytes, label: str, then) -> None:
-        """Stages one after the other (each delivered before the next starts); ``shard_bytes(l)``:
-        bytes of one device's experts as sent over level l."""
-        if not levels or shard_bytes(levels[0]) <= 0:
+    def _staged(self, op: str, stages: tuple[Stage, ...], label: str, then) -> None:
+        """Stages one after the other (each delivered before the next starts)."""
+        if not stages or stages[0].flow_bytes <= 0:
             then(self.eng.now)
             return
-        lv, rest = levels[0], levels[1:]
-        batch = self._stage_batch(op, lv, shard_bytes(lv), f"{label} {self.dom.topology.names[lv]}")
-        self._collective(batch, op, lambda t: self._staged(op, rest, shard_bytes, label, then))
+        stage, rest = stages[0], stages[1:]
+        batch = self._stage_batch(op, stage, f"{label} {self.topology.names[stage.level]}")
+        self._collective(batch, op, lambda t: self._staged(op, rest, label, then))
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
                   on_experts=None, on_launch=None) -> None:
@@ -366,7 +348,7 @@ class IterationSim:
         tokens in, its layer's experts gathered)."""
         start = self.eng.now
         ranks = np.arange(self.G)
-        chunks = exchange_chunks(self.dom, self.w) if any(self._a2a_peers) else 1
+        chunks = self._chunks if any(self._a2a_peers) else 1
         st = {"launched": 0, "combined": 0, "expert_start": math.inf, "expert_end": start}
         busy = np.full(self.G, -math.inf)  # per rank: when its previous chunk's experts end
         dispatch, combine, left = [], [], []
@@ -451,21 +433,20 @@ class IterationSim:
 
     def run(self) -> SimResult:
         """Simulate one iteration and return its timeline."""
-        w, dom = self.w, self.dom
-        layers, mb = w.layers, w.micro_batches
+        s = self.s
+        layers, mb = s.layers, s.micro_batches
         self.ag_done: dict[int, float] = {}
         self.waiting: dict[int, list] = {}
-        gather_bytes = w.sent_expert_bytes
-        ag_levels = dom.gather_levels()
-        codec = codec_s(dom, w)
-        counts = count_exchange_s(dom, self.net, self.terms)  # before every forward dispatch
-        rc, redo = recompute_s(dom, w)
-        last_bucket = ddp_last_bucket_bytes(w.dense_grad_bytes)
+        gathers = bool(s.gather)
+        codec = s.codec_s
+        counts = count_exchange_s(s.counts, self.net, self.terms)  # before every forward dispatch
+        redo = s.backward_extra_s
+        last_bucket = ddp_last_bucket_bytes(s.dense_grad_bytes)
         end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
         rs_queue: list[int] = []
         # the buckets' all-reduces run one after the other on their process group: the last one once
         # the backward has ended and the earlier ones are through
-        last_waits = {"ready"} | ({"early"} if w.dense_grad_bytes - last_bucket > 0 else set())
+        last_waits = {"ready"} | ({"early"} if s.dense_grad_bytes - last_bucket > 0 else set())
 
         def sync_last(event: str) -> None:
             last_waits.discard(event)
@@ -485,7 +466,7 @@ class IterationSim:
                 self._gather_done(layer, t)
                 if layer in taken:
                     chain(layer)
-            self._staged("ag", ag_levels, lambda lv: gather_bytes, f"gather L{layer}", done)
+            self._staged("ag", s.gather, f"gather L{layer}", done)
 
         chained: set[int] = set()
 
@@ -512,7 +493,7 @@ class IterationSim:
                 end["rs"] = t
                 next_rs()
 
-            self._staged("rs", ag_levels[::-1], w.sent_grad_bytes, f"reduce-scatter L{layer}", done)
+            self._staged("rs", s.reduce_scatter, f"reduce-scatter L{layer}", done)
 
         def forward(m: int, layer: int) -> None:
             t0 = self.eng.now
@@ -521,14 +502,14 @@ class IterationSim:
             if layer == layers:
                 end["bwd"] = t0
                 return nxt(m)
-            if m == 0 and not self.terms.overlap and ag_levels:
+            if m == 0 and not self.terms.overlap and gathers:
                 gather(layer)
-            pre = w.pre_expert_s + (codec if m == 0 else 0.0)  # the first micro-batch also (en/de)codes
+            pre = s.pre_expert_s + (codec if m == 0 else 0.0)  # the first micro-batch also (en/de)codes
             self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
             self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + counts)
-            need = layer if ag_levels else None
+            need = layer if gathers else None
 
-            on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and ag_levels else None
+            on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and gathers else None
             self.eng.at(t0 + pre + counts, lambda: self._moe_step(
                 layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1), on_launch=on_launch))
 
@@ -540,32 +521,32 @@ class IterationSim:
                     sync_last("ready")
                 return nxt(m)
             if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
-                self._grad_sync(w.dense_grad_bytes - last_bucket, early_synced)
+                self._grad_sync(s.dense_grad_bytes - last_bucket, early_synced)
 
             def experts_done(t: float) -> None:
-                if m == mb - 1 and ag_levels:
+                if m == mb - 1 and gathers:
                     self.eng.at(t, lambda: (rs_queue.append(layer), next_rs()))
 
             def after(t: float) -> None:
-                span = 2 * w.pre_expert_s + redo  # (with recompute: the decode again)
+                span = 2 * s.pre_expert_s + redo  # (with recompute: the decode again)
                 self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
                 self.eng.at(t + span, lambda: backward(m, layer - 1))
 
-            self._moe_step(layer, f"bwd L{layer} mb{m}", 2.0 + rc, None, after, experts_done)
+            self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done)
 
         def nxt(m: int) -> None:
             if m + 1 < mb:
                 forward(m + 1, 0)
 
-        if self.terms.overlap and ag_levels:
+        if self.terms.overlap and gathers:
             gather(0)
         forward(0, 0)
         self.eng.run()
         iteration = max(end.values())
-        if self.terms.backward and w.optimizer_s_per_byte > 0:
-            self._span("compute", "optimizer step", iteration, iteration + optimizer_s(w))
-            iteration += optimizer_s(w)
-        return SimResult(dom.sizes, iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
+        if self.terms.backward and s.optimizer_s > 0:
+            self._span("compute", "optimizer step", iteration, iteration + s.optimizer_s)
+            iteration += s.optimizer_s
+        return SimResult((), iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
                          self.eng.events, self.classes)
 
     def _grad_sync(self, nbytes: float, then) -> None:
@@ -584,13 +565,13 @@ class IterationSim:
 
     def _bytes_by_level(self) -> dict[str, dict[str, float]]:
         """Bytes of flows by coarsest level: level-l egress bytes minus level-(l-1) egress bytes."""
-        out: dict[str, dict[str, float]] = {n: {} for n in self.dom.topology.names}
+        out: dict[str, dict[str, float]] = {n: {} for n in self.topology.names}
         for op, per_link in self.eng.link_bytes.items():
             prev, pooled = 0.0, 0.0
             if self.fab.pooled_links:
                 pool = self.fab.offset[2 * self.L]
                 pooled = float(per_link[pool: pool + self.fab.workers[0]].sum()) / 2  # each flow crosses 2 pools
-            for j, name in enumerate(self.dom.topology.names):
+            for j, name in enumerate(self.topology.names):
                 e = float(per_link[self.fab.offset[2 * j]: self.fab.offset[2 * j] + self.fab.workers[j]].sum())
                 e += pooled if j == 0 else 0.0
                 out[name][op] = e - prev
@@ -598,6 +579,6 @@ class IterationSim:
         return out
 
 
-def simulate(dom: Domains, w: Workload, net: Network, terms: CostTerms, fold: bool = True) -> SimResult:
-    """Simulate one training iteration of partition ``dom``."""
-    return IterationSim(dom, w, net, terms, fold).run()
+def run_schedule(schedule: Schedule, net: Network, terms: CostTerms, fold: bool = True) -> SimResult:
+    """Simulate one training iteration as ``schedule`` describes it (any strategy family)."""
+    return IterationSim(schedule, net, terms, fold).run()

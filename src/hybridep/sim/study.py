@@ -21,11 +21,10 @@ from pathlib import Path
 from hybridep import trace
 from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
-from hybridep.costmodel import Network, Workload, lower_bound, predict
+from hybridep.costmodel import Network, Workload, evaluate, lower_bound
 from hybridep.planner import plan_workload
-from hybridep.sim.iteration import TRACKS, SimResult, simulate
+from hybridep.sim.iteration import TRACKS, SimResult, run_schedule
 from hybridep.strategies import HybridEPSpec, StrategyError, parse, parse_request
-from hybridep.topology import Domains
 
 FOLD_AUTO_MAX_RANKS = 32
 LOG_Y_SPAN = 10.0
@@ -60,7 +59,8 @@ def resolve(text: str, cfg: Config, net: Network, flops: float | None) -> Strate
         best = plan_workload(net, w, cfg.terms).choice.domains.sizes
     else:
         best = min(request.candidates(),
-                   key=lambda s: (predict(Domains(topo, s), w, net, cfg.terms).iteration_s, math.prod(s)))
+                   key=lambda s: (evaluate(request.with_sizes(s).schedule(w), net, cfg.terms).iteration_s,
+                                  math.prod(s)))
     return Strategy(text, dataclasses.replace(template, domain_sizes=tuple(best)))
 
 
@@ -87,18 +87,19 @@ def run_point(cfg: Config, flops: float | None, net: Network | None = None,
     for s in strategies:
         w = s.spec.workload(cfg, flops)
         dom = s.spec.domains()
+        schedule = s.spec.schedule(w)
         t0 = time.perf_counter()
         if s.name not in sims:  # two specs may resolve to the same partition: simulate it once
-            sims[s.name] = simulate(dom, w, net, cfg.terms, fold_for(cfg, w))
+            sims[s.name] = run_schedule(schedule, net, cfg.terms, fold_for(cfg, w))
         res = sims[s.name]
         wall = time.perf_counter() - t0
-        pred = predict(dom, w, net, cfg.terms)
+        pred = evaluate(schedule, net, cfg.terms)
         points.append({
             "dcs": topo.counts[0], "bandwidth_bps": net.port_bytes_per_s[0] * 8, "strategy": s.name,
             "spec": s.text, "domain_sizes": dict(zip(topo.names, s.spec.domain_sizes, strict=True)), "p": dom.p,
             "iteration_s": res.iteration_s,
             "model_iteration_s": pred.iteration_s,
-            "lower_bound_s": lower_bound(dom, w, net, cfg.terms, pred),
+            "lower_bound_s": lower_bound(schedule, net, cfg.terms, pred),
             "world_size": topo.world_size, "sim_wall_s": wall, "flow_classes": res.classes,
             "bytes_by_level": res.bytes_by_level,
         })
@@ -271,9 +272,9 @@ def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
             continue
         spec = parse(name, net.topology)
         w = measured_workload(cfg, flops, spec, m, report.get("calibration"))
-        dom = spec.domains()
-        sim = simulate(dom, w, net, cfg.terms, fold_for(cfg, w)).iteration_s
-        model_s = predict(dom, w, net, cfg.terms).iteration_s
+        schedule = spec.schedule(w)
+        sim = run_schedule(schedule, net, cfg.terms, fold_for(cfg, w)).iteration_s
+        model_s = evaluate(schedule, net, cfg.terms).iteration_s
         rows.append({"strategy": name, "measured_s": m["median_iter_s"], "simulated_s": sim, "model_s": model_s,
                      "sim_error": sim / m["median_iter_s"] - 1, "model_error": model_s / m["median_iter_s"] - 1})
     return {"bench_json": str(bench_json), "flops": flops, "link_bytes_per_s": list(net.port_bytes_per_s),

@@ -22,13 +22,28 @@ choice), leave levels out (the planner's best for them) or give ``p=P`` (domain 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from hybridep.config import Config
-from hybridep.costmodel import Workload, workload_from_config
+import numpy as np
+
+from hybridep import costmodel
+from hybridep.config import Config, CostTerms
+from hybridep.costmodel import (
+    Network,
+    Prediction,
+    Workload,
+    device_expert_s,
+    evaluate,
+    held_weights_s,
+    optimizer_s,
+    workload_from_config,
+)
+from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule, Stage
+from hybridep.sim.iteration import SimResult, run_schedule
 from hybridep.strategies.base import StrategyError
 from hybridep.topology import Domains, Topology, divisors
 
@@ -132,6 +147,10 @@ class HybridEPSpec:
         """The cost model's workload of ``cfg`` run under this spec (its compression and chunks)."""
         w = workload_from_config(cfg, flops, self.sr_ratio, self.sr_grads if self.compressed else None)
         return w if self.a2a_chunks is None else dataclasses.replace(w, a2a_chunks=self.a2a_chunks)
+
+    def schedule(self, w: Workload) -> Schedule:
+        """One iteration of this strategy under workload ``w`` (made by :meth:`workload`)."""
+        return build_schedule(self.domains(), w)
 
     def to_dict(self) -> dict:
         return {"family": self.family, "name": str(self),
@@ -276,3 +295,154 @@ def parse_request(text: str, topology: Topology) -> HybridEPRequest:
         ok = sorted({round(1 - math.prod(s) / g, 6) for s in topology.feasible_domain_sizes()})
         raise StrategyError(f"strategy {text!r}: no partition matches; feasible p on this topology: {ok}")
     return request
+
+
+# ---------------------------------------------------------------------- the iteration's schedule
+def domain_load_grid(dom: Domains, w: Workload, layer: int = 0) -> np.ndarray:
+    """Share of routed tokens per expert domain in MoE layer ``layer``, as an array of shape
+    (R_0, ..., R_{L-1})."""
+    g = dom.topology.world_size
+    load = w.load_of_layer(layer)
+    if load is None or w.experts == 0:
+        per_rank = np.full(g, 1.0 / g)
+    else:
+        per_rank = np.asarray(load, dtype=float).reshape(g, -1).sum(axis=1)
+    shape = []
+    for r, s in zip(dom.rail_factors, dom.sizes, strict=True):
+        shape += [r, s]
+    grid = per_rank.reshape(shape)
+    return grid.sum(axis=tuple(range(1, 2 * dom.topology.num_levels, 2)))
+
+
+def _a2a_level_bytes(dom: Domains, w: Workload, load: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Egress and ingress bytes of every level-``level`` worker's port for one dispatch, indexed by
+    the worker's domain ids (d_0..d_level): workers alike but for their offsets carry the same."""
+    n_l = dom.topology.ranks_per_worker(level)
+    r_l = dom.rail_factors[level]
+    a_next = load.sum(axis=tuple(range(level + 1, load.ndim)))  # shape (R_0..R_level)
+    a_this = a_next.sum(axis=level, keepdims=True)
+    egress = n_l * w.dispatch_bytes * (a_this - a_next)
+    ingress = (r_l - 1) * n_l * w.dispatch_bytes * a_next
+    return egress, ingress
+
+
+def _top_pair_bytes(dom: Domains, w: Workload, load: np.ndarray) -> np.ndarray:
+    """Bytes one top-level worker sends another in one dispatch (0 where they do not exchange)."""
+    c0 = dom.topology.counts[0]
+    d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
+    a_next0 = load.sum(axis=tuple(range(1, load.ndim)))  # load per level-0 domain id
+    same_off = (o0[:, None] == o0[None, :]) & (d0[:, None] != d0[None, :])
+    pair = dom.topology.ranks_per_worker(0) * w.dispatch_bytes * np.broadcast_to(a_next0[d0][None, :], (c0, c0))
+    return np.where(same_off, np.maximum(pair, pair.T), 0.0)
+
+
+def _top_stage_pairs(dom: Domains) -> np.ndarray:
+    """Top-level worker pairs of one domain at different offsets: they exchange in the gather's top stage."""
+    c0 = dom.topology.counts[0]
+    d0, o0 = np.arange(c0) // dom.sizes[0], np.arange(c0) % dom.sizes[0]
+    return (d0[:, None] == d0[None, :]) & (o0[:, None] != o0[None, :])
+
+
+def exchange_chunks(dom: Domains, w: Workload) -> int:
+    """Chunks of the pipelined exchange in force for this partition (see
+    :meth:`~hybridep.topology.Domains.exchange_chunks`)."""
+    return dom.exchange_chunks(max(1, w.a2a_chunks))
+
+
+def _codec_ops_s(dom: Domains, w: Workload, ops_per_expert: float) -> float:
+    """Seconds of ``ops_per_expert`` SR encodes or decodes per expert a device owns (compressed
+    gathers only; 0 when the expert count or the codec time is unknown)."""
+    g = dom.topology.world_size
+    if w.gather_bytes is None or w.codec_expert_s <= 0 or dom.domain_size == 1 or w.experts < g:
+        return 0.0
+    return w.codec_expert_s * ops_per_expert * (w.experts // g)
+
+
+def codec_s(dom: Domains, w: Workload) -> float:
+    """Seconds per layer a device spends encoding its own experts and decoding the other domain
+    members' (n + (S - 1) n), and with compressed gradients also encoding the gradient shares it sends
+    over the top level and decoding the ones it receives there (2 (S_0 - 1) n); charged to the
+    compute stream (shared cores here, a side stream on a GPU)."""
+    grads = 2 * (dom.sizes[0] - 1) if w.grad_bytes is not None else 0
+    return _codec_ops_s(dom, w, dom.domain_size + grads)
+
+
+def recompute_s(dom: Domains, w: Workload) -> tuple[float, float]:
+    """(factor, seconds) the backward adds per layer and micro-batch when the experts are recomputed
+    (``expert_recompute``): the expert forward again (factor 1 of the forward expert time) and the
+    decode of the other members' experts; (0, 0) otherwise."""
+    if not w.expert_recompute:
+        return 0.0, 0.0
+    return 1.0, _codec_ops_s(dom, w, dom.domain_size - 1)
+
+
+def _exchange(dom: Domains, w: Workload, load: np.ndarray, share: np.ndarray, chunks: int) -> Exchange:
+    """The token exchange of one layer whose domains serve the shares ``load`` (the grid) --
+    ``share``: per rank, its domain's share."""
+    topo = dom.topology
+    ports = []
+    for lv in range(topo.num_levels):
+        eg, ing = _a2a_level_bytes(dom, w, load, lv)
+        ports.append(ExchangePorts(eg, ing, float(eg.sum()) * math.prod(dom.sizes[: lv + 1])))
+    levels = dom.rail_levels()
+    delayed = tuple(levels) if dom.domain_size > 1 and levels and levels[0] != 0 else ()
+    return Exchange(ports=tuple(ports), peers_by_level=tuple(dom.peers_by_level("a2a")),
+                    flow_bytes=w.dispatch_bytes * share, groups=dom.rail_groups,
+                    top_pair_bytes=lambda: _top_pair_bytes(dom, w, load),
+                    messages=2 * (dom.rail_size - 1) * chunks, chunks=chunks,
+                    interleaved_top=dom.sizes[0] == 1 and math.prod(dom.sizes[1:]) > 1, delay_levels=delayed)
+
+
+def _stages(dom: Domains, shard_bytes, reverse: bool = False) -> tuple[Stage, ...]:
+    """The hierarchical gather (or, ``reverse``, its reduce-scatter): one stage per level whose domain
+    size exceeds 1, outermost first; ``shard_bytes(l)``: one device's experts as sent over level l."""
+    levels = dom.gather_levels()[::-1] if reverse else dom.gather_levels()
+    return tuple(Stage(lv, dom.sizes[lv] - 1, shard_bytes(lv) * math.prod(dom.sizes[:lv]),
+                       groups=functools.partial(dom.stage_groups, lv),
+                       top_pairs=functools.partial(_top_stage_pairs, dom)) for lv in levels)
+
+
+def build_schedule(dom: Domains, w: Workload) -> Schedule:
+    """One iteration of HybridEP with domains ``dom`` under workload ``w`` (see :mod:`hybridep.schedule`):
+    rail all-to-alls of the tokens, the hierarchical gather of the domain's experts and its
+    reduce-scatter, the domain's load on each rank's expert compute."""
+    topo = dom.topology
+    g = topo.world_size
+    chunks = exchange_chunks(dom, w)
+    coords = np.stack(np.unravel_index(np.arange(g), topo.counts), axis=1)
+    dom_ids = tuple((coords // np.asarray(dom.sizes)).T)
+    distinct = range(w.layers) if w.per_layer else range(1)
+    grids = [domain_load_grid(dom, w, lv) for lv in distinct]
+    shares = [grid[dom_ids] for grid in grids]
+    exchanges = [_exchange(dom, w, grid, share, chunks) for grid, share in zip(grids, shares, strict=True)]
+    held = held_weights_s(w, dom.domain_size) * chunks  # once per chunk
+    expert_s = np.stack([device_expert_s(w, share * dom.rail_size, g) + held for share in shares])
+    if not w.per_layer:
+        exchanges, expert_s = exchanges * w.layers, np.repeat(expert_s, w.layers, axis=0)
+    rc, redo = recompute_s(dom, w)
+    levels = dom.rail_levels()
+    return Schedule(
+        topology=topo, layers=w.layers, micro_batches=w.micro_batches, pre_expert_s=w.pre_expert_s,
+        codec_s=codec_s(dom, w), expert_s=expert_s, backward_factor=2.0 + rc, backward_extra_s=redo,
+        exchanges=tuple(exchanges),
+        counts=CountExchange(tuple(levels), 2 * (dom.rail_size - 1)) if levels else None,
+        gather=_stages(dom, lambda lv: w.sent_expert_bytes),
+        reduce_scatter=_stages(dom, w.sent_grad_bytes, reverse=True),
+        dense_grad_bytes=w.dense_grad_bytes, optimizer_s=optimizer_s(w))
+
+
+def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
+    """The cost model's prediction for HybridEP with domains ``dom`` (:func:`~hybridep.costmodel.evaluate`
+    of :func:`build_schedule`)."""
+    return dataclasses.replace(evaluate(build_schedule(dom, w), net, terms), domain_sizes=dom.sizes)
+
+
+def lower_bound(dom: Domains, w: Workload, net: Network, terms: CostTerms,
+                prediction: Prediction | None = None) -> float:
+    """:func:`~hybridep.costmodel.lower_bound` of HybridEP with domains ``dom``."""
+    return costmodel.lower_bound(build_schedule(dom, w), net, terms, prediction)
+
+
+def simulate(dom: Domains, w: Workload, net: Network, terms: CostTerms, fold: bool = True) -> SimResult:
+    """One simulated iteration of HybridEP with domains ``dom`` (:func:`~hybridep.sim.iteration.run_schedule`)."""
+    return dataclasses.replace(run_schedule(build_schedule(dom, w), net, terms, fold), domain_sizes=dom.sizes)

@@ -1,0 +1,133 @@
+"""One training iteration as a strategy family describes it, for the cost model and the simulator.
+
+A family's ``schedule(workload)`` returns a :class:`Schedule`: what runs on each stream, with every
+quantity the evaluators need -- seconds of compute, bytes per port and per flow on each topology
+level, messages, groups -- and nothing about how the family arrived at them. The cost model
+(:func:`hybridep.costmodel.evaluate`) prices a Schedule analytically; the simulator
+(:func:`hybridep.sim.iteration.run_schedule`) executes it as flows with max-min sharing. Neither
+knows a family: a new family is a new way of filling a Schedule.
+
+The iteration the evaluators run (streams and dependencies):
+
+* forward, per micro-batch and MoE layer: ``pre_expert_s`` of compute (the first micro-batch also
+  ``codec_s``), the row-count exchange (:attr:`Schedule.counts`), the layer's :class:`Exchange`
+  (dispatch -> each rank's expert compute -> combine, in ``chunks`` pipelined chunks), whose expert
+  compute waits for the layer's :attr:`Schedule.gather` chain;
+* background, the gather chains: one per layer, stages one after the other; with prefetch (the cost
+  terms' ``overlap``) layer 0's is issued at the start and layer l+1's when layer l takes its
+  experts, else each at its layer's forward start;
+* backward, per micro-batch and layer (last first): the exchange again with ``backward_factor``
+  times the expert compute (plus ``backward_extra_s``), then ``2 pre_expert_s + backward_extra_s``;
+  after the last micro-batch's expert backward of each layer, its :attr:`Schedule.reduce_scatter`
+  chain (stages in their order), one chain after the other;
+* the dense gradients' ring all-reduce (``dense_grad_bytes``, DDP's buckets), then the optimizer
+  step (``optimizer_s``).
+
+Units: seconds (``_s``), bytes (``_bytes``); arrays are indexed by rank (``[layer, rank]``) or by
+the workers of a level (``[worker]``, row-major over the levels above).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybridep.topology import Topology
+
+
+@dataclass(frozen=True)
+class ExchangePorts:
+    """One dispatch of one layer on one level's ports (the combine is its mirror)."""
+
+    egress_bytes: np.ndarray
+    """Bytes each port of the level sends (one entry per port, or per class of ports alike)."""
+    ingress_bytes: np.ndarray
+    """Bytes the same ports receive (same indexing)."""
+    total_bytes: float
+    """Cluster-wide bytes crossing the level's ports in one dispatch."""
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The token exchange of one MoE layer (one dispatch; the combine mirrors it)."""
+
+    ports: tuple[ExchangePorts, ...]
+    """Per level (outermost first): what the dispatch puts on that level's ports."""
+    peers_by_level: tuple[int, ...]
+    """Per level: how many peers each rank exchanges with whose coarsest differing level it is."""
+    flow_bytes: np.ndarray
+    """[rank]: bytes one peer sends to this rank in one dispatch (every peer alike)."""
+    groups: Callable[[], list[list[int]]]
+    """The exchange groups (every rank in exactly one; ranks of different groups never exchange)."""
+    top_pair_bytes: Callable[[], np.ndarray]
+    """(workers x workers) of the top level: bytes one worker sends another in one dispatch (0 where
+    the pair does not exchange), for pairwise top-level links (made only when those are priced)."""
+    messages: int
+    """Messages one rank sends plus receives in one dispatch (all chunks)."""
+    chunks: int
+    """Pipelined chunks (1: one dispatch, the experts, one combine)."""
+    interleaved_top: bool
+    """Several exchange groups share each top-level port and drift apart (their dispatch meets
+    another's combine): the port carries the mean of its two directions."""
+    delay_levels: tuple[int, ...]
+    """Levels whose measured per-stage delay the exchange pays (it runs among ranks whose
+    communication threads are busy with gather chains), or () for none."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a gather or reduce-scatter chain: every rank exchanges with the ``peers`` other
+    members of its stage group across ``level``, ``flow_bytes`` to each."""
+
+    level: int
+    peers: int
+    flow_bytes: float
+    groups: Callable[[], list[list[int]]]
+    """The stage groups (for simulating every pair)."""
+    top_pairs: Callable[[], np.ndarray]
+    """(workers x workers) of the top level: which pairs exchange in this stage (pairwise top-level
+    links; asked only of a stage over the top level)."""
+
+
+@dataclass(frozen=True)
+class CountExchange:
+    """The split-size exchange before every forward dispatch: a few bytes, one latency of the slowest
+    level it crosses and ``messages`` messages per rank."""
+
+    levels: tuple[int, ...]
+    messages: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One training iteration (see the module docstring)."""
+
+    topology: Topology
+    layers: int
+    micro_batches: int
+    pre_expert_s: float
+    """Forward compute before the experts, per layer and micro-batch."""
+    codec_s: float
+    """Compute the first micro-batch adds per layer (encoding and decoding compressed experts)."""
+    expert_s: np.ndarray
+    """[layer, rank]: forward expert compute of each rank."""
+    backward_factor: float
+    """The backward's expert compute in multiples of the forward's (2, or 3 with recomputation)."""
+    backward_extra_s: float
+    """Compute the backward adds per layer and micro-batch to the experts and to the pre-expert part
+    each (decoding again under recomputation)."""
+    exchanges: tuple[Exchange, ...]
+    """Per layer."""
+    counts: CountExchange | None
+    gather: tuple[Stage, ...]
+    """Each layer's gather chain, in order (empty: no gather)."""
+    reduce_scatter: tuple[Stage, ...]
+    """Each layer's reduce-scatter chain, in order."""
+    dense_grad_bytes: float
+    optimizer_s: float
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
