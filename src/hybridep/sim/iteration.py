@@ -23,7 +23,8 @@ engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`
 * backward mirrors it (expert and pre-expert compute twice as long);
 * gather chains (:attr:`~hybridep.schedule.Schedule.gather`): with ``overlap``, the runtime's
   prefetch chain -- layer 0's at the start of the iteration, layer l+1's when layer l takes its
-  experts (the first rank with its dispatched tokens and its gather in); else each layer's at its forward start; stages in their order;
+  experts (the first rank with its dispatched tokens and its gather in); else each layer's at its
+  forward start; stages in their order;
 * reduce-scatter chains of the gathered experts' gradients: after the last micro-batch's expert
   backward of each layer, one after the other, stages in their order;
 * ring all-reduces of the dense gradients (DDP's buckets): the earlier ones released at the start
