@@ -24,7 +24,7 @@ from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
 from hybridep.costmodel import Network, Workload, evaluate, lower_bound
 from hybridep.planner import plan_workload
 from hybridep.sim.iteration import TRACKS, SimResult, run_schedule
-from hybridep.strategies import HybridEPSpec, StrategyError, parse, parse_request
+from hybridep.strategies import StrategyError, StrategySpec, parse, parse_request
 
 FOLD_AUTO_MAX_RANKS = 32
 LOG_Y_SPAN = 10.0
@@ -36,7 +36,7 @@ class Strategy:
     """A resolved ``simulate.strategies`` entry: the text as written and the spec it names."""
 
     text: str
-    spec: HybridEPSpec
+    spec: StrategySpec
 
     @property
     def name(self) -> str:
@@ -52,16 +52,16 @@ def resolve(text: str, cfg: Config, net: Network, flops: float | None) -> Strate
     except StrategyError as err:
         raise ConfigError([("simulate.strategies", text, str(err))]) from None
     template = request.template
-    if template.compressed and template.sr_grads == "dense" and cfg.moe is not None:
-        template = dataclasses.replace(template, sr_grads=cfg.moe.sr_grads)  # as configured
-    w = template.workload(cfg, flops)
+    if template.compressed and template.sr_grads == "dense" and cfg.moe is not None:  # as configured
+        request = dataclasses.replace(request, template=dataclasses.replace(template, sr_grads=cfg.moe.sr_grads))
+    w = request.template.workload(cfg, flops)
     if request.planner:
         best = plan_workload(net, w, cfg.terms).choice.domains.sizes
     else:
         best = min(request.candidates(),
                    key=lambda s: (evaluate(request.with_sizes(s).schedule(w), net, cfg.terms).iteration_s,
                                   math.prod(s)))
-    return Strategy(text, dataclasses.replace(template, domain_sizes=tuple(best)))
+    return Strategy(text, request.with_sizes(best))
 
 
 def fold_for(cfg: Config, w: Workload) -> bool:

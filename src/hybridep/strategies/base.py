@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hybridep.topology import Domains, Topology
+
+if TYPE_CHECKING:
+    from hybridep.config import Config
+    from hybridep.costmodel import Workload
+    from hybridep.schedule import Schedule
 
 
 class StrategyError(ValueError):
@@ -17,11 +22,27 @@ class StrategySpec(Protocol):
     """A family's parameters. Frozen; ``str(spec)`` is the one name of the strategy."""
 
     family: str
+    is_ep: bool
+    """Plain expert parallelism (the baseline every report compares with)."""
+    compressed: bool
+    """Lossy (compressed transfers): not checked for exactness, not the planner's uncompressed pick."""
 
     def __str__(self) -> str: ...
 
     def domains(self) -> Domains:
         """The partition of the ranks into expert domains and rails that this strategy runs on."""
+        ...
+
+    def workload(self, cfg: Config, flops: float | None = None) -> Workload:
+        """The cost model's workload of ``cfg`` under this strategy."""
+        ...
+
+    def schedule(self, w: Workload) -> Schedule:
+        """One training iteration under workload ``w``, for the cost model and the simulator."""
+        ...
+
+    def runtime_kind(self) -> str:
+        """The dispatcher the runtime applies for it."""
         ...
 
     def to_dict(self) -> dict:
@@ -33,6 +54,18 @@ class Request(Protocol):
     """A partly given strategy (``simulate.strategies``): what is fixed, what a planner chooses."""
 
     text: str
+    template: StrategySpec
+    """The strategy with every parameter given but the partition."""
+    planner: bool
+    """The planner's choice of partition."""
+
+    def candidates(self) -> list[tuple[int, ...]]:
+        """The partitions that fit what was given."""
+        ...
+
+    def with_sizes(self, sizes: tuple[int, ...]) -> StrategySpec:
+        """The strategy on one of :meth:`candidates`."""
+        ...
 
 
 class _Family(Protocol):
