@@ -96,7 +96,7 @@ def run_point(cfg: Config, flops: float | None, net: Network | None = None,
         pred = evaluate(schedule, net, cfg.terms)
         points.append({
             "dcs": topo.counts[0], "bandwidth_bps": net.port_bytes_per_s[0] * 8, "strategy": s.name,
-            "spec": s.text, "domain_sizes": dict(zip(topo.names, s.spec.domain_sizes, strict=True)), "p": dom.p,
+            "spec": s.text, "domain_sizes": dict(zip(topo.names, dom.sizes, strict=True)), "p": dom.p,
             "iteration_s": res.iteration_s,
             "model_iteration_s": pred.iteration_s,
             "lower_bound_s": lower_bound(schedule, net, cfg.terms, pred),
