@@ -465,136 +465,198 @@ def _stages_total(s: Schedule, stages: tuple[Stage, ...]) -> list[float]:
     return total
 
 
-def evaluate(s: Schedule, net: Network, terms: CostTerms) -> Prediction:
-    """The cost model of one iteration schedule (:class:`~hybridep.schedule.Schedule`): streams,
-    alpha-beta per level, port sharing -- for any strategy family."""
-    L = s.topology.num_levels
-    cache: dict[int, tuple[float, list[float], list[float]]] = {}  # layers often share one exchange
-    phases = []
-    for ex in s.exchanges:
-        if id(ex) not in cache:
-            cache[id(ex)] = _a2a_phase(ex, net, terms)
-        phases.append(cache[id(ex)])
-    a2a = [t for t, _, _ in phases]  # one dispatch A2A of each layer (seconds)
-    a2a_busy = [busy for _, _, busy in phases]  # its busiest port's seconds per level
-    # --- one layer's gather (and its mirror, the gradient reduce-scatter): stages one after the other
-    ag_busy, rs_busy = _stages_busy(s, s.gather, net), _stages_busy(s, s.reduce_scatter, net)
-    ag_total, rs_total = _stages_total(s, s.gather), _stages_total(s, s.reduce_scatter)
-    ag_t, rs_t = _stages_time(s, s.gather, net, terms), _stages_time(s, s.reduce_scatter, net, terms)
+@dataclass
+class _Streams:
+    """What :func:`evaluate` knows of one schedule on one network: the per-layer exchange phases,
+    the gather and reduce-scatter chains, the compute; and the rules for overlapped transfers."""
 
-    def beside(left: list[float], phase: list[float]) -> tuple[float, list[float]]:
+    s: Schedule
+    net: Network
+    terms: CostTerms
+    phases: list[tuple[float, list[float], list[float]]]
+    """Per layer: one dispatch's (seconds, cluster-wide bytes per level, busiest port's seconds per level)."""
+    e: list[float]
+    """Per layer: the busiest rank's forward expert compute (seconds)."""
+
+    @classmethod
+    def of(cls, s: Schedule, net: Network, terms: CostTerms) -> _Streams:
+        cache: dict[int, tuple[float, list[float], list[float]]] = {}  # layers often share one exchange
+        for ex in s.exchanges:
+            if id(ex) not in cache:
+                cache[id(ex)] = _a2a_phase(ex, net, terms)
+        return cls(s, net, terms, [cache[id(ex)] for ex in s.exchanges], _expert_s(s, terms))
+
+    @property
+    def a2a(self) -> list[float]:
+        """One dispatch of each layer (seconds)."""
+        return [t for t, _, _ in self.phases]
+
+    @property
+    def a2a_busy(self) -> list[list[float]]:
+        """Per layer and level: seconds one dispatch keeps the busiest port busy."""
+        return [busy for _, _, busy in self.phases]
+
+    @property
+    def chunks(self) -> int:
+        return self.s.exchanges[0].chunks if self.s.exchanges else 1
+
+    @property
+    def pf(self) -> float:
+        """Forward before the dispatch: the pre-expert compute, then the row counts go out."""
+        return self.s.pre_expert_s + count_exchange_s(self.s.counts, self.net, self.terms)
+
+    def exchange(self, a: float, x: float) -> float:
+        """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
+        one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
+        c = self.chunks
+        return 2 * a + x if c == 1 else max(2 * a + x / c, x + 2 * a / c)
+
+    def beside(self, left: list[float], phase: list[float]) -> tuple[float, list[float]]:
         """An all-to-all phase keeping each level's busiest port busy ``phase[lv]`` seconds alone,
         issued while a gather or reduce-scatter still has ``left[lv]`` seconds of bytes there: a
         shared port serves both alike (max-min fair), so both take m = min(phase, left) longer on
         the worst level (``terms.port_sharing``, unchunked exchanges). Returns (m, what is left)."""
-        if not terms.port_sharing or chunks > 1:
+        if not self.terms.port_sharing or self.chunks > 1:
             return 0.0, left
         m = max([min(ph, lf) for ph, lf in zip(phase, left, strict=True)] + [0.0])
         return m, [max(0.0, lf - ph) for ph, lf in zip(phase, left, strict=True)]
 
-    def alone(left: list[float], seconds: float) -> list[float]:
-        """What a gather or reduce-scatter has left after ``seconds`` with its ports to itself."""
-        return [max(0.0, lf - seconds) for lf in left]
+
+def _alone(left: list[float], seconds: float) -> list[float]:
+    """What a gather or reduce-scatter has left after ``seconds`` with its ports to itself."""
+    return [max(0.0, lf - seconds) for lf in left]
 
 
-    # --- compute per layer and micro-batch (the first micro-batch also encodes and decodes) ---
-    pe = s.pre_expert_s
-    codec = s.codec_s
-    e = _expert_s(s, terms)
-    mb, layers = s.micro_batches, s.layers
+def _forward(st: _Streams, ag_t: float, ag_busy: list[float]) -> tuple[float, list[float]]:
+    """(seconds of the forward pass, one layer's forward with nothing exposed, per layer). With
+    ``overlap``: two streams, the runtime's prefetch chain -- layer 0's gather is issued at the start
+    of the iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
+    experts wait for its gather. The all-to-alls issued while a gather is in flight -- layer l's
+    combine and layer l+1's dispatch -- share the ports it uses (see :meth:`_Streams.beside`).
+    Without: the paper's max(Lat_PE, Lat_AG) + 2 Lat_A2A per layer."""
+    s, pf, a2a, a2a_busy, codec = st.s, st.pf, st.a2a, st.a2a_busy, st.s.codec_s
+    steps = [pf + st.exchange(a, x) for a, x in zip(a2a, st.e, strict=True)]
+    rest = (s.micro_batches - 1) * sum(steps)  # the later micro-batches: their gathers are in
+    if not st.terms.overlap:
+        return sum(max(pf, ag_t) + codec + st.exchange(a, x) for a, x in zip(a2a, st.e, strict=True)) + rest, steps
+    slow_d, left = st.beside(_alone(ag_busy, pf), a2a_busy[0])
+    t_c, ag_start, yielded = 0.0, 0.0, slow_d
+    for i, (a, x) in enumerate(zip(a2a, st.e, strict=True)):
+        taken = a if st.chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
+        ag_start = max(t_c + pf + taken + slow_d, ag_start + ag_t + yielded)  # = next gather issued
+        slow_c, left = st.beside(_alone(ag_busy, codec + x), a2a_busy[i])
+        slow_d = 0.0
+        if i + 1 < s.layers:
+            slow_d, left = st.beside(_alone(left, a - max(a2a_busy[i]) + pf), a2a_busy[i + 1])
+        yielded = slow_c + slow_d
+        t_c = ag_start + codec + st.exchange(a, x) - taken + slow_c
+    return t_c + rest, steps
 
-    chunks = s.exchanges[0].chunks if s.exchanges else 1
 
-    def exchange(a: float, x: float) -> float:
-        """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
-        one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
-        return 2 * a + x if chunks == 1 else max(2 * a + x / chunks, x + 2 * a / chunks)
+@dataclass
+class _Backward:
+    """The backward pass as :func:`_backward` prices it (seconds)."""
 
-    pf = pe + count_exchange_s(s.counts, net, terms)  # forward: the row counts go out before the dispatch
-    steps = [pf + exchange(a, x) for a, x in zip(a2a, e, strict=True)]  # a layer with nothing exposed
-    if terms.overlap:
-        # two streams, the runtime's prefetch chain: layer 0's gather is issued at the start of the
-        # iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
-        # experts wait for its gather. The all-to-alls issued while a gather is in flight -- layer
-        # l's combine and layer l+1's dispatch -- share the ports it uses (see ``beside``)
-        slow_d, left = beside(alone(ag_busy, pf), a2a_busy[0])
-        t_c, ag_start, yielded = 0.0, 0.0, slow_d
-        for i, (a, x) in enumerate(zip(a2a, e, strict=True)):
-            taken = a if chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
-            ag_start = max(t_c + pf + taken + slow_d, ag_start + ag_t + yielded)  # = next gather issued
-            slow_c, left = beside(alone(ag_busy, codec + x), a2a_busy[i])
-            slow_d = 0.0
-            if i + 1 < layers:
-                slow_d, left = beside(alone(left, a - max(a2a_busy[i]) + pf), a2a_busy[i + 1])
-            yielded = slow_c + slow_d
-            t_c = ag_start + codec + exchange(a, x) - taken + slow_c
-        fwd = t_c + (mb - 1) * sum(steps)
-    else:  # the paper: per layer max(Lat_PE, Lat_AG) + 2 Lat_A2A
-        fwd = sum(max(pf, ag_t) + codec + exchange(a, x) for a, x in zip(a2a, e, strict=True)) + (mb - 1) * sum(steps)
-    iteration = fwd
-    compute = mb * sum(pe + x for x in e) + layers * codec
-    a2a_sum = mb * 2 * sum(a2a)
-    exposed_ag = fwd - mb * sum(steps) - layers * codec
-    exposed_rs = 0.0
-    grad_sync = exposed_gs = 0.0
-    if terms.backward:
-        factor, extra = s.backward_factor, s.backward_extra_s
-        bwd_steps = [exchange(a, factor * x + extra) + 2 * pe for a, x in zip(a2a, e, strict=True)]
-        bwd_compute = mb * sum(2 * pe + factor * x + extra for x in e)
-        if terms.overlap:
-            # the last micro-batch's reduce-scatters start as each layer's expert backward ends and
-            # run one after the other while the earlier layers' backward goes on; the next layer's
-            # two backward all-to-alls share the ports of the one in flight (see ``beside``)
-            t, rs_free, issued = 0.0, 0.0, None
-            for i in reversed(range(layers)):
-                x = factor * e[i] + extra
-                if issued is not None:  # the layer above's pre-expert backward, then this layer's two
-                    # exchanges beside the reduce-scatter issued after the layer above
-                    m1, left = beside(alone(rs_busy, max(0.0, t + 2 * pe - issued)), a2a_busy[i])
-                    m2, _ = beside(alone(left, a2a[i] - max(a2a_busy[i]) + x), a2a_busy[i])
-                    rs_free += m1 + m2
-                    t += 2 * pe + m1 + m2
-                t += exchange(a2a[i], x)
-                issued = max(t, rs_free)
-                rs_free = issued + rs_t
-            t += 2 * pe
-            last_start = (mb - 1) * sum(bwd_steps)  # the last micro-batch's backward starts
-            stream_end = last_start + t  # the compute stream's backward ends (reduce-scatters may go on)
-            bwd = last_start + max(t, rs_free)
-        else:
-            bwd = sum(mb * b - 2 * pe + max(2 * pe, rs_t) for b in bwd_steps)
-        exposed_rs = bwd - mb * sum(bwd_steps)
-        iteration += bwd
-        compute += bwd_compute
-        a2a_sum *= 2
-        if terms.grad_sync and s.dense_grad_bytes > 0 and s.world_size > 1:
-            g, dense = s.world_size, s.dense_grad_bytes
-            last = ddp_last_bucket_bytes(dense)
-            grad_sync = ring_allreduce_s(dense, g, net, terms.latency)
-            early = ring_allreduce_s(dense - last, g, net, terms.latency)
-            if terms.overlap:
-                # DDP: the earlier buckets go out as the last micro-batch's backward starts, the last
-                # one when the compute stream's backward ends -- beside the reduce-scatters' tail
-                # and beside the backward's exchanges on the ring's slowest port: both take m longer
-                ring_lv = min(range(L), key=lambda lv: net.port_bytes_per_s[lv])
-                ring_busy = ring_allreduce_s(dense - last, g, net, latency=False)  # its bytes on that port
-                bwd_busy = 2 * sum(ph[ring_lv] for ph in a2a_busy) + layers * rs_busy[ring_lv]  # last micro-batch
-                m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
-                synced = max(stream_end + m, last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
-                exposed_gs = max(0.0, synced - bwd)
-            else:  # the earlier buckets overlap the backward compute; the last one follows it
-                exposed_gs = max(0.0, early - bwd_compute) + ring_allreduce_s(last, g, net, terms.latency)
-            iteration += exposed_gs
-        iteration += s.optimizer_s
-        compute += s.optimizer_s
+    seconds: float
+    steps: list[float]
+    """One layer's backward with nothing exposed, per layer."""
+    compute: float
+    last_start: float
+    """When the last micro-batch's backward starts."""
+    stream_end: float
+    """When the compute stream's backward ends (reduce-scatters may go on)."""
 
-    directions = 4 if terms.backward else 2  # dispatch + combine (+ their backward)
-    by_level = {}
+
+def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
+    """The backward pass: every layer's exchange with ``backward_factor`` times the expert compute,
+    then twice the pre-expert compute. With ``overlap`` the last micro-batch's reduce-scatters start
+    as each layer's expert backward ends and run one after the other while the earlier layers'
+    backward goes on; the next layer's two backward all-to-alls share the ports of the one in
+    flight. Without: each layer's reduce-scatter overlaps only its own pre-expert backward."""
+    s, pe, a2a, a2a_busy = st.s, st.s.pre_expert_s, st.a2a, st.a2a_busy
+    factor, extra = s.backward_factor, s.backward_extra_s
+    steps = [st.exchange(a, factor * x + extra) + 2 * pe for a, x in zip(a2a, st.e, strict=True)]
+    compute = s.micro_batches * sum(2 * pe + factor * x + extra for x in st.e)
+    last_start = (s.micro_batches - 1) * sum(steps)
+    if not st.terms.overlap:
+        seconds = sum(s.micro_batches * b - 2 * pe + max(2 * pe, rs_t) for b in steps)
+        return _Backward(seconds, steps, compute, last_start, seconds)
+    t, rs_free, issued = 0.0, 0.0, None
+    for i in reversed(range(s.layers)):
+        x = factor * st.e[i] + extra
+        if issued is not None:  # the layer above's pre-expert backward, then this layer's two
+            # exchanges beside the reduce-scatter issued after the layer above
+            m1, left = st.beside(_alone(rs_busy, max(0.0, t + 2 * pe - issued)), a2a_busy[i])
+            m2, _ = st.beside(_alone(left, a2a[i] - max(a2a_busy[i]) + x), a2a_busy[i])
+            rs_free += m1 + m2
+            t += 2 * pe + m1 + m2
+        t += st.exchange(a2a[i], x)
+        issued = max(t, rs_free)
+        rs_free = issued + rs_t
+    t += 2 * pe
+    return _Backward(last_start + max(t, rs_free), steps, compute, last_start, last_start + t)
+
+
+def _dense_sync(st: _Streams, bwd: _Backward, rs_busy: list[float]) -> tuple[float, float]:
+    """(seconds of the dense gradients' ring all-reduce, seconds of it exposed after the backward).
+    DDP: the earlier buckets go out as the last micro-batch's backward starts, the last one when the
+    compute stream's backward ends -- beside the reduce-scatters' tail and beside the backward's
+    exchanges on the ring's slowest port: both take m longer. Without ``overlap`` the earlier
+    buckets overlap the backward compute and the last one follows it."""
+    s, net, terms = st.s, st.net, st.terms
+    if not terms.grad_sync or s.dense_grad_bytes <= 0 or s.world_size <= 1:
+        return 0.0, 0.0
+    g, dense = s.world_size, s.dense_grad_bytes
+    last = ddp_last_bucket_bytes(dense)
+    total = ring_allreduce_s(dense, g, net, terms.latency)
+    early = ring_allreduce_s(dense - last, g, net, terms.latency)
+    if not terms.overlap:
+        return total, max(0.0, early - bwd.compute) + ring_allreduce_s(last, g, net, terms.latency)
+    ring_lv = min(range(s.topology.num_levels), key=lambda lv: net.port_bytes_per_s[lv])
+    ring_busy = ring_allreduce_s(dense - last, g, net, latency=False)  # its bytes on that port
+    bwd_busy = 2 * sum(ph[ring_lv] for ph in st.a2a_busy) + s.layers * rs_busy[ring_lv]  # last micro-batch
+    m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
+    synced = max(bwd.stream_end + m, bwd.last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
+    return total, max(0.0, synced - bwd.seconds)
+
+
+def _bytes_by_level(st: _Streams, ag_total: list[float], rs_total: list[float]) -> dict[str, dict[str, float]]:
+    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total}}."""
+    s, backward = st.s, st.terms.backward
+    directions = 4 if backward else 2  # dispatch + combine (+ their backward)
+    out = {}
     for lv, name in enumerate(s.topology.names):
-        a2a_b = sum(tot[lv] for _, tot, _ in phases) * directions * mb
-        ag_b = ag_total[lv] * layers
-        rs_b = rs_total[lv] * layers if terms.backward else 0.0
-        by_level[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
+        a2a_b = sum(tot[lv] for _, tot, _ in st.phases) * directions * s.micro_batches
+        ag_b = ag_total[lv] * s.layers
+        rs_b = rs_total[lv] * s.layers if backward else 0.0
+        out[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
+    return out
+
+
+def evaluate(s: Schedule, net: Network, terms: CostTerms) -> Prediction:
+    """The cost model of one iteration schedule (:class:`~hybridep.schedule.Schedule`): streams,
+    alpha-beta per level, port sharing -- for any strategy family."""
+    st = _Streams.of(s, net, terms)
+    ag_t, rs_t = _stages_time(s, s.gather, net, terms), _stages_time(s, s.reduce_scatter, net, terms)
+    ag_busy, rs_busy = _stages_busy(s, s.gather, net), _stages_busy(s, s.reduce_scatter, net)
+    mb, layers, codec = s.micro_batches, s.layers, s.codec_s
+    fwd, steps = _forward(st, ag_t, ag_busy)
+    iteration = fwd
+    compute = mb * sum(s.pre_expert_s + x for x in st.e) + layers * codec
+    a2a_sum = mb * 2 * sum(st.a2a)
+    exposed_ag = fwd - mb * sum(steps) - layers * codec
+    exposed_rs = grad_sync = exposed_gs = 0.0
+    if terms.backward:
+        bwd = _backward(st, rs_t, rs_busy)
+        exposed_rs = bwd.seconds - mb * sum(bwd.steps)
+        grad_sync, exposed_gs = _dense_sync(st, bwd, rs_busy)
+        iteration += bwd.seconds
+        iteration += exposed_gs
+        iteration += s.optimizer_s
+        compute += bwd.compute
+        compute += s.optimizer_s
+        a2a_sum *= 2
+    by_level = _bytes_by_level(st, _stages_total(s, s.gather), _stages_total(s, s.reduce_scatter))
     port_bound = _port_bound(s.topology, by_level, net)
     if terms.port_sharing:
         iteration = max(iteration, port_bound)
@@ -602,7 +664,7 @@ def evaluate(s: Schedule, net: Network, terms: CostTerms) -> Prediction:
         domain_sizes=(), iteration_s=iteration, compute_s=compute, a2a_s=a2a_sum,
         ag_s=layers * ag_t, rs_s=layers * rs_t if terms.backward else 0.0, grad_sync_s=grad_sync,
         exposed_ag_s=exposed_ag, exposed_rs_s=exposed_rs, exposed_grad_sync_s=exposed_gs,
-        a2a_phase_s=sum(a2a) / layers, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
+        a2a_phase_s=sum(st.a2a) / layers, ag_phase_s=ag_t, port_bound_s=port_bound, bytes_by_level=by_level)
 
 
 def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Prediction | None = None) -> float:
