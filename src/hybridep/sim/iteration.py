@@ -435,120 +435,123 @@ class IterationSim:
     def run(self) -> SimResult:
         """Simulate one iteration and return its timeline."""
         s = self.s
-        layers, mb = s.layers, s.micro_batches
         self.ag_done: dict[int, float] = {}
         self.waiting: dict[int, list] = {}
-        gathers = bool(s.gather)
-        codec = s.codec_s
-        counts = count_exchange_s(s.counts, self.net, self.terms)  # before every forward dispatch
-        redo = s.backward_extra_s
-        last_bucket = ddp_last_bucket_bytes(s.dense_grad_bytes)
-        end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
-        rs_queue: list[int] = []
+        self._gathers = bool(s.gather)
+        self._counts_s = count_exchange_s(s.counts, self.net, self.terms)  # before every forward dispatch
+        self._last_bucket = ddp_last_bucket_bytes(s.dense_grad_bytes)
+        self._end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
+        self._rs_queue: list[int] = []
+        self._rs_on = False
+        self._taken: set[int] = set()
+        self._chained: set[int] = set()
         # the buckets' all-reduces run one after the other on their process group: the last one once
         # the backward has ended and the earlier ones are through
-        last_waits = {"ready"} | ({"early"} if s.dense_grad_bytes - last_bucket > 0 else set())
-
-        def sync_last(event: str) -> None:
-            last_waits.discard(event)
-            if not last_waits:
-                self._grad_sync(last_bucket, lambda t: end.__setitem__("gs", t))
-
-        def early_synced(t: float) -> None:
-            end["gs0"] = t
-            sync_last("early")
-
-        rs_busy = {"on": False}
-
-        taken: set[int] = set()
-
-        def gather(layer: int) -> None:
-            def done(t: float) -> None:
-                self._gather_done(layer, t)
-                if layer in taken:
-                    chain(layer)
-            self._staged("ag", s.gather, f"gather L{layer}", done)
-
-        chained: set[int] = set()
-
-        def chain(layer: int) -> None:
-            """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather
-            (once: every rank that launches the layer's experts reports it)."""
-            if self.terms.overlap and layer + 1 < layers and layer not in chained:
-                chained.add(layer)
-                gather(layer + 1)
-
-        def take(layer: int) -> None:
-            taken.add(layer)
-            if layer in self.ag_done:
-                chain(layer)
-
-        def next_rs() -> None:
-            if rs_busy["on"] or not rs_queue:
-                return
-            layer = rs_queue.pop(0)
-            rs_busy["on"] = True
-
-            def done(t: float) -> None:
-                rs_busy["on"] = False
-                end["rs"] = t
-                next_rs()
-
-            self._staged("rs", s.reduce_scatter, f"reduce-scatter L{layer}", done)
-
-        def forward(m: int, layer: int) -> None:
-            t0 = self.eng.now
-            if layer == layers and self.terms.backward:
-                return backward(m, layers - 1)
-            if layer == layers:
-                end["bwd"] = t0
-                return nxt(m)
-            if m == 0 and not self.terms.overlap and gathers:
-                gather(layer)
-            pre = s.pre_expert_s + (codec if m == 0 else 0.0)  # the first micro-batch also (en/de)codes
-            self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
-            self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + counts)
-            need = layer if gathers else None
-
-            on_launch = (lambda t: take(layer)) if m == 0 and self.terms.overlap and gathers else None
-            self.eng.at(t0 + pre + counts, lambda: self._moe_step(
-                layer, f"L{layer} mb{m}", 1.0, need, lambda t: forward(m, layer + 1), on_launch=on_launch))
-
-        def backward(m: int, layer: int) -> None:
-            t0 = self.eng.now
-            if layer < 0:
-                end["bwd"] = t0
-                if m == mb - 1 and self.terms.grad_sync:  # DDP's last bucket: ready when the backward ends
-                    sync_last("ready")
-                return nxt(m)
-            if m == mb - 1 and layer == layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
-                self._grad_sync(s.dense_grad_bytes - last_bucket, early_synced)
-
-            def experts_done(t: float) -> None:
-                if m == mb - 1 and gathers:
-                    self.eng.at(t, lambda: (rs_queue.append(layer), next_rs()))
-
-            def after(t: float) -> None:
-                span = 2 * s.pre_expert_s + redo  # (with recompute: the decode again)
-                self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
-                self.eng.at(t + span, lambda: backward(m, layer - 1))
-
-            self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done)
-
-        def nxt(m: int) -> None:
-            if m + 1 < mb:
-                forward(m + 1, 0)
-
-        if self.terms.overlap and gathers:
-            gather(0)
-        forward(0, 0)
+        self._last_waits = {"ready"} | ({"early"} if s.dense_grad_bytes - self._last_bucket > 0 else set())
+        if self.terms.overlap and self._gathers:
+            self._gather(0)
+        self._forward(0, 0)
         self.eng.run()
-        iteration = max(end.values())
+        iteration = max(self._end.values())
         if self.terms.backward and s.optimizer_s > 0:
             self._span("compute", "optimizer step", iteration, iteration + s.optimizer_s)
             iteration += s.optimizer_s
         return SimResult((), iteration, self.spans, self._bytes_by_level(), dict(self.eng.link_bytes),
                          self.eng.events, self.classes)
+
+    # ------------------------------------------------------------------ the forward and backward passes
+    def _forward(self, m: int, layer: int) -> None:
+        """Micro-batch ``m`` reaches MoE layer ``layer``: its pre-expert compute (the first micro-batch
+        also en/decodes), the row counts, then the layer's exchange; past the last layer, the backward."""
+        s, t0 = self.s, self.eng.now
+        if layer == s.layers and self.terms.backward:
+            return self._backward(m, s.layers - 1)
+        if layer == s.layers:
+            self._end["bwd"] = t0
+            return self._next_micro_batch(m)
+        if m == 0 and not self.terms.overlap and self._gathers:
+            self._gather(layer)
+        pre = s.pre_expert_s + (s.codec_s if m == 0 else 0.0)
+        self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
+        self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + self._counts_s)
+        need = layer if self._gathers else None
+        first = m == 0 and self.terms.overlap and self._gathers
+        on_launch = (lambda t: self._take(layer)) if first else None
+        self.eng.at(t0 + pre + self._counts_s, lambda: self._moe_step(
+            layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch))
+
+    def _backward(self, m: int, layer: int) -> None:
+        """Micro-batch ``m``'s backward reaches layer ``layer`` (last first): its exchange with the
+        backward's expert compute, then twice the pre-expert compute; the last micro-batch queues the
+        layer's reduce-scatter when its experts' backward ends and releases DDP's buckets."""
+        s, t0, last_mb = self.s, self.eng.now, m == self.s.micro_batches - 1
+        if layer < 0:
+            self._end["bwd"] = t0
+            if last_mb and self.terms.grad_sync:  # DDP's last bucket: ready when the backward ends
+                self._sync_last("ready")
+            return self._next_micro_batch(m)
+        if last_mb and layer == s.layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
+            self._grad_sync(s.dense_grad_bytes - self._last_bucket, self._early_synced)
+
+        def experts_done(t: float) -> None:
+            if last_mb and self._gathers:
+                self.eng.at(t, lambda: (self._rs_queue.append(layer), self._next_rs()))
+
+        def after(t: float) -> None:
+            span = 2 * s.pre_expert_s + s.backward_extra_s  # (with recompute: the decode again)
+            self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
+            self.eng.at(t + span, lambda: self._backward(m, layer - 1))
+
+        self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done)
+
+    def _next_micro_batch(self, m: int) -> None:
+        if m + 1 < self.s.micro_batches:
+            self._forward(m + 1, 0)
+
+    # ------------------------------------------------------------------ gathers and reduce-scatters
+    def _gather(self, layer: int) -> None:
+        """Issue layer ``layer``'s gather chain."""
+        def done(t: float) -> None:
+            self._gather_done(layer, t)
+            if layer in self._taken:
+                self._chain(layer)
+        self._staged("ag", self.s.gather, f"gather L{layer}", done)
+
+    def _chain(self, layer: int) -> None:
+        """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather (once:
+        every rank that launches the layer's experts reports it)."""
+        if self.terms.overlap and layer + 1 < self.s.layers and layer not in self._chained:
+            self._chained.add(layer)
+            self._gather(layer + 1)
+
+    def _take(self, layer: int) -> None:
+        self._taken.add(layer)
+        if layer in self.ag_done:
+            self._chain(layer)
+
+    def _next_rs(self) -> None:
+        """Start the next queued reduce-scatter chain unless one is in flight."""
+        if self._rs_on or not self._rs_queue:
+            return
+        layer = self._rs_queue.pop(0)
+        self._rs_on = True
+
+        def done(t: float) -> None:
+            self._rs_on = False
+            self._end["rs"] = t
+            self._next_rs()
+
+        self._staged("rs", self.s.reduce_scatter, f"reduce-scatter L{layer}", done)
+
+    # ------------------------------------------------------------------ DDP's buckets
+    def _sync_last(self, event: str) -> None:
+        self._last_waits.discard(event)
+        if not self._last_waits:
+            self._grad_sync(self._last_bucket, lambda t: self._end.__setitem__("gs", t))
+
+    def _early_synced(self, t: float) -> None:
+        self._end["gs0"] = t
+        self._sync_last("early")
 
     def _grad_sync(self, nbytes: float, then) -> None:
         """Ring all-reduce of ``nbytes`` of dense gradients: 2 (G-1)/G of them to the next rank."""
