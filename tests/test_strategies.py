@@ -132,3 +132,39 @@ def test_a_file_that_is_not_a_plan_is_refused(tmp_path):
             planned_spec(bad, Topology(("dc", "gpu"), (2, 2)))
     with pytest.raises(ConfigError, match="readable"):
         planned_spec(tmp_path / "missing.json", Topology(("dc", "gpu"), (2, 2)))
+
+
+def test_the_evaluators_know_no_family():
+    """The cost model, the schedule and the simulator import no strategy family and no partition:
+    what runs comes from a Schedule (a new family is its schedule, nothing in them)."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "hybridep"
+    for rel in ("costmodel.py", "schedule.py", "sim/iteration.py", "sim/fluid.py"):
+        tree = ast.parse((src / rel).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not any(m and m.startswith("hybridep.strategies") for m in imported), rel
+        assert "Domains" not in names, rel
+
+
+def test_one_schedule_puts_the_same_bytes_on_every_level_in_model_and_simulator():
+    """The cost model and the simulator read one Schedule: for every partition of 2 x 2 both move
+    the same all-to-all and gather bytes over every level."""
+    from hybridep.config import CostTerms
+    from hybridep.costmodel import Network, evaluate
+    from hybridep.sim.iteration import run_schedule
+
+    cfg = load_config(None, ["cost_model=paper"])
+    net = Network.from_config(cfg)
+    terms = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False,
+                      port_sharing=False, rail_interleave=False)
+    for sizes in cfg.topology.as_topology().feasible_domain_sizes():
+        spec = HybridEPSpec(cfg.topology.as_topology(), sizes)
+        schedule = spec.schedule(spec.workload(cfg))
+        model, sim = evaluate(schedule, net, terms), run_schedule(schedule, net, terms)
+        for level, ops in model.bytes_by_level.items():  # the same bytes on every level
+            for op in ("a2a", "ag"):
+                assert sim.bytes_by_level[level].get(op, 0.0) == pytest.approx(ops[op], rel=1e-9, abs=1e-6)
