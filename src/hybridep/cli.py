@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hybridep.config import Config, ConfigError, load_config
@@ -161,7 +162,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             results = run_local(verify_worker, world, worker_args, timeout_s=args.timeout,
                                 backend=args.backend)[0]
         except RankFailedError as err:
-            console.print(f"[red]verify failed:[/red] {err}", highlight=False)
+            console.print(f"[red]verify failed:[/red] {escape(str(err))}", highlight=False)
             return 1
     summary = summarize(results)
     table = Table(title="hybridep verify: distributed vs single-process reference")
@@ -216,7 +217,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         try:
             removed = netns.down()
         except netns.TestbedError as err:
-            console.print(f"[red]testbed down refused:[/red] {err}", highlight=False)
+            console.print(f"[red]testbed down refused:[/red] {escape(str(err))}", highlight=False)
             return 2
         console.print(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))
         return 0
@@ -234,7 +235,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     try:
         netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
     except netns.TestbedError as err:
-        console.print(f"[red]testbed up refused:[/red] {err}", highlight=False)
+        console.print(f"[red]testbed up refused:[/red] {escape(str(err))}", highlight=False)
         return 2
     console.print(f"testbed up: {len(netns.existing_namespaces())} namespaces; {LATENCY_NOTE}")
     rates = _probe_levels(cfg)
@@ -260,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         bench.lm_config(cfg)
     except bench.BenchError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 2
     _check_cores(cfg.topology.world_size, args, "topology.levels")
     planned_spec = _plan_spec(args, cfg)
@@ -301,16 +302,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
                 raw = bench.launch_ranks(cfg, spec, out, shaped, on_line)
     except TestbedError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 2
     except RankFailedError as err:
-        console.print(f"[red]bench failed:[/red] {err}", highlight=False)
+        console.print(f"[red]bench failed:[/red] {escape(str(err))}", highlight=False)
         return 1
     results, calibration = raw["results"], raw["calibration"]
     try:
         report = bench.analyse(cfg, results, rates, choice, calibration, from_plan=planned_spec is not None)
     except CalibrationError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         return 1
     report["calibration"] = calibration
     report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
@@ -427,6 +428,91 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the byte-level MoE language model under a plan (the planner's choice unless --plan)."""
+    import os
+
+    from hybridep.config import config_to_dict
+    from hybridep.launch import RankFailedError, init_from_torchrun, leave, run_local
+    from hybridep.plan import make_plan
+    from hybridep.trainer import global_batch_size, train
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.moe is None:
+        raise ConfigError([("moe", None, "model dimensions (train runs the language model of moe)")])
+    world = cfg.topology.world_size
+    if global_batch_size(cfg) % world:
+        raise ConfigError([("train.batch_size", global_batch_size(cfg), f"a multiple of the world size {world}")])
+    if args.data and not Path(args.data).exists():
+        raise ConfigError([("--data", args.data, "an existing text file or folder of text files")])
+    if args.resume:
+        from hybridep.checkpoint import CheckpointError, latest
+
+        try:
+            latest(args.resume)
+        except CheckpointError as err:
+            raise ConfigError([("--resume", args.resume, str(err))]) from None
+    spec = _plan_spec(args, cfg)
+    plan = make_plan(cfg, _flops(cfg))
+    document = plan.document if spec is None else _with_strategy(plan.document, spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(document, indent=2))
+    worker_args = (config_to_dict(cfg), document, str(out), args.resume, args.data)
+    in_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if in_torchrun:
+        import torch.distributed as dist
+
+        rank, _ = init_from_torchrun("nccl" if args.backend == "nccl" else "gloo", cfg.train.timeout_s)
+        summary = train(rank, world, *worker_args)
+        dist.barrier()  # leave together, the groups torn down (no gloo thread left at exit)
+        dist.destroy_process_group()
+        if rank != 0:
+            leave(0)
+    else:
+        _check_cores(world, args, "topology.levels")
+        console.print(f"train: {document['strategy']} on {world} local processes, {cfg.train.steps} steps; "
+                      f"out {out}")
+        try:
+            summary = run_local(train, world, worker_args, timeout_s=30 * 86400.0,
+                                collective_timeout_s=cfg.train.timeout_s)[0]
+        except RankFailedError as err:
+            console.print(f"[red]train failed:[/red] {escape(str(err))}", highlight=False)
+            return 1
+    losses = summary["losses"]
+    console.print(f"trained steps {summary['start_step']}..{summary['step']}: loss "
+                  f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; "
+                  f"metrics {out / 'metrics.jsonl'}, checkpoints {out / 'checkpoints'}")
+    _write_json(args.json, {"strategy": document["strategy"], "out": str(out), **summary})
+    if in_torchrun:
+        leave(0)
+    return 0
+
+
+def _with_strategy(document: dict, spec) -> dict:
+    """The plan document with ``spec`` as its strategy (a --plan file's choice over the planner's)."""
+    return {**document, "strategy": str(spec), "spec": spec.to_dict()}
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from hybridep.checkpoint import CheckpointError, inspect
+
+    try:
+        info = inspect(args.path)
+    except CheckpointError as err:
+        raise ConfigError([("DIR", args.path, str(err))]) from None
+    table = Table(title=f"checkpoint {info['checkpoint']}")
+    for col in ("tensor", "global shape"):
+        table.add_column(col)
+    for name, shape in info["tensors"].items():
+        table.add_row(name, "x".join(str(x) for x in shape) or "scalar")
+    console.print(table)
+    console.print(f"step {info.get('step')}, strategy {info.get('strategy')}, saved by {info.get('world_size')} "
+                  f"ranks, {fmt_bytes(info['bytes'])}")
+    _write_json(args.json, info)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -480,6 +566,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", metavar="BENCH_JSON", nargs="+",
                    help="compare with hybridep bench --json results (several: also over the repeated runs)")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train the byte-level MoE language model under a plan, with checkpoints")
+    _add_config_args(p)
+    p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (default: plan now)")
+    p.add_argument("--data", metavar="PATH", help="a text file or a folder of them (default: the shipped corpus)")
+    p.add_argument("--out", metavar="DIR", default="train-out", help="metrics, plan, checkpoints (default train-out)")
+    p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="under torchrun")
+    p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
+                   help="refuse to start more than F local ranks per core (default 4)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("checkpoint", help="inspect a checkpoint: hybridep checkpoint inspect DIR")
+    p.add_argument("action", choices=["inspect"])
+    p.add_argument("path", metavar="DIR")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    p.set_defaults(func=cmd_checkpoint)
     return parser
 
 
@@ -506,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False)
         return 2
     except Stopped as stop:
         name = signal.Signals(stop.signum).name

@@ -372,6 +372,36 @@ class BenchConfig(_Strict):
         return self
 
 
+class TrainConfig(_Strict):
+    """Settings of ``hybridep train`` (the model's dimensions come from ``moe``; the heads from
+    ``bench.heads``)."""
+
+    steps: _bounded(1, 10_000_000) = 200
+    batch_size: _bounded(1, 1_000_000) | None = None
+    """Sequences per step over all ranks (the global batch; each rank takes its share, so the run is
+    the same on any world size that divides it). None = ``moe.tokens_per_gpu / moe.seq_len`` per rank."""
+    lr: _real(0, 1e3, lo_open=True) = 1e-3
+    min_lr_ratio: _real(0, 1) = 0.1
+    """The cosine decays the learning rate to this share of ``lr`` at the last step."""
+    warmup_steps: _bounded(0, 10_000_000) = 10
+    weight_decay: _real(0, 10) = 0.0
+    grad_clip: _real(0, 1e6) = 1.0
+    """Clip the global gradient norm (experts of every rank included) to this; 0 = no clipping."""
+    seed: _bounded(0, 2**63 - 1) = 0
+    aux_loss_coef: _real(0, 1e3) = 0.01
+    """Weight of the routers' load-balancing loss in the training loss."""
+    eval_every: _bounded(0, 10_000_000) = 50
+    """Held-out loss every N steps (and at the end); 0 = never."""
+    eval_batches: _bounded(1, 1000) = 2
+    checkpoint_every: _bounded(0, 10_000_000) = 100
+    """Write a checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep: _bounded(1, 1000) = 3
+    """Checkpoints kept (the newest)."""
+    timeout_s: _real(0, 7 * 86400.0, lo_open=True) = 600.0
+    """Seconds a collective may wait before the run stops with the name of the rank it waited for."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+
+
 def _on_off(value: object) -> object:
     """YAML 1.1 reads ``on``/``off`` (and ``yes``/``no``) as booleans: take them back as the words."""
     if isinstance(value, bool):
@@ -401,6 +431,7 @@ class Config(_Strict):
     cost_terms: CostTerms = CostTerms()
     bench: BenchConfig = BenchConfig()
     simulate: SimulateConfig = SimulateConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

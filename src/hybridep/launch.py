@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import tempfile
@@ -63,8 +64,21 @@ def _entry(fn, rank, world, port, backend, timeout_s, args, out, progress_dir) -
 
 
 def secondary(msg: str) -> bool:
-    """Whether a rank's error is a consequence of another rank's (its collective broke, or it died)."""
-    return "CommunicationError" in msg or msg.startswith("died with exit code")
+    """Whether a rank's error is a consequence of another rank's: its collective broke (through the
+    communicator, or a peer's connection closed under a direct collective)."""
+    return "CommunicationError" in msg or "Connection closed by peer" in msg or "Connection reset by peer" in msg
+
+
+def died(exitcode: int | None) -> str:
+    """A rank's death with no report of its own: ``died with exit code N`` (and the signal's name)."""
+    if exitcode is not None and exitcode < 0:
+        return f"died with exit code {exitcode} (killed by {signal.Signals(-exitcode).name})"
+    return f"died with exit code {exitcode}"
+
+
+def _dead(procs: list, results: dict) -> list[int]:
+    """Ranks whose process ended with a non-zero code and no result."""
+    return [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
 
 
 def root_cause(errors: dict[int, str]) -> RankFailedError:
@@ -112,14 +126,13 @@ def _run_local(fn, world_size: int, args: tuple, timeout_s: float, backend: str,
     failure: RankFailedError | None = None
     finished = False
     try:
-        while len(results) < world_size and not errors:
+        dead: list[int] = []
+        while len(results) < world_size and not errors and not dead:
             try:
                 rank, ok, payload = out.get(timeout=0.2)
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    errors[dead[0]] = f"died with exit code {procs[dead[0]].exitcode}"
-                elif time.monotonic() > deadline:
+                dead = _dead(procs, results)
+                if not dead and time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in results]
                     failure = stalled_or(RankFailedError(f"local run timed out after {timeout_s:.0f} s; ranks "
                                                          f"{missing} did not finish"), progress_dir, world_size)
@@ -129,7 +142,7 @@ def _run_local(fn, world_size: int, args: tuple, timeout_s: float, backend: str,
                 results[rank] = payload
             else:
                 errors[rank] = payload
-        if errors:
+        if errors or dead:
             # collect the other ranks' reports for a moment: the root cause may arrive second
             grace = time.monotonic() + 3.0
             while time.monotonic() < grace and len(errors) + len(results) < world_size:
@@ -141,6 +154,8 @@ def _run_local(fn, world_size: int, args: tuple, timeout_s: float, backend: str,
                     results[rank] = payload
                 else:
                     errors[rank] = payload
+            for r in _dead(procs, results):  # died without a word (killed): that is the cause
+                errors.setdefault(r, died(procs[r].exitcode))
             failure = root_cause(errors)
             if all(secondary(msg) for msg in errors.values()):  # nobody failed on its own: who stalled?
                 failure = stalled_or(failure, progress_dir, world_size)

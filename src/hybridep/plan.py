@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from hybridep import __version__
-from hybridep.config import Config, ConfigError, config_to_dict
+from hybridep.config import Config, ConfigError, config_from_dict, config_to_dict
 from hybridep.strategies import StrategyError, StrategySpec, parse
 from hybridep.topology import Topology
 
@@ -86,3 +87,43 @@ def planned_spec(path: str | Path, topology: Topology) -> StrategySpec:
     except StrategyError as err:
         raise ConfigError([("--plan", str(path), str(err))]) from None
 
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan in memory: the strategy to run and the plan file's document (topology, model,
+    predicted breakdown). ``hybridep.plan(config)`` makes one, :meth:`save` writes the plan file,
+    :func:`load_plan` reads it back."""
+
+    spec: StrategySpec
+    document: dict
+
+    @property
+    def topology(self) -> Topology:
+        return self.spec.topology
+
+    def save(self, path: str | Path) -> None:
+        write_plan(path, self.document)
+
+    def config(self) -> Config:
+        """The configuration the plan was made for."""
+        return config_from_dict(self.document["config"])
+
+
+def make_plan(cfg: Config, flops: float | None = None) -> Plan:
+    """Plan ``cfg`` with the cost model: the fastest strategy and its plan document."""
+    from hybridep.planner import plan as run_planner
+
+    result = run_planner(cfg, flops)
+    return Plan(result.choice.spec, plan_document(cfg, result))
+
+
+def load_plan(path: str | Path, topology: Topology | None = None) -> Plan:
+    """The plan file at ``path`` (checked against ``topology`` when given; see :func:`planned_spec`)."""
+    doc = read_plan(path)
+    try:
+        levels = doc["topology"]["levels"]
+        own = Topology(tuple(str(lv["name"]) for lv in levels), tuple(int(lv["count"]) for lv in levels))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError([("--plan", str(path), f"a complete plan file (missing or bad {err})")]) from None
+    return Plan(planned_spec(path, topology or own), doc)
