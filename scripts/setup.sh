@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.hybridep-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet -e ".[dev,peers]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,peers,adapters]"
   touch "$stamp"
 fi

@@ -345,3 +345,46 @@ def nonfinite_step(rank, world, mode, bad_rank, bad_step):
         opt.step()
         assert all(torch.isfinite(p).all() for p in model.parameters())
     return skipped
+
+
+def mixtral_under_strategy(rank, world, names, counts, sizes):
+    """A transformers Mixtral block converted by the adapter and run under the partition ``sizes``
+    against the block itself on every rank's tokens: the largest relative error of outputs, input
+    gradients, router and expert gradients."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from hybridep.adapters.mixtral import convert
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=2 * world, num_experts_per_tok=2,
+                        router_jitter_noise=0.0)
+    block = MixtralSparseMoeBlock(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    xs = [torch.randn(1, 5 + r, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    ref_x = [x.clone().requires_grad_() for x in xs]
+    ref_y = [block(x) for x in ref_x]
+    (sum(y.square().sum() for y in ref_y) / world).backward()
+
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    moe = convert(block)
+    model = torch.nn.Sequential(moe)
+    parallelize(model, comm, Domains(topo, sizes))
+    ddp = data_parallel(model)
+    x = xs[rank].clone().requires_grad_()
+    y = ddp(x)
+    y.square().sum().backward()
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    n = 2
+    down = block.experts.down_proj.grad[rank * n:(rank + 1) * n].transpose(1, 2)
+    gate_up = block.experts.gate_up_proj.grad[rank * n:(rank + 1) * n]
+    errs = [rel(y.detach(), ref_y[rank].detach()), rel(x.grad / world, ref_x[rank].grad),
+            rel(moe.router.gate.weight.grad, block.gate.weight.grad), rel(moe.experts.w2.grad, down),
+            rel(moe.experts.w1.grad, gate_up[:, :24].transpose(1, 2)),
+            rel(moe.experts.w3.grad, gate_up[:, 24:].transpose(1, 2))]
+    return max(errs)

@@ -1,0 +1,1 @@
+"""Adapters between other libraries' MoE layers and :class:`hybridep.moe.MoE`."""
