@@ -18,7 +18,7 @@ from hybridep.moe import MoE
 def convert(block: nn.Module) -> MoE:
     """A :class:`MoE` computing what ``block`` (a ``MixtralSparseMoeBlock``) computes, with its weights
     copied (same dtype and device); the router's jitter noise, if any, is not carried over."""
-    experts, gate = block.experts, block.gate
+    experts = block.experts
     act = type(getattr(experts, "act_fn", nn.SiLU())).__name__
     if "silu" not in act.lower():
         raise ValueError(f"Mixtral experts with activation {act}: only SiLU (swiglu) "
