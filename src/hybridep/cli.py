@@ -469,6 +469,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if rank != 0:
             leave(0)
+    elif args.testbed == "on":
+        _check_cores(world, args, "topology.levels")
+        return _train_on_testbed(args, cfg, out)
     else:
         _check_cores(world, args, "topology.levels")
         console.print(f"train: {document['strategy']} on {world} local processes, {cfg.train.steps} steps; "
@@ -487,6 +490,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if in_torchrun:
         leave(0)
     return 0
+
+
+def _train_on_testbed(args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """``train --testbed on``: the same command once per rank inside the emulated WAN's namespaces
+    (each rank sees RANK, WORLD_SIZE, MASTER_ADDR as under torchrun), on the plan written to OUT."""
+    from hybridep import bench
+    from hybridep.launch import RankFailedError
+    from hybridep.testbed.launcher import launch
+    from hybridep.testbed.netns import TestbedError
+
+    argv = [sys.executable, "-m", "hybridep.cli", "train", "--out", str(out), "--plan", str(out / "plan.json")]
+    argv += ["--config", args.config] if args.config else []
+    argv += [x for o in args.overrides for x in ("--set", o)]
+    argv += (["--data", args.data] if args.data else []) + (["--resume", args.resume] if args.resume else [])
+    try:
+        with bench.testbed(cfg, "on"):
+            console.print(f"train on the testbed: {cfg.topology.world_size} ranks in their namespaces; {LATENCY_NOTE}")
+            launch(argv, cfg.topology.world_size, out / "logs", True, 30 * 86400.0, _echo_progress)
+    except TestbedError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        return 2
+    except RankFailedError as err:
+        console.print(f"[red]train failed:[/red] {escape(str(err))}", highlight=False)
+        return 1
+    _write_json(args.json, {"strategy": json.loads((out / "plan.json").read_text())["strategy"], "out": str(out)})
+    return 0
+
+
+def _echo_progress(line: str) -> None:
+    """Rank 0's progress lines, as the ranks print them."""
+    if line.startswith(("[train]", "trained")):
+        console.print(line, highlight=False)
 
 
 def _with_strategy(document: dict, spec) -> dict:
@@ -574,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="train-out", help="metrics, plan, checkpoints (default train-out)")
     p.add_argument("--resume", metavar="DIR", help="continue from the newest complete checkpoint in DIR")
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="under torchrun")
+    p.add_argument("--testbed", choices=["off", "on"], default="off",
+                   help="on: run the ranks in the emulated WAN's namespaces (root)")
     p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
                    help="refuse to start more than F local ranks per core (default 4)")
     p.set_defaults(func=cmd_train)
