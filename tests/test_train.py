@@ -149,3 +149,21 @@ def test_the_example_script_trains_a_users_model_with_the_public_api(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 4 and all(x == x for x in losses)
+
+
+def test_micro_batches_accumulate_to_the_same_step(straight, tmp_path):
+    """moe.micro_batches=2 splits every rank's batch in two and sums the gradients: the same losses
+    as the straight run (float64)."""
+    out = tmp_path / "mb"
+    assert main(["train", "--out", str(out), *_sets([*EXACT, "moe.micro_batches=2", "train.steps=3"])]) == 0
+    want, got = _losses(straight), _losses(out)
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+
+
+def test_bfloat16_trains_under_autocast(tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["train", "--out", str(out), *_sets([*SMALL, "moe.dtype=bfloat16", "train.steps=2",
+                                                       "train.checkpoint_every=0"])]) == 0
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2] and all(5.0 < x < 6.0 for x in losses.values())

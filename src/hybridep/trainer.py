@@ -96,12 +96,13 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
     out = Path(out_dir)
     corpus = load_corpus() if data is None else _corpus(data)
     torch.manual_seed(t.seed)
-    model = MoELM(model_config(cfg)).to(DTYPES[cfg.moe.dtype])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    model = MoELM(model_config(cfg)).to(DTYPES[cfg.moe.dtype]).to(device)
     par = parallelize(model, plan, timeout_s=t.timeout_s, config=cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     step = checkpoint.load(resume, par, opt) if resume else 0
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.moe.dtype == "bfloat16" else contextlib.nullcontext()
+    autocast = _autocast(cfg)
     tokens = global_batch_size(cfg) * cfg.moe.seq_len
     summary: dict = {"start_step": step, "losses": []}
     counted: dict[str, int] = {}
@@ -109,7 +110,7 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x, y = local_batch(corpus, cfg, step, rank, world)
+        x, y = (v.to(device) for v in local_batch(corpus, cfg, step, rank, world))
         loss = accumulate(par, x, y, cfg.moe.micro_batches, autocast)
         norm = clip_global_norm(par, t.grad_clip)
         where = nonfinite_where(loss, model)
@@ -143,6 +144,13 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
     return summary
 
 
+def _autocast(cfg: Config):
+    """bf16 autocast on the training device when ``moe.dtype`` is bfloat16 (reusable), else nothing."""
+    if cfg.moe.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
 def accumulate(par: Parallelized, x: torch.Tensor, y: torch.Tensor, micro_batches: int, autocast) -> torch.Tensor:
     """Forward and backward of the local batch in ``micro_batches`` pieces, gradients summed (DDP
     all-reduces once, after the last); returns the batch's mean loss."""
@@ -150,9 +158,9 @@ def accumulate(par: Parallelized, x: torch.Tensor, y: torch.Tensor, micro_batche
     total = 0.0
     for i, (xs, ys) in enumerate(pieces):
         sync = contextlib.nullcontext() if i == len(pieces) - 1 else par.module.no_sync()
-        with sync, autocast:
-            loss = par.module(xs, ys) * (len(xs) / len(x))
         with sync:
+            with autocast:
+                loss = par.module(xs, ys) * (len(xs) / len(x))
             loss.backward()
         total = total + loss.detach()
     return total
@@ -164,6 +172,8 @@ def evaluate(par: Parallelized, corpus: torch.Tensor, cfg: Config, rank: int, wo
     losses = []
     for i in range(cfg.train.eval_batches):
         x, y = local_batch(corpus, cfg, i, rank, world, split="val")
+        device = next(par.model.parameters()).device
+        x, y = x.to(device), y.to(device)
         losses.append(float(par.module(x, y)))
     return mean_over_ranks(sum(losses) / len(losses))
 
