@@ -295,10 +295,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
                 def on_line(line: str) -> None:
                     if line.startswith("[calibrate]"):
-                        progress.console.print(line, highlight=False)
+                        progress.console.print(line, highlight=False, markup=False)
                     if line.startswith("[bench]"):
                         progress.advance(task)
-                        progress.console.print(line, highlight=False)
+                        progress.console.print(line, highlight=False, markup=False)
 
                 raw = bench.launch_ranks(cfg, spec, out, shaped, on_line)
     except TestbedError as err:
@@ -521,7 +521,7 @@ def _train_on_testbed(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 def _echo_progress(line: str) -> None:
     """Rank 0's progress lines, as the ranks print them."""
     if line.startswith(("[train]", "trained")):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def _with_strategy(document: dict, spec) -> dict:
