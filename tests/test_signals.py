@@ -6,38 +6,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from procs import alive, descendants
 
 from hybridep.testbed import netns
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children of children too), from /proc."""
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(x) for x in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for k in kids:
-                if k not in out:
-                    out.add(k)
-                    todo.append(k)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in state
 
 
 def _wait_for(predicate, seconds: float) -> bool:
@@ -51,12 +26,12 @@ def _wait_for(predicate, seconds: float) -> bool:
 
 def _stop_and_check(proc: subprocess.Popen, sig: int) -> str:
     """Send ``sig`` once the command has ranks running; within 10 s: exit 128 + sig, no rank left."""
-    ranks = _descendants(proc.pid)
+    ranks = descendants(proc.pid)
     assert ranks, "the command had started no processes"
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 128 + sig, out[-2000:]
-    assert _wait_for(lambda: not any(_alive(p) for p in ranks), 10), [p for p in ranks if _alive(p)]
+    assert _wait_for(lambda: not any(alive(p) for p in ranks), 10), [p for p in ranks if alive(p)]
     assert "Traceback" not in out and f"stopped by {signal.Signals(sig).name}" in out
     return out
 
@@ -65,7 +40,7 @@ def _stop_and_check(proc: subprocess.Popen, sig: int) -> str:
 def test_signal_to_verify_stops_every_rank(sig):
     proc = subprocess.Popen([sys.executable, "-m", "hybridep.cli", "verify", "--world-size", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    assert _wait_for(lambda: len(_descendants(proc.pid)) >= 4, 60)
+    assert _wait_for(lambda: len(descendants(proc.pid)) >= 4, 60)
     time.sleep(2.0)  # the ranks are inside their cases
     _stop_and_check(proc, sig)
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import descendants
 
 from hybridep.checkpoint import CheckpointError, latest
 from hybridep.cli import main
@@ -88,20 +89,6 @@ def test_a_checkpoint_cut_mid_write_is_never_resumed_from(straight, tmp_path):
         latest(tmp_path / "nothing")
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(x) for x in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
 def test_a_killed_rank_stops_the_run_naming_it_and_resume_completes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hybridep.cli", "train", "--out", str(out),
@@ -110,7 +97,7 @@ def test_a_killed_rank_stops_the_run_naming_it_and_resume_completes(tmp_path):
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list((out / "checkpoints").glob("step_*[0-9]")):
         time.sleep(0.2)
-    ranks = [p for p in _descendants(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    ranks = [p for p in descendants(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
     assert len(ranks) == 4, "the run never reached its first checkpoint with 4 ranks"
     victim = sorted(ranks)[2]
     os.kill(victim, signal.SIGKILL)

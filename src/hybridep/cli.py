@@ -18,6 +18,12 @@ from hybridep.units import fmt_bandwidth, fmt_bytes, fmt_time
 console = Console() if sys.stdout.isatty() else Console(width=150)
 
 
+def _fail(err: Exception, code: int, what: str = "error") -> int:
+    """Print ``what: err`` (its text as text, not markup) and return the exit status ``code``."""
+    console.print(f"[red]{what}:[/red] {escape(str(err))}", highlight=False)
+    return code
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration (default: the embedded default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -162,8 +168,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             results = run_local(verify_worker, world, worker_args, timeout_s=args.timeout,
                                 backend=args.backend)[0]
         except RankFailedError as err:
-            console.print(f"[red]verify failed:[/red] {escape(str(err))}", highlight=False)
-            return 1
+            return _fail(err, 1, "verify failed")
     summary = summarize(results)
     table = Table(title="hybridep verify: distributed vs single-process reference")
     for col in ("strategy", "domain sizes", "dtype", "prefetch", "top-k", "tokens per rank", "capacity",
@@ -217,8 +222,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
         try:
             removed = netns.down()
         except netns.TestbedError as err:
-            console.print(f"[red]testbed down refused:[/red] {escape(str(err))}", highlight=False)
-            return 2
+            return _fail(err, 2, "testbed down refused")
         console.print(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))
         return 0
     if args.action == "status":
@@ -235,8 +239,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     try:
         netns.up(cfg.topology.as_topology(), tuple(lv.bandwidth_bps for lv in cfg.topology.levels))
     except netns.TestbedError as err:
-        console.print(f"[red]testbed up refused:[/red] {escape(str(err))}", highlight=False)
-        return 2
+        return _fail(err, 2, "testbed up refused")
     console.print(f"testbed up: {len(netns.existing_namespaces())} namespaces; {LATENCY_NOTE}")
     rates = _probe_levels(cfg)
     _write_json(args.json, {"levels": [lv.name for lv in cfg.topology.levels],
@@ -261,8 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         bench.lm_config(cfg)
     except bench.BenchError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 2
+        return _fail(err, 2, "error")
     _check_cores(cfg.topology.world_size, args, "topology.levels")
     planned_spec = _plan_spec(args, cfg)
     planned = plan(cfg, _flops(cfg))
@@ -302,17 +304,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
                 raw = bench.launch_ranks(cfg, spec, out, shaped, on_line)
     except TestbedError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 2
+        return _fail(err, 2, "error")
     except RankFailedError as err:
-        console.print(f"[red]bench failed:[/red] {escape(str(err))}", highlight=False)
-        return 1
+        return _fail(err, 1, "bench failed")
     results, calibration = raw["results"], raw["calibration"]
     try:
         report = bench.analyse(cfg, results, rates, choice, calibration, from_plan=planned_spec is not None)
     except CalibrationError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 1
+        return _fail(err, 1, "error")
     report["calibration"] = calibration
     report.update({"config": bench.config_for_report(cfg), "shaped": shaped, "probed_rates_bps": rates,
                    "notes": notes, "steps": steps, "plan": args.plan})
@@ -480,8 +479,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = run_local(train, world, worker_args, timeout_s=30 * 86400.0,
                                 collective_timeout_s=cfg.train.timeout_s)[0]
         except RankFailedError as err:
-            console.print(f"[red]train failed:[/red] {escape(str(err))}", highlight=False)
-            return 1
+            return _fail(err, 1, "train failed")
     losses = summary["losses"]
     console.print(f"trained steps {summary['start_step']}..{summary['step']}: loss "
                   f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; "
@@ -509,11 +507,9 @@ def _train_on_testbed(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             console.print(f"train on the testbed: {cfg.topology.world_size} ranks in their namespaces; {LATENCY_NOTE}")
             launch(argv, cfg.topology.world_size, out / "logs", True, 30 * 86400.0, _echo_progress)
     except TestbedError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
-        return 2
+        return _fail(err, 2, "error")
     except RankFailedError as err:
-        console.print(f"[red]train failed:[/red] {escape(str(err))}", highlight=False)
-        return 1
+        return _fail(err, 1, "train failed")
     _write_json(args.json, {"strategy": json.loads((out / "plan.json").read_text())["strategy"], "out": str(out)})
     return 0
 
@@ -646,8 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", markup=True, highlight=False)
-        return 2
+        return _fail(err, 2)
     except Stopped as stop:
         name = signal.Signals(stop.signum).name
         console.print(f"hybridep {args.command}: stopped by {name}; its ranks are stopped and what it brought up "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -102,10 +103,11 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     step = checkpoint.load(resume, par, opt) if resume else 0
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    report = Progress(step, t.steps) if rank == 0 else None
     autocast = _autocast(cfg)
     tokens = global_batch_size(cfg) * cfg.moe.seq_len
     summary: dict = {"start_step": step, "losses": []}
-    counted: dict[str, int] = {}
+    counted: dict[str, dict] = {}
     while step < t.steps:
         start = time.perf_counter()
         for group in opt.param_groups:
@@ -130,18 +132,52 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
             checkpoint.save(out / "checkpoints", step, par, opt, t.keep, {"config": config})
         summary["losses"].append(row["loss"])
         if metrics is not None:
-            now = dict(par.comm.traffic.bytes_by_level())  # this rank's, since the run started
-            row["bytes_by_level"] = {lv: b - counted.get(lv, 0) for lv, b in now.items()}
+            now = _counters(par)  # this rank's, since the run started
+            row.update({k: {n: v - counted.get(k, {}).get(n, 0) for n, v in d.items()} for k, d in now.items()})
             counted = now
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            print(f"[train] step {step}/{t.steps} loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tokens/s",
-                  flush=True)
+            report(step, t.steps, row)
     if metrics is not None:
         metrics.close()
+        report.close()
         plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     summary["step"] = step
     return summary
+
+
+class Progress:
+    """Rank 0's progress: a rich bar (loss, tokens/s, ETA) on a terminal, else one line per step
+    (``[train] step S/N loss L T tokens/s``, which the testbed launcher shows)."""
+
+    def __init__(self, start: int, steps: int):
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=steps, completed=start, info="")
+            self.bar.start()
+
+    def __call__(self, step: int, steps: int, row: dict) -> None:
+        info = f"loss {row['loss']:.4f} {row['tokens_per_s']:.0f} tokens/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            print(f"[train] step {step}/{steps} {info}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _counters(par: Parallelized) -> dict[str, dict]:
+    """This rank's communicator counters: bytes per level and per ``op/level``, seconds per op."""
+    tr = par.comm.traffic
+    return {"bytes_by_level": dict(tr.bytes_by_level()),
+            "bytes_by_op_level": {f"{op}/{lv}": b for (op, lv), b in tr.bytes_by_op_level.items()},
+            "seconds_by_op": dict(tr.seconds_by_op)}
 
 
 def _autocast(cfg: Config):
