@@ -71,6 +71,30 @@ def test_resume_under_another_plan_and_on_two_ranks_follows_the_straight_run(str
             assert abs(loss - want[step]) <= 1e-9 * abs(want[step]), (extra, step, loss, want[step])
 
 
+def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    """Rank 1 dies (SIGKILL) after writing its part of step 2's checkpoint, before it is complete:
+    the run stops naming rank 1, step 2's folder stays .partial, and a resumed run starts from
+    step 1's checkpoint and finishes."""
+    import workers
+
+    from hybridep.config import config_to_dict, load_config
+    from hybridep.launch import RankFailedError, run_local
+    from hybridep.plan import make_plan
+
+    cfg = load_config(None, [*SMALL, "train.steps=2", "train.checkpoint_every=1"])
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(RankFailedError, match="killed by SIGKILL") as err:
+        run_local(workers.killed_while_checkpointing, 4, (config_to_dict(cfg), make_plan(cfg).document, str(out)),
+                  timeout_s=240, collective_timeout_s=60)
+    assert err.value.rank == 1
+    assert (out / "checkpoints" / "step_00000002.partial").is_dir()
+    assert latest(out).name == "step_00000001"
+    resumed = tmp_path / "resumed"
+    assert main(["train", "--out", str(resumed), "--resume", str(out), *_sets([*SMALL, "train.steps=2"])]) == 0
+    assert sorted(_losses(resumed)) == [2] and latest(resumed).name == "step_00000002"
+
+
 def test_a_checkpoint_cut_mid_write_is_never_resumed_from(straight, tmp_path):
     """A half-written checkpoint (its ``.partial`` folder, files truncated) is skipped: the newest
     complete one loads and training continues from it."""

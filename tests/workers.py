@@ -388,3 +388,24 @@ def mixtral_under_strategy(rank, world, names, counts, sizes):
             rel(moe.experts.w1.grad, gate_up[:, :24].transpose(1, 2)),
             rel(moe.experts.w3.grad, gate_up[:, 24:].transpose(1, 2))]
     return max(errs)
+
+
+def killed_while_checkpointing(rank, world, config, plan_document, out_dir):
+    """Train 2 steps with a checkpoint at each; during step 2's checkpoint rank 1 is killed (SIGKILL)
+    right after writing its part, before the checkpoint is complete."""
+    import os
+    import signal
+
+    import torch.distributed.checkpoint as dcp
+
+    from hybridep import checkpoint, trainer
+
+    save = dcp.save
+
+    def save_then_die(state, checkpoint_id):
+        save(state, checkpoint_id=checkpoint_id)
+        if rank == 1 and checkpoint_id.endswith("step_00000002.partial"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.dcp.save = save_then_die
+    return trainer.train(rank, world, config, plan_document, out_dir)
