@@ -34,7 +34,6 @@ from hybridep.config import Config, load_config
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import ExpertParallelStyle, data_parallel, expert_param_names, prefetch_all
-from hybridep.parallel.strategy import parallelize as apply_domains
 from hybridep.plan import Plan, load_plan, make_plan
 
 __all__ = ["Parallelized", "init_distributed", "load_plan", "parallelize", "plan", "shutdown"]
@@ -122,6 +121,5 @@ def parallelize(model: nn.Module, plan: Plan, timeout_s: float = 600.0, config: 
         b = cfg.bench
         sr = SRSettings(spec.sr_ratio, b.sr_basis, cfg.moe.sr_values if cfg.moe else "float16", b.sr_decode,
                         spec.sr_grads)
-    chunks = spec.a2a_chunks if spec.a2a_chunks is not None else (cfg.moe.a2a_chunks if cfg.moe else 1)
-    styles = apply_domains(model, comm, spec.domains(), sr, chunks)
+    styles = spec.apply(model, comm, sr, cfg.moe.a2a_chunks if cfg.moe else 1)
     return Parallelized(data_parallel(model, comm), model, comm, plan, styles)

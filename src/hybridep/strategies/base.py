@@ -7,8 +7,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from hybridep.topology import Domains, Topology
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from hybridep.config import Config
     from hybridep.costmodel import Workload
+    from hybridep.migration.sr import SRSettings
+    from hybridep.parallel.comm import Communicator
     from hybridep.schedule import Schedule
 
 
@@ -43,6 +47,10 @@ class StrategySpec(Protocol):
 
     def runtime_kind(self) -> str:
         """The dispatcher the runtime applies for it."""
+        ...
+
+    def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
+        """Put this strategy's dispatcher on every MoE layer of ``model``; returns the dispatchers."""
         ...
 
     def to_dict(self) -> dict:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
+from torch import nn
 
 from hybridep import costmodel
 from hybridep.config import Config, CostTerms
@@ -42,6 +43,8 @@ from hybridep.costmodel import (
     optimizer_s,
     workload_from_config,
 )
+from hybridep.migration.sr import SRSettings
+from hybridep.parallel.comm import Communicator
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule, Stage
 from hybridep.sim.iteration import SimResult, run_schedule
 from hybridep.strategies.base import StrategyError
@@ -151,6 +154,15 @@ class HybridEPSpec:
     def schedule(self, w: Workload) -> Schedule:
         """One iteration of this strategy under workload ``w`` (made by :meth:`workload`)."""
         return build_schedule(self.domains(), w)
+
+    def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
+        """The runtime face: put this strategy's dispatcher on every MoE layer of ``model`` (experts
+        sharded by owner, the domain gathers and rail exchanges of :mod:`hybridep.parallel.strategy`);
+        ``sr``: the compression settings when :attr:`compressed`; ``a2a_chunks`` when not in the spec."""
+        from hybridep.parallel.strategy import parallelize
+
+        chunks = self.a2a_chunks if self.a2a_chunks is not None else a2a_chunks
+        return parallelize(model, comm, self.domains(), sr if self.compressed else None, chunks)
 
     def to_dict(self) -> dict:
         return {"family": self.family, "name": str(self),
