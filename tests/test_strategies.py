@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hybridep.bench import runs
 from hybridep.cli import main
 from hybridep.config import ConfigError, load_config
-from hybridep.plan import planned_spec
+from hybridep.planfile import planned_spec
 from hybridep.planner import plan
 from hybridep.strategies import HybridEPSpec, StrategyError, parse, parse_request
 from hybridep.topology import Topology, divisors

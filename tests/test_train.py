@@ -79,7 +79,7 @@ def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadab
 
     from hybridep.config import config_to_dict, load_config
     from hybridep.launch import RankFailedError, run_local
-    from hybridep.plan import make_plan
+    from hybridep.planfile import make_plan
 
     cfg = load_config(None, [*SMALL, "train.steps=2", "train.checkpoint_every=1"])
     out = tmp_path / "run"

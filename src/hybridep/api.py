@@ -34,7 +34,7 @@ from hybridep.config import Config, load_config
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import ExpertParallelStyle, data_parallel, expert_param_names, prefetch_all
-from hybridep.plan import Plan, load_plan, make_plan
+from hybridep.planfile import Plan, load_plan, make_plan
 
 __all__ = ["Parallelized", "init_distributed", "load_plan", "parallelize", "plan", "shutdown"]
 

@@ -49,7 +49,7 @@ def _flops(cfg: Config) -> float | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hybridep.plan import plan_document, write_plan
+    from hybridep.planfile import plan_document, write_plan
     from hybridep.planner import plan
 
     cfg = load_config(args.config, args.overrides)
@@ -109,7 +109,7 @@ def _plan_spec(args: argparse.Namespace, cfg: Config):
     """The strategy of ``--plan FILE`` checked against ``cfg``'s topology, or None without one."""
     if not getattr(args, "plan", None):
         return None
-    from hybridep.plan import planned_spec
+    from hybridep.planfile import planned_spec
 
     spec = planned_spec(args.plan, cfg.topology.as_topology())
     console.print(f"plan {args.plan}: {spec}")
@@ -433,7 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from hybridep.config import config_to_dict
     from hybridep.launch import RankFailedError, init_from_torchrun, leave, run_local
-    from hybridep.plan import make_plan
+    from hybridep.planfile import make_plan
     from hybridep.trainer import global_batch_size, train
 
     cfg = load_config(args.config, args.overrides)

@@ -29,7 +29,7 @@ from hybridep.config import Config, config_from_dict
 from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
 from hybridep.lm.train import NonFiniteError, nonfinite_where
-from hybridep.plan import Plan
+from hybridep.planfile import Plan
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32}
 """Parameter dtype per ``moe.dtype``; bfloat16 and float16 train in float32 under autocast."""
