@@ -168,3 +168,22 @@ def test_one_schedule_puts_the_same_bytes_on_every_level_in_model_and_simulator(
         for level, ops in model.bytes_by_level.items():  # the same bytes on every level
             for op in ("a2a", "ag"):
                 assert sim.bytes_by_level[level].get(op, 0.0) == pytest.approx(ops[op], rel=1e-9, abs=1e-6)
+
+
+def test_bench_and_verify_run_exactly_the_plan(tmp_path):
+    """The commands themselves, not only their run lists: bench --plan trains the compute-only
+    reference, ep and the planned strategy; verify --plan checks the planned partition only."""
+    small = ["moe.tokens_per_gpu=256", "moe.hidden=32", "moe.ffn=32", "bench.warmup=1"]
+    sets = [x for s in small for x in ("--set", s)]
+    path = _plan_file(tmp_path, *small)
+    planned = json.loads(path.read_text())["strategy"]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--plan", str(path), "--testbed", "off", "--steps", "2", "--out", str(tmp_path / "b"),
+                 "--json", str(out), *sets]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["strategies"]) == {"compute-only", "ep", planned} and report["plan"] == str(path)
+    out = tmp_path / "verify.json"
+    assert main(["verify", "--plan", str(path), "--dtypes", "float64", "--json", str(out), *sets]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    spec = planned_spec(path, load_config(None, small).topology.as_topology())
+    assert cases and {tuple(c["domain_sizes"].values()) for c in cases} == {spec.domain_sizes}
