@@ -178,3 +178,19 @@ def test_bfloat16_trains_under_autocast(tmp_path):
                                                        "train.checkpoint_every=0"])]) == 0
     losses = _losses(out)
     assert sorted(losses) == [1, 2] and all(5.0 < x < 6.0 for x in losses.values())
+
+
+def test_hierarchical_dense_sync_trains_the_same_run(straight, tmp_path):
+    out = tmp_path / "hier"
+    assert main(["train", "--out", str(out), *_sets([*EXACT, "dense_sync=hierarchical", "train.steps=3"])]) == 0
+    want = _losses(straight)
+    for step, loss in _losses(out).items():
+        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+
+
+def test_powersgd_dense_sync_trains(tmp_path):
+    out = tmp_path / "psgd"
+    assert main(["train", "--out", str(out), *_sets([*SMALL, "dense_sync=powersgd(rank=2,start=2)", "train.steps=5",
+                                                      "train.checkpoint_every=0"])]) == 0
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1]

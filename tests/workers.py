@@ -409,3 +409,30 @@ def killed_while_checkpointing(rank, world, config, plan_document, out_dir):
 
     checkpoint.dcp.save = save_then_die
     return trainer.train(rank, world, config, plan_document, out_dir)
+
+
+def dense_sync_modes(rank, world, names, counts):
+    """The dense gradients of a small model with a MoE layer after one backward, under ``ring`` and
+    ``hierarchical`` dense sync (one bucket per parameter: uneven sizes; rank 1 has no tokens):
+    (largest relative difference, the hierarchical run's counted dense bytes per level)."""
+    from hybridep.moe import MoE
+    from hybridep.parallel.dense_sync import DenseSync
+
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    grads, counted = {}, {}
+    for mode in ("ring", "hierarchical"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(7, 13), MoE(13, 11, 2 * world, 2), torch.nn.Linear(13, 5)).double()
+        parallelize(model, comm, Domains(topo, tuple(1 for _ in counts)))
+        comm.traffic.reset()
+        ddp = data_parallel(model, comm, DenseSync(mode), bucket_cap_mb=1e-6)
+        rows = 0 if rank == 1 else 3 + rank
+        x = torch.randn(rows, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+        y = ddp(x)
+        (y.square().sum() + 0.01 * model[1].aux_loss).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if "experts" not in n}
+        counted[mode] = comm.traffic.bytes_by_level(["dense"])
+    worst = max(float((grads["hierarchical"][n] - g).abs().max() / g.abs().max().clamp_min(1e-300))
+                for n, g in grads["ring"].items())
+    return worst, counted["hierarchical"]

@@ -33,6 +33,7 @@ from torch import nn
 from hybridep.config import Config, load_config
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
+from hybridep.parallel.dense_sync import parse_dense_sync
 from hybridep.parallel.strategy import ExpertParallelStyle, data_parallel, expert_param_names, prefetch_all
 from hybridep.planfile import Plan, load_plan, make_plan
 
@@ -122,4 +123,5 @@ def parallelize(model: nn.Module, plan: Plan, timeout_s: float = 600.0, config: 
         sr = SRSettings(spec.sr_ratio, b.sr_basis, cfg.moe.sr_values if cfg.moe else "float16", b.sr_decode,
                         spec.sr_grads)
     styles = spec.apply(model, comm, sr, cfg.moe.a2a_chunks if cfg.moe else 1)
-    return Parallelized(data_parallel(model, comm), model, comm, plan, styles)
+    ddp = data_parallel(model, comm, parse_dense_sync(cfg.dense_sync))
+    return Parallelized(ddp, model, comm, plan, styles)

@@ -96,7 +96,7 @@ def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int,
     (:func:`bench_strategies`), then the peers (none with a plan file)."""
     b = cfg.bench
     base = {"steps": steps, "warmup": min(b.warmup, steps - 1), "lr": b.lr, "seed": b.seed, "prefetch": b.prefetch,
-            "a2a_chunks": cfg.moe.a2a_chunks, "on_nonfinite": b.on_nonfinite}
+            "a2a_chunks": cfg.moe.a2a_chunks, "on_nonfinite": b.on_nonfinite, "dense_sync": cfg.dense_sync}
     # the compute-only reference calibrates every prediction: three times the timed steps
     reference = {**base, "steps": base["warmup"] + COMPUTE_ONLY_TIMED_FACTOR * (steps - base["warmup"])}
     out = [{"name": COMPUTE_ONLY, "strategy": "local", **reference}]

@@ -422,8 +422,21 @@ class SimulateConfig(_Strict):
     fold unless routing is skewed and the world has at most 32 ranks (``auto``)."""
 
 
+def _dense_sync(value: object) -> object:
+    """``dense_sync``: one of :data:`hybridep.parallel.dense_sync.MODES`, kept as its canonical name."""
+    from hybridep.parallel.dense_sync import parse_dense_sync
+
+    if not isinstance(value, str):
+        raise ValueError("a name: ring, hierarchical, powersgd(rank=R[,start=S])")
+    return str(parse_dense_sync(value))
+
+
 class Config(_Strict):
     cost_model: Literal["paper", "full"] = "full"
+    dense_sync: Annotated[str, BeforeValidator(_dense_sync)] = "ring"
+    """How the dense (non-expert) gradients are synchronised by ``bench`` and ``train``: ``ring``
+    (DDP's all-reduce), ``hierarchical`` (reduce-scatter in each DC, all-reduce across DCs,
+    all-gather in each DC) or ``powersgd(rank=R[,start=S])`` (lossy). The cost model prices ``ring``."""
     topology: TopologyConfig
     moe: MoEConfig | None = None
     workload: WorkloadConfig | None = None

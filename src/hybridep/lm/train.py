@@ -20,6 +20,7 @@ from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator, union_seconds
+from hybridep.parallel.dense_sync import parse_dense_sync
 from hybridep.parallel.strategy import data_parallel, expert_param_names, moe_layers, parallelize, prefetch_all
 from hybridep.topology import Domains
 
@@ -42,6 +43,8 @@ class RunSpec:
     a2a_chunks: int = 1
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
+    dense_sync: str = "ring"
+    """How DDP synchronises the dense gradients (:mod:`hybridep.parallel.dense_sync`)."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run with :class:`NonFiniteError`, or ``skip`` the
     step on every rank (no optimizer step) and count it (:attr:`RunResult.skipped_steps`)."""
@@ -135,7 +138,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks)
-    return data_parallel(model, comm), model, styles
+    return data_parallel(model, comm, parse_dense_sync(spec.dense_sync)), model, styles
 
 
 class NonFiniteError(RuntimeError):

@@ -193,6 +193,14 @@ class Communicator:
         self.progress = ProgressLog.from_environment(self.rank)
         """Where this rank is in its calls, for the launcher to name a stalled rank (see progress.py)."""
 
+    def sibling(self) -> Communicator:
+        """A communicator over the same ranks with process groups of its own, counting into the same
+        :attr:`traffic` and progress log: for collectives issued from another thread (DDP's hooks)
+        on the same rank sets as this one's, which must not share a gloo group with them."""
+        other = Communicator(self.topology, self.timeout.total_seconds(), self.a2a_impl)
+        other.traffic, other.progress = self.traffic, self.progress
+        return other
+
     # --- background chains ----------------------------------------------------------------
     def in_background(self, fn: Callable[[], object]) -> Future:
         """Run ``fn`` (blocking collectives on groups this thread leaves alone meanwhile) on the

@@ -35,6 +35,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, Permuted, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
+from hybridep.parallel.dense_sync import DenseSync, register
 from hybridep.parallel.functional import (
     AllToAll,
     ChunkPlan,
@@ -269,16 +270,21 @@ def expert_param_names(model: nn.Module) -> list[str]:
     return out
 
 
-def data_parallel(model: nn.Module, comm: Communicator | None = None) -> nn.Module:
+def data_parallel(model: nn.Module, comm: Communicator | None = None, dense_sync: DenseSync | None = None,
+                  bucket_cap_mb: float | None = None) -> nn.Module:
     """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy.
-    With ``comm``, DDP's gradient all-reduces (PyTorch's default hook) are timed as cross-DC
-    exchanges (:meth:`Communicator.note_outer_interval`): they cross the DC links too."""
+    ``dense_sync`` (default ``ring``) says how DDP's buckets are synchronised
+    (:mod:`hybridep.parallel.dense_sync`). With ``comm`` and ``ring``, DDP's gradient all-reduces
+    (PyTorch's default hook) are timed as cross-DC exchanges (:meth:`Communicator.note_outer_interval`):
+    they cross the DC links too."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-    ddp = DistributedDataParallel(model)
-    if comm is not None:
+    ddp = DistributedDataParallel(model, **({"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}))
+    if dense_sync is not None and dense_sync.mode != "ring":
+        register(ddp, dense_sync, comm)
+    elif comm is not None:
         world = list(range(comm.world_size))
 
         def timed_allreduce(state, bucket):
