@@ -56,3 +56,11 @@ def test_sigterm_to_bench_stops_every_rank_and_takes_the_testbed_down(tmp_path):
     assert netns.existing_namespaces()
     _stop_and_check(proc, signal.SIGTERM)
     assert netns.existing_namespaces() == []
+
+
+def test_sigterm_to_train_stops_every_rank(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "hybridep.cli", "train", "--out", str(tmp_path), "--set",
+                             "train.steps=1000", "--set", "moe.tokens_per_gpu=512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    assert _wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), 120), "the run never trained a step"
+    _stop_and_check(proc, signal.SIGTERM)
