@@ -55,6 +55,8 @@ def test_bench_smoke(tmp_path):
         # the testbed's own counters: full-domain HybridEP moves far fewer bytes across the DCs than EP
         assert strategies["hybridep(dc=2,gpu=2)"]["cross_dc_bytes"] < strategies["ep"]["cross_dc_bytes"] / 2
         assert strategies["ep"]["predicted_iter_s"] > 0
+    for name in ("ep", "hybridep(dc=2,gpu=2)"):  # DDP's dense-gradient all-reduce, counted apart (ring)
+        assert strategies[name]["dense_bytes_by_level"]["dc"] > 0
     cal = report["calibration"]
     assert cal["processors"] >= 1 and cal["optimizer_s_per_byte"] > 0 and cal["expert_weight_s_per_byte"] >= 0
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000

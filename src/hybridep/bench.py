@@ -184,6 +184,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
             breakdown = parts
         out[name] = {"median_iter_s": r["median_iter_s"], "p10_iter_s": r["p10_iter_s"], "p90_iter_s": r["p90_iter_s"],
                      "cross_dc_bytes": cross, "payload_bytes_by_level": r["payload_bytes_by_level"],
+                     "dense_bytes_by_level": r.get("dense_bytes_by_level"),
                      "cross_dc_comm_s": comm if name != COMPUTE_ONLY else None,
                      "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
                      "losses": r["losses"], "breakdown_s": breakdown,

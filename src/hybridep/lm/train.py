@@ -77,6 +77,8 @@ class RunResult:
     """Token copies routed to each expert (column) of each MoE layer (row) per timed iteration,
     all ranks together: the measured routing histogram."""
     optimizer_s: float = 0.0
+    dense_bytes_by_level: dict[str, float] = field(default_factory=dict)
+    """Bytes per timed iteration of the dense gradients' synchronisation (all ranks), per level."""
     skipped_steps: list[int] = field(default_factory=list)
     """Steps whose optimizer step was skipped for a non-finite loss or gradient (``on_nonfinite: skip``)."""
     """Median seconds of this rank's optimizer step over the timed iterations."""
@@ -96,7 +98,7 @@ class RunResult:
                 "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
                 "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens,
                 "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes,
-                "skipped_steps": self.skipped_steps,
+                "skipped_steps": self.skipped_steps, "dense_bytes_by_level": self.dense_bytes_by_level,
                 **({"trace": self.trace} if self.trace is not None else {})}
 
 
@@ -247,6 +249,10 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         levels = list(comm.topology.names)
         by_level = tr.bytes_by_level(["a2a", "ag", "rs"])
         b = torch.tensor([float(by_level.get(lv, 0)) for lv in levels], dtype=torch.float64)
+        dense = tr.bytes_by_level(["dense"])
+        d = torch.tensor([float(dense.get(lv, 0)) for lv in levels], dtype=torch.float64)
+        dist.all_reduce(d)
+        result.dense_bytes_by_level = {lv: float(v) / timed for lv, v in zip(levels, d, strict=True)}
         to_peer = tr.bytes_by_peer(["a2a"])
         row = torch.tensor([float(to_peer.get(p, 0)) for p in range(comm.world_size)], dtype=torch.float64)
         pairs = [torch.empty_like(row) for _ in range(comm.world_size)]

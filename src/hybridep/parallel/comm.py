@@ -406,11 +406,16 @@ class Communicator:
         if len(ranks) == 1:
             return None
         work, secs = self._run(op, ranks, lambda: dist.all_reduce(tensor, group=self.group(ranks), async_op=async_op))
+        self.count_allreduce(tensor, ranks, op, secs)
+        return work
+
+    def count_allreduce(self, tensor: torch.Tensor, ranks: Sequence[int], op: str, seconds: float = 0.0) -> None:
+        """Count an all-reduce of ``tensor`` over ``ranks`` as a ring's: 2 (n-1)/n of its bytes to the
+        next member (one issued elsewhere too, e.g. DDP's own)."""
         n = len(ranks)
         share = int(2 * (n - 1) * tensor.numel() * tensor.element_size() / n)
         me = list(ranks).index(self.rank)
-        self._record(op, ranks, [share if i == (me + 1) % n else 0 for i in range(n)], secs)
-        return work
+        self._record(op, ranks, [share if i == (me + 1) % n else 0 for i in range(n)], seconds)
 
     def wait(self, work, op: str, ranks: Sequence[int]) -> None:
         """Wait for an asynchronous collective, timing the wait."""

@@ -295,6 +295,7 @@ def data_parallel(model: nn.Module, comm: Communicator | None = None, dense_sync
                 end = time.perf_counter()
                 comm.note_outer_interval(world, start, end)
                 comm.note_span("allreduce (DDP bucket)", start, end, track="grad sync")
+                comm.count_allreduce(bucket.buffer(), world, "dense_ring")  # bytes only: DDP timed it
                 return f.value()
             return fut.then(done)
 
