@@ -339,7 +339,7 @@ def nonfinite_step(rank, world, mode, bad_rank, bad_step):
         opt.zero_grad()
         loss = ddp(x).square().mean()
         loss.backward()
-        if check_finite(loss, model, spec, rank, step, True):
+        if check_finite(loss, model, spec.on_nonfinite, rank, step, True):
             skipped.append(step)
             opt.zero_grad(set_to_none=True)
         opt.step()

@@ -28,8 +28,9 @@ from hybridep.api import Parallelized, parallelize
 from hybridep.config import Config, config_from_dict
 from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
-from hybridep.lm.train import NonFiniteError, nonfinite_where
+from hybridep.lm.train import check_finite
 from hybridep.planfile import Plan
+from hybridep.strategies import parse
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.float32, "float16": torch.float32}
 """Parameter dtype per ``moe.dtype``; bfloat16 and float16 train in float32 under autocast."""
@@ -92,8 +93,9 @@ def mean_over_ranks(x: float) -> float:
 def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str, resume: str | None = None,
           data: str | None = None) -> dict:
     """Train one rank (under the local launcher, torchrun or the testbed); returns the run's summary."""
-    cfg, t = config_from_dict(config), config_from_dict(config).train
-    plan = Plan(_spec(plan_document, cfg), plan_document)
+    cfg = config_from_dict(config)
+    t = cfg.train
+    plan = Plan(parse(plan_document["strategy"], cfg.topology.as_topology()), plan_document)
     out = Path(out_dir)
     corpus = load_corpus() if data is None else _corpus(data)
     torch.manual_seed(t.seed)
@@ -115,16 +117,14 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
         x, y = (v.to(device) for v in local_batch(corpus, cfg, step, rank, world))
         loss = accumulate(par, x, y, cfg.moe.micro_batches, autocast)
         norm = clip_global_norm(par, t.grad_clip)
-        where = nonfinite_where(loss, model)
-        if where is not None and t.on_nonfinite == "stop":
-            raise NonFiniteError(f"rank {rank}, step {step}: non-finite {where} (train.on_nonfinite: stop)")
-        if where is None:
+        skipped = check_finite(loss, model, t.on_nonfinite, rank, step, True)
+        if not skipped:
             opt.step()
         opt.zero_grad(set_to_none=True)
         par.prefetch()
         step += 1
         row = {"step": step, "loss": mean_over_ranks(float(loss)), "lr": learning_rate(cfg, step - 1),
-               "grad_norm": norm, "seconds": time.perf_counter() - start, "skipped": where is not None}
+               "grad_norm": norm, "seconds": time.perf_counter() - start, "skipped": skipped}
         row["tokens_per_s"] = tokens / row["seconds"]
         if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
             row["eval_loss"] = evaluate(par, corpus, cfg, rank, world)
@@ -233,12 +233,6 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-def _spec(plan_document: dict, cfg: Config):
-    from hybridep.strategies import parse
-
-    return parse(plan_document["strategy"], cfg.topology.as_topology())
 
 
 def _corpus(path: str) -> torch.Tensor:

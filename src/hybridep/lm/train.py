@@ -160,12 +160,12 @@ def nonfinite_where(loss: torch.Tensor, model: nn.Module) -> str | None:
     return None
 
 
-def check_finite(loss: torch.Tensor, model: nn.Module, spec: RunSpec, rank: int, step: int,
+def check_finite(loss: torch.Tensor, model: nn.Module, mode: str, rank: int, step: int,
                  distributed: bool) -> bool:
-    """True when this step must be skipped (``on_nonfinite: skip``, any rank non-finite: the ranks
-    agree by an all-reduce of one flag); raises :class:`NonFiniteError` under ``stop``."""
+    """True when this step must be skipped (``mode`` ``skip``, any rank non-finite: the ranks agree
+    by an all-reduce of one flag); raises :class:`NonFiniteError` under ``stop``."""
     where = nonfinite_where(loss, model)
-    if spec.on_nonfinite == "stop":
+    if mode == "stop":
         if where is not None:
             raise NonFiniteError(f"rank {rank}, step {step}: non-finite {where} (on_nonfinite: stop; "
                                  "'skip' skips such steps instead)")
@@ -215,7 +215,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         t_bwd = time.perf_counter()
         loss.backward()
         t_opt = time.perf_counter()
-        if check_finite(loss, model, spec, rank, step, distributed):
+        if check_finite(loss, model, spec.on_nonfinite, rank, step, distributed):
             result.skipped_steps.append(step)
             opt.zero_grad(set_to_none=True)
         opt.step()

@@ -170,7 +170,8 @@ class Pending:
 class Communicator:
     """Process groups of one topology and counted, timed, error-wrapped collectives."""
 
-    def __init__(self, topology: Topology, timeout_s: float = 300.0, a2a_impl: str = "p2p"):
+    def __init__(self, topology: Topology, timeout_s: float = 300.0, a2a_impl: str = "p2p",
+                 parent: Communicator | None = None):
         if not dist.is_initialized():
             raise CommunicationError("torch.distributed is not initialised: call init_process_group first")
         self.topology = topology
@@ -183,23 +184,21 @@ class Communicator:
             raise ValueError(f"a2a_impl must be 'p2p' or 'collective', got {a2a_impl!r}")
         self.a2a_impl = a2a_impl
         self.timeout = timedelta(seconds=timeout_s)
-        self.traffic = Traffic()
+        self.traffic = parent.traffic if parent is not None else Traffic()
         self._groups: dict[tuple[int, ...], object] = {}
         self._level = [topology.level_of_pair(self.rank, p) if p != self.rank else topology.num_levels
                        for p in range(self.world_size)]
         self._level_name = [topology.names[lv] if lv < topology.num_levels else "self" for lv in self._level]
         self._lock = threading.Lock()
         self._background: _Background | None = None
-        self.progress = ProgressLog.from_environment(self.rank)
+        self.progress = parent.progress if parent is not None else ProgressLog.from_environment(self.rank)
         """Where this rank is in its calls, for the launcher to name a stalled rank (see progress.py)."""
 
     def sibling(self) -> Communicator:
         """A communicator over the same ranks with process groups of its own, counting into the same
         :attr:`traffic` and progress log: for collectives issued from another thread (DDP's hooks)
         on the same rank sets as this one's, which must not share a gloo group with them."""
-        other = Communicator(self.topology, self.timeout.total_seconds(), self.a2a_impl)
-        other.traffic, other.progress = self.traffic, self.progress
-        return other
+        return Communicator(self.topology, self.timeout.total_seconds(), self.a2a_impl, parent=self)
 
     # --- background chains ----------------------------------------------------------------
     def in_background(self, fn: Callable[[], object]) -> Future:
