@@ -29,10 +29,20 @@ def test_dense_blocks_before_each_moe_block_are_data_parallel_and_priced_by_the_
         loss = model(torch.randint(0, 256, (2, 64)), torch.randint(0, 256, (2, 64)))
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
-    mats = 3 if kind == "swiglu" else 2
-    per_block = 4 * 32 * 32 + mats * 32 * 48  # attention + the dense FFN, as the cost model counts them
-    for b in (1, 2):
-        model_added = counts[b][0] - counts[0][0]
-        priced_added = counts[b][1] - counts[0][1]
-        assert priced_added == 3 * b * per_block
-        assert model_added == priced_added + 3 * b * 4 * 32  # and the block's two LayerNorms
+    for b in (0, 1, 2):
+        model_dense, priced = counts[b]
+        assert priced == model_dense  # every dense parameter: embeddings, norms, attention, FFN, router
+    assert counts[2][0] > counts[1][0] > counts[0][0]
+
+
+@pytest.mark.parametrize("kind,b", [("gelu", 0), ("swiglu", 2)])
+def test_dense_shapes_are_the_models_dense_parameters(kind, b):
+    """The shapes the cost model prices the dense sync with (PowerSGD compresses them one by one)
+    are the model's non-expert parameters, in order."""
+    from hybridep.lm.model import LMConfig, dense_shapes
+
+    lm = LMConfig(seq_len=16, hidden=8, heads=2, layers=2, ffn=12, experts=4, expert_kind=kind, dense_blocks=b)
+    with torch.device("meta"):
+        model = MoELM(lm)
+    experts = set(expert_param_names(model))
+    assert dense_shapes(lm) == [tuple(p.shape) for n, p in model.named_parameters() if n not in experts]

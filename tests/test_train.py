@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 SMALL = ["moe.tokens_per_gpu=512", "moe.hidden=32", "moe.ffn=64", "train.batch_size=8", "train.eval_every=0",
          "train.warmup_steps=2", "train.lr=3e-3"]
-EXACT = [*SMALL, "moe.dtype=float64", "train.aux_loss_coef=0", "train.steps=6", "train.checkpoint_every=3"]
+EXACT = [*SMALL, "moe.dtype=float64", "train.aux_loss_coef=0", "train.steps=6", "train.checkpoint_every=3",
+         "dense_sync=ring"]
 
 
 def _sets(items: list[str]) -> list[str]:

@@ -416,7 +416,7 @@ def dense_sync_modes(rank, world, names, counts):
     ``hierarchical`` dense sync (one bucket per parameter: uneven sizes; rank 1 has no tokens):
     (largest relative difference, the hierarchical run's counted dense bytes per level)."""
     from hybridep.moe import MoE
-    from hybridep.parallel.dense_sync import DenseSync
+    from hybridep.strategies.dense_sync import DenseSync
 
     topo = Topology(names, counts)
     comm = Communicator(topo, 60.0)
@@ -436,3 +436,28 @@ def dense_sync_modes(rank, world, names, counts):
     worst = max(float((grads["hierarchical"][n] - g).abs().max() / g.abs().max().clamp_min(1e-300))
                 for n, g in grads["ring"].items())
     return worst, counted["hierarchical"]
+
+
+def dense_sync_bytes(rank, world, names, counts, mode, steps):
+    """The dense-sync bytes the communicator counts in the last of ``steps`` iterations of a small
+    language model under DDP with dense-sync ``mode`` (several buckets): (bytes per level this rank
+    counted, the model's dense gradient shapes, the summed dense gradient of the last step's first
+    parameter, for a check that the mode ran)."""
+    from hybridep.lm.model import LMConfig, MoELM
+    from hybridep.strategies.dense_sync import parse_dense_sync
+
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    torch.manual_seed(0)
+    lm = LMConfig(seq_len=8, hidden=16, heads=2, layers=2, ffn=24, experts=world, top_k=2, dense_blocks=1)
+    model = MoELM(lm).double()
+    parallelize(model, comm, Domains(topo, tuple(1 for _ in counts)))
+    ddp = data_parallel(model, comm, parse_dense_sync(mode), bucket_cap_mb=0.01)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        comm.traffic.reset()
+        idx = torch.randint(0, 256, (2, 8), generator=g)
+        ddp(idx, torch.roll(idx, -1, 1)).backward()
+    experts = set(expert_param_names(model))
+    shapes = [tuple(p.shape) for n, p in model.named_parameters() if n not in experts]
+    return comm.traffic.bytes_by_level(["dense"]), shapes

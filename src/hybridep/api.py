@@ -33,9 +33,9 @@ from torch import nn
 from hybridep.config import Config, load_config
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.dense_sync import parse_dense_sync
 from hybridep.parallel.strategy import ExpertParallelStyle, data_parallel, expert_param_names, prefetch_all
-from hybridep.planfile import Plan, load_plan, make_plan
+from hybridep.planfile import Plan, load_plan, make_plan, resolved_dense_sync
+from hybridep.strategies.dense_sync import parse_dense_sync
 
 __all__ = ["Parallelized", "init_distributed", "load_plan", "parallelize", "plan", "shutdown"]
 
@@ -123,5 +123,5 @@ def parallelize(model: nn.Module, plan: Plan, timeout_s: float = 600.0, config: 
         sr = SRSettings(spec.sr_ratio, b.sr_basis, cfg.moe.sr_values if cfg.moe else "float16", b.sr_decode,
                         spec.sr_grads)
     styles = spec.apply(model, comm, sr, cfg.moe.a2a_chunks if cfg.moe else 1)
-    ddp = data_parallel(model, comm, parse_dense_sync(cfg.dense_sync))
+    ddp = data_parallel(model, comm, parse_dense_sync(resolved_dense_sync(cfg, plan.document)))
     return Parallelized(ddp, model, comm, plan, styles)

@@ -59,8 +59,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{lv.count} {lv.name} ({fmt_bandwidth(lv.bandwidth_bps)}, {fmt_time(lv.latency_s)})" for lv in names)
         + f" = {cfg.topology.world_size} devices; cost model: {cfg.cost_model}")
     table = Table(title="HybridEP partitions (fastest first)")
-    for col in ("domain sizes", "p", "iteration", "compute", "A2A", "AG (exposed)", "RS (exposed)",
-                "A2A/AG pairs", "bytes on " + names[0].name):
+    for col in ("domain sizes", "dense sync", "p", "iteration", "compute", "A2A", "AG (exposed)", "RS (exposed)",
+                "grad sync (exposed)", "A2A/AG pairs", "bytes on " + names[0].name):
         table.add_column(col, justify="right")
     ranked = sorted(result.candidates, key=lambda c: c.prediction.iteration_s)
     shown = ranked[: args.top]
@@ -70,9 +70,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pr = c.prediction
         mark = " *" if c is result.choice else (" (EP)" if c is result.ep else "")
         table.add_row(
-            "x".join(str(s) for s in c.domains.sizes) + mark, f"{c.domains.p:.3f}", fmt_time(pr.iteration_s),
-            fmt_time(pr.compute_s), fmt_time(pr.a2a_s), f"{fmt_time(pr.ag_s)} ({fmt_time(pr.exposed_ag_s)})",
-            f"{fmt_time(pr.rs_s)} ({fmt_time(pr.exposed_rs_s)})",
+            "x".join(str(s) for s in c.domains.sizes) + mark, c.dense_sync, f"{c.domains.p:.3f}",
+            fmt_time(pr.iteration_s), fmt_time(pr.compute_s), fmt_time(pr.a2a_s),
+            f"{fmt_time(pr.ag_s)} ({fmt_time(pr.exposed_ag_s)})", f"{fmt_time(pr.rs_s)} ({fmt_time(pr.exposed_rs_s)})",
+            f"{fmt_time(pr.grad_sync_s)} ({fmt_time(pr.exposed_grad_sync_s)})",
             f"{c.domains.a2a_pairs()}/{c.domains.ag_pairs()}",
             fmt_bytes(pr.bytes_by_level[names[0].name]["total"]))
     console.print(table)
@@ -80,7 +81,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console.print(f"({len(ranked) - len(shown)} more candidates; --top N shows more)")
     ch = result.choice
     cf = result.closed_form
-    console.print(f"choice: {ch.spec}, p = {ch.domains.p:.3f}, predicted {fmt_time(ch.prediction.iteration_s)} "
+    console.print(f"choice: {ch.spec}, dense sync {ch.dense_sync}, p = {ch.domains.p:.3f}, "
+                  f"predicted {fmt_time(ch.prediction.iteration_s)} "
                   f"per iteration, {result.speedup_over_ep:.2f}x over EP "
                   f"({fmt_time(result.ep.prediction.iteration_s)})")
     snapped = f", snapped to domain size {cf['snapped_domain_size']}" if "snapped_domain_size" in cf else ""
@@ -248,6 +250,17 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_dense_sync(cfg: Config, document: dict | None, planned) -> Config:
+    """``cfg`` with ``dense_sync: auto`` resolved: the plan file's mode, else the planner's choice."""
+    if cfg.dense_sync != "auto":
+        return cfg
+    from hybridep.planfile import resolved_dense_sync
+
+    mode = resolved_dense_sync(cfg, document) if document is not None else planned.choice.dense_sync
+    console.print(f"dense sync: {mode} (auto)")
+    return cfg.model_copy(update={"dense_sync": mode})
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -270,8 +283,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     planned = plan(cfg, _flops(cfg))
     choice = str(planned_spec if planned_spec is not None else planned.choice.spec)
     predicted = fmt_time(planned.choice.prediction.iteration_s)
-    console.print(f"planner's choice: {planned.choice.spec} (predicted {predicted}, {planned.speedup_over_ep:.2f}x "
-                  "over EP)" + (f"; running the plan's {choice}" if planned_spec else ""))
+    console.print(f"planner's choice: {planned.choice.spec}, dense sync {planned.choice.dense_sync} (predicted "
+                  f"{predicted}, {planned.speedup_over_ep:.2f}x over EP)"
+                  + (f"; running the plan's {choice}" if planned_spec else ""))
+    from hybridep.planfile import read_plan
+
+    cfg = _with_dense_sync(cfg, read_plan(args.plan) if planned_spec is not None else None, planned)
     peers, notes = bench.available_peers(cfg)
     for n in notes:
         console.print(f"[yellow]note:[/yellow] {n}")
@@ -453,7 +470,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError([("--resume", args.resume, str(err))]) from None
     spec = _plan_spec(args, cfg)
     plan = make_plan(cfg, _flops(cfg))
-    document = plan.document if spec is None else _with_strategy(plan.document, spec)
+    document = plan.document if spec is None else _with_strategy(plan.document, spec, args.plan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(document, indent=2))
@@ -520,9 +537,13 @@ def _echo_progress(line: str) -> None:
         console.print(line, highlight=False, markup=False)
 
 
-def _with_strategy(document: dict, spec) -> dict:
-    """The plan document with ``spec`` as its strategy (a --plan file's choice over the planner's)."""
-    return {**document, "strategy": str(spec), "spec": spec.to_dict()}
+def _with_strategy(document: dict, spec, plan_path: str) -> dict:
+    """The plan document with ``spec`` as its strategy and the plan file's dense-sync mode (a --plan
+    file's choices over the planner's)."""
+    from hybridep.planfile import read_plan
+
+    mode = read_plan(plan_path).get("dense_sync", "ring")
+    return {**document, "strategy": str(spec), "spec": spec.to_dict(), "dense_sync": mode}
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -422,21 +422,36 @@ class SimulateConfig(_Strict):
     fold unless routing is skewed and the world has at most 32 ranks (``auto``)."""
 
 
-def _dense_sync(value: object) -> object:
-    """``dense_sync``: one of :data:`hybridep.parallel.dense_sync.MODES`, kept as its canonical name."""
-    from hybridep.parallel.dense_sync import parse_dense_sync
+def _dense_sync(value: object, auto: bool = True) -> object:
+    """``dense_sync``: ``auto`` or one of :data:`hybridep.strategies.dense_sync.MODES`, kept as its
+    canonical name."""
+    from hybridep.strategies.dense_sync import MODES, parse_dense_sync
 
     if not isinstance(value, str):
-        raise ValueError("a name: ring, hierarchical, powersgd(rank=R[,start=S])")
+        raise ValueError(f"a name: {'auto, ' if auto else ''}{MODES}")
+    if auto and value.strip() == "auto":
+        return "auto"
     return str(parse_dense_sync(value))
+
+
+class PlannerConfig(_Strict):
+    """What the planner may choose beyond the exact strategies."""
+
+    allow: Annotated[list[Annotated[str, BeforeValidator(lambda v: _dense_sync(v, auto=False))]],
+                     Field(max_length=16)] = []
+    """Lossy choices the planner may make (never silently): dense-sync modes such as
+    ``powersgd(rank=4)``. ``ring`` and ``hierarchical`` are exact and always candidates."""
 
 
 class Config(_Strict):
     cost_model: Literal["paper", "full"] = "full"
-    dense_sync: Annotated[str, BeforeValidator(_dense_sync)] = "ring"
+    dense_sync: Annotated[str, BeforeValidator(_dense_sync)] = "auto"
     """How the dense (non-expert) gradients are synchronised by ``bench`` and ``train``: ``ring``
     (DDP's all-reduce), ``hierarchical`` (reduce-scatter in each DC, all-reduce across DCs,
-    all-gather in each DC) or ``powersgd(rank=R[,start=S])`` (lossy). The cost model prices ``ring``."""
+    all-gather in each DC), ``powersgd(rank=R[,start=S])`` (lossy), or ``auto``: the planner's
+    choice among ``ring``, ``hierarchical`` and the modes ``planner.allow`` lists (recorded in the
+    plan file)."""
+    planner: PlannerConfig = PlannerConfig()
     topology: TopologyConfig
     moe: MoEConfig | None = None
     workload: WorkloadConfig | None = None

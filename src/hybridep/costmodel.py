@@ -24,7 +24,9 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
 * backward (``full``): ``2 * Lat_A2A + 2 * Lat_E + 2 * Lat_PE``; the reduce-scatter of the
   gathered experts' gradients back to their owners overlaps the layer's pre-expert backward of
   the last micro-batch: ``max(2 * Lat_PE, Lat_RS)``.
-* gradient sync of non-expert parameters (``full``): DDP's ring all-reduces per gradient bucket;
+* gradient sync of non-expert parameters (``full``): DDP's buckets, each through the stages of the
+  schedule's :class:`~hybridep.schedule.GradSync` (the ``dense_sync`` mode's: a ring, or the
+  hierarchical reduce-scatter / cross-DC all-reduce / all-gather, or PowerSGD's factors);
   the earlier buckets overlap the backward compute, the last one (the first layers' parameters,
   all of them in a small model) starts when the backward pass ends and is exposed.
 * optimizer step (``full``, when ``optimizer_s_per_byte`` is known): after the backward pass, over the
@@ -47,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from hybridep.config import Config, CostTerms
-from hybridep.schedule import CountExchange, Exchange, Schedule, Stage
+from hybridep.lm.model import LMConfig, dense_shapes
+from hybridep.schedule import CountExchange, Exchange, GradSync, Schedule, Stage
 from hybridep.topology import Topology
 
 
@@ -67,6 +70,12 @@ class Workload:
     micro_batches: int = 1
     dense_grad_bytes: float = 0.0
     """Bytes of non-expert gradients one device all-reduces per iteration (DDP)."""
+    dense_sync: str = "ring"
+    """How DDP synchronises them (:mod:`hybridep.strategies.dense_sync`)."""
+    dense_shapes: tuple[tuple[int, ...], ...] = ()
+    """Shapes of the dense gradients (what PowerSGD compresses); () = unknown (a direct workload)."""
+    flops: float = 0.0
+    """FLOP/s the compute seconds were derived with (prices a compression's matrix products); 0 = unknown."""
     experts: int = 0
     """Total experts per layer (0 = unknown: routing taken as uniform)."""
     expert_load: tuple[float, ...] | None = None
@@ -141,6 +150,12 @@ def flops_per_layer(cfg: Config) -> dict[str, float]:
     }
 
 
+def _priced_sync(cfg: Config) -> str:
+    """The dense-sync mode the workload prices: the configured one (``ring`` for ``auto``, which the
+    planner resolves)."""
+    return "ring" if cfg.dense_sync == "auto" else cfg.dense_sync
+
+
 def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: float | None = None,
                          sr_grads: str | None = None) -> Workload:
     """Derive the workload from model dimensions (or take the direct ``workload`` section).
@@ -155,6 +170,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         return Workload(dispatch_bytes=w.dispatch_bytes, expert_bytes=w.expert_bytes,
                         pre_expert_s=w.pre_expert_s, expert_s=w.expert_s, layers=w.layers,
                         micro_batches=w.micro_batches, dense_grad_bytes=w.dense_grad_bytes,
+                        dense_sync=_priced_sync(cfg),
                         experts=g if w.device_zipf is not None else 0,
                         expert_load=zipf_load(g, w.device_zipf) if w.device_zipf is not None else None,
                         gather_bytes=w.expert_bytes / sr_ratio if sr_ratio is not None else None)
@@ -167,8 +183,9 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
     g = cfg.topology.world_size
     mats = 3 if m.expert_kind == "swiglu" else 2
     fl = flops_per_layer(cfg)
-    dense_params = ((m.blocks_before_moe + 1) * 4 * m.hidden**2
-                    + m.blocks_before_moe * mats * m.hidden * m.ffn + m.hidden * m.experts)
+    shapes = tuple(dense_shapes(LMConfig(seq_len=m.seq_len, hidden=m.hidden, layers=m.layers, ffn=m.ffn,
+                                         experts=m.experts, expert_kind=m.expert_kind,
+                                         dense_blocks=m.blocks_before_moe)))
     gather = None
     ratio = m.sr_ratio if sr_ratio is None else sr_ratio
     if ratio is not None:
@@ -189,7 +206,10 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         expert_s=fl["expert"] / flops,
         layers=m.layers,
         micro_batches=m.micro_batches,
-        dense_grad_bytes=m.layers * dense_params * m.dtype_bytes,
+        dense_grad_bytes=sum(math.prod(x) for x in shapes) * m.dtype_bytes,
+        dense_sync=_priced_sync(cfg),
+        dense_shapes=shapes,
+        flops=flops,
         experts=m.experts,
         expert_load=load,
         gather_bytes=gather,
@@ -384,13 +404,25 @@ def ddp_last_bucket_bytes(dense_grad_bytes: float) -> float:
     return rest if rest > 0 else float(DDP_BUCKET_BYTES)
 
 
-def ring_allreduce_s(nbytes: float, world: int, net: Network, latency: bool) -> float:
-    """Seconds of a ring all-reduce of ``nbytes`` over ``world`` ranks: 2 (G-1)/G of the bytes
-    through the slowest port, plus 2 log2(G) latencies of the slowest level when charged."""
-    if nbytes <= 0 or world <= 1:
+def grad_sync_s(sync: GradSync, nbytes: float, net: Network, latency: bool) -> float:
+    """Seconds of synchronising ``nbytes`` of dense gradients (:class:`~hybridep.schedule.GradSync`):
+    its stages one after the other, each its compute, then the bytes of its busiest port over that
+    level's rate (the slowest level it crosses), plus its rounds of the slowest crossed level's
+    latency when charged."""
+    if nbytes <= 0:
         return 0.0
-    t = max(2.0 * nbytes * (world - 1) / world / b for b in net.port_bytes_per_s)
-    return t + (2 * math.ceil(math.log2(world)) * max(net.latency_s) if latency else 0.0)
+    t = 0.0
+    for st in sync.stages:
+        t += st.compute_s_per_byte * nbytes + max(st.port_fraction[lv] * nbytes / net.port_bytes_per_s[lv]
+                                                 for lv in st.levels)
+        t += st.rounds * max(net.latency_s[lv] for lv in st.levels) if latency else 0.0
+    return t
+
+
+def grad_sync_busy(sync: GradSync, nbytes: float, net: Network) -> list[float]:
+    """Seconds synchronising ``nbytes`` of dense gradients keeps each level's busiest port busy."""
+    return [sum(st.port_fraction[lv] for st in sync.stages) * nbytes / net.port_bytes_per_s[lv]
+            for lv in range(net.topology.num_levels)]
 
 
 def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
@@ -598,38 +630,43 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
 
 
 def _dense_sync(st: _Streams, bwd: _Backward, rs_busy: list[float]) -> tuple[float, float]:
-    """(seconds of the dense gradients' ring all-reduce, seconds of it exposed after the backward).
+    """(seconds of the dense gradients' synchronisation, seconds of it exposed after the backward).
     DDP: the earlier buckets go out as the last micro-batch's backward starts, the last one when the
-    compute stream's backward ends -- beside the reduce-scatters' tail and beside the backward's
-    exchanges on the ring's slowest port: both take m longer. Without ``overlap`` the earlier
+    compute stream's backward ends (all of them then when the hook blocks the backward:
+    ``overlaps_backward`` False) -- beside the reduce-scatters' tail and beside the backward's
+    exchanges on the sync's busiest level: both take m longer. Without ``overlap`` the earlier
     buckets overlap the backward compute and the last one follows it."""
     s, net, terms = st.s, st.net, st.terms
-    if not terms.grad_sync or s.dense_grad_bytes <= 0 or s.world_size <= 1:
+    sync = s.grad_sync
+    if not terms.grad_sync or sync.grad_bytes <= 0 or not sync.stages:
         return 0.0, 0.0
-    g, dense = s.world_size, s.dense_grad_bytes
-    last = ddp_last_bucket_bytes(dense)
-    total = ring_allreduce_s(dense, g, net, terms.latency)
-    early = ring_allreduce_s(dense - last, g, net, terms.latency)
+    dense = sync.grad_bytes
+    last = ddp_last_bucket_bytes(dense) if sync.overlaps_backward else dense
+    total = grad_sync_s(sync, dense, net, terms.latency)
+    early = grad_sync_s(sync, dense - last, net, terms.latency)
     if not terms.overlap:
-        return total, max(0.0, early - bwd.compute) + ring_allreduce_s(last, g, net, terms.latency)
-    ring_lv = min(range(s.topology.num_levels), key=lambda lv: net.port_bytes_per_s[lv])
-    ring_busy = ring_allreduce_s(dense - last, g, net, latency=False)  # its bytes on that port
-    bwd_busy = 2 * sum(ph[ring_lv] for ph in st.a2a_busy) + s.layers * rs_busy[ring_lv]  # last micro-batch
-    m = min(ring_busy, bwd_busy) if terms.port_sharing else 0.0
-    synced = max(bwd.stream_end + m, bwd.last_start + early + m) + ring_allreduce_s(last, g, net, terms.latency)
+        return total, max(0.0, early - bwd.compute) + grad_sync_s(sync, last, net, terms.latency)
+    busy = grad_sync_busy(sync, dense - last, net)  # its bytes on each level's busiest port
+    lv = int(np.argmax(busy))
+    bwd_busy = 2 * sum(ph[lv] for ph in st.a2a_busy) + s.layers * rs_busy[lv]  # last micro-batch
+    m = min(busy[lv], bwd_busy) if terms.port_sharing else 0.0
+    synced = max(bwd.stream_end + m, bwd.last_start + early + m) + grad_sync_s(sync, last, net, terms.latency)
     return total, max(0.0, synced - bwd.seconds)
 
 
 def _bytes_by_level(st: _Streams, ag_total: list[float], rs_total: list[float]) -> dict[str, dict[str, float]]:
-    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total}}."""
+    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total, dense}}
+    (``total``: the expert exchanges'; ``dense``: the dense gradients' synchronisation, apart)."""
     s, backward = st.s, st.terms.backward
+    sync = s.grad_sync
     directions = 4 if backward else 2  # dispatch + combine (+ their backward)
     out = {}
     for lv, name in enumerate(s.topology.names):
         a2a_b = sum(tot[lv] for _, tot, _ in st.phases) * directions * s.micro_batches
         ag_b = ag_total[lv] * s.layers
         rs_b = rs_total[lv] * s.layers if backward else 0.0
-        out[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b}
+        dense = sum(x.total_fraction[lv] for x in sync.stages) * sync.grad_bytes if backward else 0.0
+        out[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b, "dense": dense}
     return out
 
 

@@ -32,7 +32,7 @@ def plan_document(cfg: Config, result) -> dict:
     return {
         "format": FORMAT, "version": VERSION, "hybridep_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "strategy": str(choice.spec), "spec": choice.spec.to_dict(),
+        "strategy": str(choice.spec), "spec": choice.spec.to_dict(), "dense_sync": choice.dense_sync,
         "topology": {"levels": [{"name": lv.name, "count": lv.count, "bandwidth_bps": lv.bandwidth_bps,
                                  "latency_s": lv.latency_s} for lv in cfg.topology.levels],
                      "world_size": cfg.topology.world_size},
@@ -108,6 +108,18 @@ class Plan:
     def config(self) -> Config:
         """The configuration the plan was made for."""
         return config_from_dict(self.document["config"])
+
+    @property
+    def dense_sync(self) -> str:
+        """The dense-sync mode the plan chose (``ring`` in plan files from before the choice)."""
+        return str(self.document.get("dense_sync", "ring"))
+
+
+def resolved_dense_sync(cfg: Config, document: dict | None) -> str:
+    """``cfg.dense_sync``, or for ``auto`` the plan's choice (``ring`` without a plan that records one)."""
+    if cfg.dense_sync != "auto":
+        return cfg.dense_sync
+    return str((document or {}).get("dense_sync", "ring"))
 
 
 def make_plan(cfg: Config, flops: float | None = None) -> Plan:

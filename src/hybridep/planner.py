@@ -1,12 +1,16 @@
 """The planner: evaluate the cost model for every feasible partition and pick the fastest.
 
-Candidates are all combinations of per-level domain sizes (divisors of each level's count).
-Plain EP (all sizes 1) is always among them, so the choice is never predicted slower than EP.
-Ties (within 1e-9 relative) go to the smaller expert domain (less memory, closer to EP).
+Candidates are all combinations of per-level domain sizes (divisors of each level's count), each
+with every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
+``hierarchical`` and the lossy modes ``planner.allow`` lists; else the configured one). Plain EP
+(all sizes 1) is always among them, so the choice is never predicted slower than EP. Ties (within
+1e-9 relative) go to the smaller expert domain (less memory, closer to EP), then to the earlier
+dense-sync mode (``ring`` first).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,6 +23,7 @@ from hybridep.costmodel import (
     workload_from_config,
 )
 from hybridep.strategies import HybridEPSpec
+from hybridep.strategies.dense_sync import candidates
 from hybridep.strategies.hybridep import predict
 from hybridep.topology import Domains, Topology, divisors
 
@@ -27,6 +32,7 @@ from hybridep.topology import Domains, Topology, divisors
 class Candidate:
     domains: Domains
     prediction: Prediction
+    dense_sync: str = "ring"
 
     @property
     def spec(self) -> HybridEPSpec:
@@ -38,6 +44,7 @@ class Candidate:
         pred = self.prediction
         return {
             "strategy": str(self.spec),
+            "dense_sync": self.dense_sync,
             "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
             "p": self.domains.p,
             "p_volume": self.domains.p_volume,
@@ -72,6 +79,7 @@ class PlanResult:
         return {
             "choice": {
                 "strategy": str(self.choice.spec),
+                "dense_sync": self.choice.dense_sync,
                 "domain_sizes": dict(zip(names, self.choice.domains.sizes, strict=True)),
                 "p": self.choice.domains.p,
                 "predicted_iteration_s": self.choice.prediction.iteration_s,
@@ -117,20 +125,36 @@ def paper_latency(w: Workload, g: int, bytes_per_s: float, size: int) -> float:
     return max(w.pre_expert_s, v_ag / bytes_per_s) + 2 * v_a2a / bytes_per_s
 
 
+def dense_sync_modes(cfg: Config) -> list[str]:
+    """The dense-sync modes the planner chooses among (see the module docstring)."""
+    if cfg.dense_sync != "auto":
+        return [cfg.dense_sync]
+    topo = cfg.topology.as_topology()
+    flat = topo.counts[0] in (1, topo.world_size)  # one DC, or one rank per DC: hierarchical is the ring
+    return [str(m) for m in candidates(cfg.planner.allow)
+            if not (flat and m.mode == "hierarchical") and not (cfg.workload is not None and m.mode == "powersgd")]
+
+
 def plan(cfg: Config, flops: float | None = None) -> PlanResult:
-    """Evaluate every feasible partition of ``cfg``'s topology and choose the fastest."""
+    """Evaluate every feasible partition of ``cfg``'s topology under every allowed dense-sync mode
+    and choose the fastest."""
     net = Network.from_config(cfg)
     w = workload_from_config(cfg, flops)
-    return plan_workload(net, w, cfg.terms)
+    return plan_workload(net, w, cfg.terms, dense_sync_modes(cfg))
 
 
-def plan_workload(net: Network, w: Workload, terms: CostTerms) -> PlanResult:
-    """Planner core on an explicit network and workload."""
+def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] | None = None) -> PlanResult:
+    """Planner core on an explicit network and workload (``modes``: dense-sync modes, default the
+    workload's)."""
     topo = net.topology
-    cands = [Candidate(Domains(topo, sizes), predict(Domains(topo, sizes), w, net, terms))
-             for sizes in topo.feasible_domain_sizes()]
-    ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes))
+    cands = []
+    for mode in modes or [w.dense_sync]:
+        wm = dataclasses.replace(w, dense_sync=mode)
+        cands += [Candidate(Domains(topo, sizes), predict(Domains(topo, sizes), wm, net, terms), mode)
+                  for sizes in topo.feasible_domain_sizes()]
+    order = {m: i for i, m in enumerate(modes or [w.dense_sync])}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
-    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes))
+    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync]))
+    ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes) and c.dense_sync == choice.dense_sync)
     return PlanResult(cands, choice, ep, closed_form(topo, w, net))

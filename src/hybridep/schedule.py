@@ -20,8 +20,8 @@ The iteration the evaluators run (streams and dependencies):
   times the expert compute (plus ``backward_extra_s``), then ``2 pre_expert_s + backward_extra_s``;
   after the last micro-batch's expert backward of each layer, its :attr:`Schedule.reduce_scatter`
   chain (stages in their order), one chain after the other;
-* the dense gradients' ring all-reduce (``dense_grad_bytes``, DDP's buckets), then the optimizer
-  step (``optimizer_s``).
+* the dense gradients' synchronisation (:attr:`Schedule.grad_sync`: DDP's buckets, each through
+  the stages of the configured ``dense_sync`` mode), then the optimizer step (``optimizer_s``).
 
 Units: seconds (``_s``), bytes (``_bytes``); arrays are indexed by rank (``[layer, rank]``) or by
 the workers of a level (``[worker]``, row-major over the levels above).
@@ -101,6 +101,69 @@ class CountExchange:
 
 
 @dataclass(frozen=True)
+class SyncStage:
+    """One stage of the dense gradients' synchronisation of a bucket: point-to-point flows issued at
+    once (``src[i]`` sends ``fraction`` x the bucket's bytes to ``dst[i]``); the next stage starts
+    when they have all arrived. ``compute_s_per_byte``: seconds every rank computes before the
+    stage, per byte of the bucket (a compression's matrix products)."""
+
+    label: str
+    src: np.ndarray
+    dst: np.ndarray
+    fraction: float
+    rounds: int
+    """Message latencies the stage pays (of the slowest level it crosses)."""
+    port_fraction: tuple[float, ...]
+    """Per level: bytes the level's busiest port carries (egress or ingress), per bucket byte."""
+    total_fraction: tuple[float, ...]
+    """Per level: bytes crossing all the level's ports together, per bucket byte."""
+    levels: tuple[int, ...]
+    """The levels its flows cross (each flow charged to the coarsest level its ends differ at)."""
+    compute_s_per_byte: float = 0.0
+
+
+def p2p_stage(topology: Topology, label: str, src: np.ndarray, dst: np.ndarray, fraction: float,
+              rounds: int, compute_s_per_byte: float = 0.0) -> SyncStage:
+    """A :class:`SyncStage` of flows ``src[i] -> dst[i]`` with its per-level port load worked out (a
+    flow is charged to the sender's and the receiver's port of the coarsest level they differ at)."""
+    src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    counts = np.asarray(topology.counts)
+    cs = np.stack(np.unravel_index(src, topology.counts), axis=1)
+    cd = np.stack(np.unravel_index(dst, topology.counts), axis=1)
+    differ = cs != cd
+    level = np.where(differ.any(axis=1), differ.argmax(axis=1), -1)
+    port, total = [], []
+    for lv in range(topology.num_levels):
+        on = level == lv
+        total.append(float(on.sum()) * fraction)
+        if not on.any():
+            port.append(0.0)
+            continue
+        width = int(np.prod(counts[: lv + 1]))
+        flat = np.ravel_multi_index(tuple(cs[on, : lv + 1].T), tuple(counts[: lv + 1]))
+        into = np.ravel_multi_index(tuple(cd[on, : lv + 1].T), tuple(counts[: lv + 1]))
+        busiest = max(np.bincount(flat, minlength=width).max(), np.bincount(into, minlength=width).max())
+        port.append(float(busiest) * fraction)
+    crossed = tuple(lv for lv in range(topology.num_levels) if total[lv] > 0)
+    return SyncStage(label, src, dst, fraction, rounds, tuple(port), tuple(total), crossed, compute_s_per_byte)
+
+
+@dataclass(frozen=True)
+class GradSync:
+    """The dense gradients' synchronisation of one iteration: DDP cuts ``grad_bytes`` into buckets
+    (the last one -- the first layers' parameters -- ready only when the backward ends) and every
+    bucket runs ``stages`` in order."""
+
+    mode: str
+    grad_bytes: float
+    """Bytes of dense gradients one rank synchronises per iteration."""
+    stages: tuple[SyncStage, ...]
+    overlaps_backward: bool = True
+    """The earlier buckets go out while the backward computes (an asynchronous hook); False: the
+    backward waits for every bucket, so all of it counts as synchronised after the backward."""
+
+
+@dataclass(frozen=True)
 class Schedule:
     """One training iteration (see the module docstring)."""
 
@@ -125,7 +188,7 @@ class Schedule:
     """Each layer's gather chain, in order (empty: no gather)."""
     reduce_scatter: tuple[Stage, ...]
     """Each layer's reduce-scatter chain, in order."""
-    dense_grad_bytes: float
+    grad_sync: GradSync
     optimizer_s: float
 
     @property

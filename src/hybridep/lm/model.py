@@ -35,6 +35,20 @@ class LMConfig:
     """Dense blocks (attention + an FFN of ``ffn`` units) before each MoE block."""
 
 
+def dense_shapes(cfg: LMConfig) -> list[tuple[int, ...]]:
+    """Shapes of the model's dense (data-parallel, non-expert) parameters, in the order of
+    ``named_parameters``: positions, embedding, per block two LayerNorms, attention, then the router
+    (MoE block) or the dense FFN, and the final LayerNorm."""
+    h, f = cfg.hidden, cfg.ffn
+    ffn = {"w1": (h, f), "w2": (f, h), "w3": (h, f)}
+    out: list[tuple[int, ...]] = [(cfg.seq_len, h), (cfg.vocab, h)]
+    for i in range(cfg.layers * (cfg.dense_blocks + 1)):
+        out += [(h,), (h,), (h,), (h,), (3 * h, h), (h, h)]
+        is_moe = (i + 1) % (cfg.dense_blocks + 1) == 0
+        out += [(cfg.experts, h)] if is_moe else [ffn[n] for n in WEIGHT_NAMES[cfg.expert_kind]]
+    return [*out, (h,), (h,)]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()

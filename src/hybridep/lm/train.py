@@ -20,8 +20,8 @@ from hybridep.lm.data import batch, load_corpus
 from hybridep.lm.model import LMConfig, MoELM
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator, union_seconds
-from hybridep.parallel.dense_sync import parse_dense_sync
 from hybridep.parallel.strategy import data_parallel, expert_param_names, moe_layers, parallelize, prefetch_all
+from hybridep.strategies.dense_sync import parse_dense_sync
 from hybridep.topology import Domains
 
 
@@ -44,7 +44,7 @@ class RunSpec:
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
     dense_sync: str = "ring"
-    """How DDP synchronises the dense gradients (:mod:`hybridep.parallel.dense_sync`)."""
+    """How DDP synchronises the dense gradients (:mod:`hybridep.strategies.dense_sync`)."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run with :class:`NonFiniteError`, or ``skip`` the
     step on every rank (no optimizer step) and count it (:attr:`RunResult.skipped_steps`)."""

@@ -35,7 +35,6 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import MoE, Permuted, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.dense_sync import DenseSync, register
 from hybridep.parallel.functional import (
     AllToAll,
     ChunkPlan,
@@ -46,6 +45,7 @@ from hybridep.parallel.functional import (
     PendingGather,
     PipelinedExpertExchange,
 )
+from hybridep.strategies.dense_sync import DenseSync, register
 from hybridep.topology import Domains
 
 
@@ -274,7 +274,7 @@ def data_parallel(model: nn.Module, comm: Communicator | None = None, dense_sync
                   bucket_cap_mb: float | None = None) -> nn.Module:
     """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy.
     ``dense_sync`` (default ``ring``) says how DDP's buckets are synchronised
-    (:mod:`hybridep.parallel.dense_sync`). With ``comm`` and ``ring``, DDP's gradient all-reduces
+    (:mod:`hybridep.strategies.dense_sync`). With ``comm`` and ``ring``, DDP's gradient all-reduces
     (PyTorch's default hook) are timed as cross-DC exchanges (:meth:`Communicator.note_outer_interval`):
     they cross the DC links too."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook

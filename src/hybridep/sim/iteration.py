@@ -27,8 +27,10 @@ engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`
   forward start; stages in their order;
 * reduce-scatter chains of the gathered experts' gradients: after the last micro-batch's expert
   backward of each layer, one after the other, stages in their order;
-* ring all-reduces of the dense gradients (DDP's buckets): the earlier ones released at the start
-  of the last backward, the last one when the backward ends and the earlier ones are through.
+* the dense gradients' synchronisation (DDP's buckets, each through the stages of
+  :attr:`~hybridep.schedule.Schedule.grad_sync`, one after the other): the earlier buckets released
+  at the start of the last backward, the last one when the backward ends and the earlier ones are
+  through.
 
 Folding (``fold=True``): senders of the dispatch (and receivers of the combine) are symmetric --
 every rank routes with the same expert-load histogram -- so a flow class is "all flows into rank b
@@ -439,7 +441,8 @@ class IterationSim:
         self.waiting: dict[int, list] = {}
         self._gathers = bool(s.gather)
         self._counts_s = count_exchange_s(s.counts, self.net, self.terms)  # before every forward dispatch
-        self._last_bucket = ddp_last_bucket_bytes(s.dense_grad_bytes)
+        sync = s.grad_sync
+        self._last_bucket = ddp_last_bucket_bytes(sync.grad_bytes) if sync.overlaps_backward else sync.grad_bytes
         self._end = {"bwd": 0.0, "rs": 0.0, "gs": 0.0, "gs0": 0.0}
         self._rs_queue: list[int] = []
         self._rs_on = False
@@ -447,7 +450,7 @@ class IterationSim:
         self._chained: set[int] = set()
         # the buckets' all-reduces run one after the other on their process group: the last one once
         # the backward has ended and the earlier ones are through
-        self._last_waits = {"ready"} | ({"early"} if s.dense_grad_bytes - self._last_bucket > 0 else set())
+        self._last_waits = {"ready"} | ({"early"} if s.grad_sync.grad_bytes - self._last_bucket > 0 else set())
         if self.terms.overlap and self._gathers:
             self._gather(0)
         self._forward(0, 0)
@@ -491,7 +494,7 @@ class IterationSim:
                 self._sync_last("ready")
             return self._next_micro_batch(m)
         if last_mb and layer == s.layers - 1 and self.terms.grad_sync:  # DDP's earlier buckets
-            self._grad_sync(s.dense_grad_bytes - self._last_bucket, self._early_synced)
+            self._grad_sync(s.grad_sync.grad_bytes - self._last_bucket, self._early_synced)
 
         def experts_done(t: float) -> None:
             if last_mb and self._gathers:
@@ -553,19 +556,27 @@ class IterationSim:
         self._end["gs0"] = t
         self._sync_last("early")
 
-    def _grad_sync(self, nbytes: float, then) -> None:
-        """Ring all-reduce of ``nbytes`` of dense gradients: 2 (G-1)/G of them to the next rank."""
-        g = self.G
-        if nbytes <= 0 or g == 1:
+    def _grad_sync(self, nbytes: float, then, stage: int = 0) -> None:
+        """Synchronise ``nbytes`` of dense gradients: the schedule's stages one after the other, each
+        its compute, then its flows (a stage's latency: its rounds of the slowest level it crosses)."""
+        stages = self.s.grad_sync.stages
+        if nbytes <= 0 or stage >= len(stages):
+            if nbytes > 0:
+                then(self.eng.now)
             return
-        src = np.arange(g)
-        dst = (src + 1) % g
-        diff = self.coords[src] != self.coords[dst]
-        lv = np.argmax(diff, axis=1)
-        lat = 2 * math.ceil(math.log2(g)) * max(self.lat)
-        batch = self._p2p_batch("allreduce", src, dst, 2.0 * nbytes * (g - 1) / g, lv,
-                                "dense grad all-reduce", latency=lat)
-        self._collective(batch, "grad_sync", then)
+        st = stages[stage]
+        lat = st.rounds * max(self.lat[x] for x in st.levels)
+
+        def issue() -> None:
+            batch = self._p2p_batch("allreduce", st.src, st.dst, st.fraction * nbytes,
+                                    self._flow_levels(st.src, st.dst), f"dense grad {st.label}", latency=lat)
+            self._collective(batch, "grad_sync", lambda t: self._grad_sync(nbytes, then, stage + 1))
+
+        self.eng.at(self.eng.now + st.compute_s_per_byte * nbytes, issue)
+
+    def _flow_levels(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """The coarsest level each flow's ends differ at."""
+        return np.argmax(self.coords[src] != self.coords[dst], axis=1)
 
     def _bytes_by_level(self) -> dict[str, dict[str, float]]:
         """Bytes of flows by coarsest level: level-l egress bytes minus level-(l-1) egress bytes."""

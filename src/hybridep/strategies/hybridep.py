@@ -47,6 +47,7 @@ from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule, Stage
 from hybridep.sim.iteration import SimResult, run_schedule
+from hybridep.strategies import dense_sync
 from hybridep.strategies.base import StrategyError
 from hybridep.topology import Domains, Topology, divisors
 
@@ -440,7 +441,7 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
         counts=CountExchange(tuple(levels), 2 * (dom.rail_size - 1)) if levels else None,
         gather=_stages(dom, lambda lv: w.sent_expert_bytes),
         reduce_scatter=_stages(dom, w.sent_grad_bytes, reverse=True),
-        dense_grad_bytes=w.dense_grad_bytes, optimizer_s=optimizer_s(w))
+        grad_sync=dense_sync.schedule(topo, w), optimizer_s=optimizer_s(w))
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
