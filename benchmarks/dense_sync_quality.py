@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from curves import final_losses, plot_losses
+
 from hybridep.launch import run_local
 
 
@@ -43,26 +45,12 @@ def main() -> None:
     args = ap.parse_args()
     modes = ["ring", f"powersgd(rank={args.rank},start={args.start})"]
     losses = run_local(worker, 4, (args.steps, modes, args.blocks_before_moe), timeout_s=7200)[0]
-    tail = max(1, args.steps // 20)
-    summary = {m: {"final_loss_mean_last_5pct": sum(ls[-tail:]) / tail} for m, ls in losses.items()}
+    summary = {m: {"final_loss_mean_last_5pct": v} for m, v in final_losses(losses, args.steps).items()}
     ring = summary["ring"]["final_loss_mean_last_5pct"]
     for mode, v in summary.items():
         v["vs_ring"] = v["final_loss_mean_last_5pct"] / ring - 1
         print(f"{mode:>28}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_ring']:+.2%} vs ring)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, ls in losses.items():
-        ax.plot(ls, label=mode, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("MoE LM, 4 ranks, EP: dense gradients by ring vs PowerSGD")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
+    plot_losses(losses, "MoE LM, 4 ranks, EP: dense gradients by ring vs PowerSGD", args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "steps": args.steps,
                                                "blocks_before_moe": args.blocks_before_moe, "losses": losses},

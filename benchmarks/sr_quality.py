@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from curves import final_losses, plot_losses
+
 from hybridep.launch import run_local
 
 
@@ -47,29 +49,12 @@ def main() -> None:
     ap.add_argument("--plot", default="sr_quality.png")
     args = ap.parse_args()
     losses = run_local(worker, 4, (args.steps, args.ratio), timeout_s=7200)[0]
-    tail = max(1, args.steps // 20)
-    summary = {}
-    for name, ls in losses.items():
-        final = sum(ls[-tail:]) / tail
-        summary[name] = {"final_loss_mean_last_5pct": final}
+    summary = {name: {"final_loss_mean_last_5pct": v} for name, v in final_losses(losses, args.steps).items()}
     ep = summary["ep"]["final_loss_mean_last_5pct"]
     for name, v in summary.items():
         v["vs_ep"] = v["final_loss_mean_last_5pct"] / ep - 1
         print(f"{name:>50}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_ep']:+.2%} vs ep)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, ls in losses.items():
-        ax.plot(ls, label=name, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"MoE LM, 4 ranks: EP vs HybridEP with SR compression (CR {args.ratio:g})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.plot, dpi=110)
+    plot_losses(losses, f"MoE LM, 4 ranks: EP vs HybridEP with SR compression (CR {args.ratio:g})", args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "losses": losses}, indent=1))
 

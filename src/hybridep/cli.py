@@ -122,12 +122,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import os
 
     from hybridep.launch import RankFailedError, init_from_torchrun, leave, run_local
-    from hybridep.verify import default_topology, summarize, verify_worker
+    from hybridep.verify import STRATEGIES, default_topology, summarize, verify_worker
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    bad = [s for s in strategies if s not in ("ep", "hybridep")]
+    bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
-        raise ConfigError([("--strategies", args.strategies, "a comma-separated list of: ep, hybridep")])
+        raise ConfigError([("--strategies", args.strategies, f"a comma-separated list of: {', '.join(STRATEGIES)}")])
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in ("float64", "float32") for d in dtypes):
         raise ConfigError([("--dtypes", args.dtypes, "a comma-separated list of: float64, float32")])
@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=4, help="local processes to start (default 4)")
     p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
                    help="refuse to start more than F local ranks per core (default 4)")
-    p.add_argument("--strategies", default="ep,hybridep", help="comma-separated: ep, hybridep")
+    p.add_argument("--strategies", default="ep,hybridep",
+                   help="comma-separated: ep, hybridep, hierarchical, hybridep+hier")
     p.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])

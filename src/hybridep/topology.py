@@ -204,6 +204,13 @@ class Domains:
         vary = 2 * level + 1
         return self._groups([a for a in range(2 * n) if a != vary], [vary])
 
+    def rail_stage_groups(self, level: int) -> list[list[int]]:
+        """Members of one rail that differ only in their domain id at ``level`` (size R_level): the
+        groups of one stage of the hierarchical token exchange. Member i has domain id i at ``level``."""
+        n = self.topology.num_levels
+        vary = 2 * level
+        return self._groups([a for a in range(2 * n) if a != vary], [vary])
+
     def gather_levels(self) -> list[int]:
         """Levels whose domain size exceeds 1, outermost first: the stages of the expert gather."""
         return [lv for lv, s in enumerate(self.sizes) if s > 1]

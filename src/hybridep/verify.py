@@ -47,6 +47,8 @@ class Case:
     scenario: Scenario
     prefetch: bool = False
     a2a_chunks: int = 1
+    dedup: tuple[int, ...] | None = None
+    """The hierarchical exchange deduplicating at these levels (None: the one-stage exchange)."""
     results: dict = field(default_factory=dict)
 
 
@@ -121,7 +123,7 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
 
     # distributed
     domains = Domains(topology, case.domain_sizes)
-    styles = parallelize(model, comm, domains, a2a_chunks=case.a2a_chunks)
+    styles = parallelize(model, comm, domains, a2a_chunks=case.a2a_chunks, dedup=case.dedup)
     ddp = data_parallel(model)
     if case.prefetch:
         prefetch_all(styles, model)
@@ -147,7 +149,8 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     tol = TOLERANCE[case.dtype]
     return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
-            "dtype": case.dtype, "prefetch": case.prefetch, "a2a_chunks": case.a2a_chunks, "scenario": asdict(sc),
+            "dtype": case.dtype, "prefetch": case.prefetch, "a2a_chunks": case.a2a_chunks,
+            "dedup": None if case.dedup is None else [topology.names[lv] for lv in case.dedup], "scenario": asdict(sc),
             "max_abs_err": stats[0].item(), "max_rel_err": stats[1].item(),
             "finite": stats[2].item() == 0.0,
             "passed": stats[2].item() == 0.0 and stats[1].item() <= tol}
@@ -160,23 +163,38 @@ def default_topology(world: int) -> Topology:
     return Topology(("gpu",), (world,))
 
 
+STRATEGIES = ("ep", "hybridep", "hierarchical", "hybridep+hier")
+"""``verify --strategies``: EP; HybridEP at every other partition; the hierarchical exchange on EP's
+partition (deduplicating at every level but the innermost, and at none) and on every other one."""
+
+
+def _partitions(topology: Topology, strategy: str) -> list[tuple[int, ...]]:
+    ones = tuple(1 for _ in topology.counts)
+    if strategy in ("ep", "hierarchical"):
+        return [ones]
+    if strategy in ("hybridep", "hybridep+hier"):
+        return [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
+    raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+
+
 def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int,
                only: list[tuple[int, ...]] | None = None) -> list[Case]:
-    """Every scenario for every partition of the given families (``ep``: all ones; ``hybridep``: every
-    other feasible partition), or only the partitions in ``only`` (a plan's)."""
+    """Every scenario for every partition of the given families (:data:`STRATEGIES`), or only the
+    partitions in ``only`` (a plan's)."""
     cases = []
+    outer = tuple(range(topology.num_levels - 1))  # the hierarchical default: all but the innermost
     for strategy in strategies:
-        if strategy == "ep":
-            partitions = [tuple(1 for _ in topology.counts)]
-        elif strategy == "hybridep":
-            partitions = [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
-        else:
-            raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: ep, hybridep")
+        partitions = _partitions(topology, strategy)
         if only is not None:
             partitions = [s for s in partitions if tuple(s) in {tuple(o) for o in only}]
+        hier = strategy in ("hierarchical", "hybridep+hier")
         for sizes in partitions:
             for dtype in dtypes:
                 for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
+                    if hier:  # odd scenarios deduplicate at every level (the innermost too)
+                        dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))
+                        cases.append(Case(strategy, sizes, dtype, sc, prefetch=i % 2 == 1, dedup=dedup))
+                        continue
                     # every other scenario pipelines its exchange in 3 chunks
                     cases.append(Case(strategy, sizes, dtype, sc, prefetch=(strategy == "hybridep" and i % 2 == 1),
                                       a2a_chunks=3 if i % 2 == 0 else 1))

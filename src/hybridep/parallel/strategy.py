@@ -244,15 +244,21 @@ def moe_layers(model: nn.Module) -> Iterator[MoE]:
 
 
 def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr: SRSettings | None = None,
-                a2a_chunks: int = 1) -> list[ExpertParallelStyle]:
+                a2a_chunks: int = 1, dedup: tuple[int, ...] | None = None) -> list[ExpertParallelStyle]:
     """Apply the partition to every MoE layer of ``model`` (in place): shard experts, swap dispatchers.
     ``sr`` enables shared + residual compression of the in-domain expert traffic (see
     :class:`~hybridep.migration.sr.SRSettings`); ``a2a_chunks``: split each rank's tokens into that
     many chunks whose dispatch, experts and combine pipeline (one chunk's combine overlaps the next
-    ones' dispatch; 1 = one exchange)."""
+    ones' dispatch; 1 = one exchange); ``dedup``: the hierarchical token exchange instead, deduplicating
+    at these level indices (:mod:`hybridep.parallel.hierarchical`)."""
+    from hybridep.parallel.hierarchical import HierarchicalStyle
+
     styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
-        style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr, a2a_chunks)
+        if dedup is not None:
+            style = HierarchicalStyle(comm, domains, layer.experts.num_experts, sr, dedup)
+        else:
+            style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr, a2a_chunks)
         style.shard(layer.experts)
         layer.dispatcher = style
         if styles:  # the prefetch chain: the previous layer, taking its experts, issues this one's gather
