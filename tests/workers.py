@@ -461,3 +461,39 @@ def dense_sync_bytes(rank, world, names, counts, mode, steps):
     experts = set(expert_param_names(model))
     shapes = [tuple(p.shape) for n, p in model.named_parameters() if n not in experts]
     return comm.traffic.bytes_by_level(["dense"]), shapes
+
+
+def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens):
+    """One forward of an MoE layer under the hierarchical exchange (domain ``sizes``, ``dedup``
+    levels): (all-to-all bytes this rank counted per level, the crossings of each level its own
+    tokens make -- counted here from the routing, independently of the runtime --, hidden, k)."""
+    import numpy as np
+
+    from hybridep.moe import MoE
+
+    topo = Topology(names, counts)
+    comm = Communicator(topo, 60.0)
+    dom = Domains(topo, sizes)
+    experts, hidden = 4 * world, 12
+    torch.manual_seed(0)
+    layer = MoE(hidden, 8, experts, top_k).double()
+    parallelize(layer, comm, dom, dedup=dedup)
+    x = torch.randn(tokens, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    comm.traffic.reset()
+    with torch.no_grad():
+        routing = layer.router(x)
+        layer(x)
+    counted = comm.traffic.bytes_by_level(["a2a"])
+    owner = np.asarray(routing.expert_idx) // (experts // world)
+    dom_ids = np.stack(np.unravel_index(owner, counts), axis=-1) // np.asarray(sizes)  # [T, k, L]
+    mine = np.asarray(topo.coords(rank)) // np.asarray(sizes)
+    crossings, deduplicating = {}, True
+    for lv in dom.rail_levels():
+        deduplicating &= lv in dedup
+        far = dom_ids[:, :, lv] != mine[lv]
+        if deduplicating:
+            n = sum(len({tuple(p) for p in dom_ids[t, far[t], : lv + 1]}) for t in range(tokens))
+        else:
+            n = int(far.sum())
+        crossings[names[lv]] = n
+    return counted, crossings, hidden, top_k

@@ -30,7 +30,7 @@ from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, evaluate, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.planner import PlanResult, plan_workload
-from hybridep.strategies import HybridEPSpec, parse
+from hybridep.strategies import HierarchicalSpec, HybridEPSpec, parse
 from hybridep.topology import Topology
 from hybridep.trace import Span
 
@@ -64,6 +64,8 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
         entry["a2a_chunks"] = spec.a2a_chunks
     if spec.prefetch is not None:
         entry["prefetch"] = spec.prefetch
+    if isinstance(spec, HierarchicalSpec):
+        entry["dedup"] = list(spec.dedup_levels)
     if spec.compressed:
         b = cfg.bench
         entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,
@@ -73,7 +75,8 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
 
 def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpec | None = None) -> list[HybridEPSpec]:
     """Our strategies a bench runs: EP, the planner's choice, every other domain size
-    (``bench.all_domain_sizes``) and the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``;
+    (``bench.all_domain_sizes``), the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``
+    and (``bench.hierarchical``) the hierarchical exchange on EP's and the choice's partitions;
     with a plan file (``planned_spec``): EP and exactly the planned strategy."""
     topo = planned.choice.domains.topology
     ep = HybridEPSpec.ep(topo)
@@ -87,6 +90,11 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
     if not choice.is_ep:
         specs += [dataclasses.replace(choice, sr_ratio=ratio, sr_grads=grads)
                   for ratio in b.sr_ratios for grads in b.sr_grads]
+    if b.hierarchical:  # the hierarchical exchange on EP's partition and the choice's, where it deduplicates
+        for sizes in dict.fromkeys([ep.domain_sizes, choice.domain_sizes]):
+            hier = HierarchicalSpec(topo, sizes)
+            if set(hier.dedup_levels) & set(hier.domains().rail_levels()):
+                specs.append(hier)
     return specs
 
 

@@ -228,7 +228,9 @@ def main(spec_path: str, out_dir: str) -> int:
     for run_spec in spec["runs"]:
         run_spec = dict(run_spec)
         name = run_spec.pop("name")
-        rs = RunSpec(**{**run_spec, "domain_sizes": tuple(run_spec.get("domain_sizes", ()))})
+        dedup = run_spec.get("dedup")
+        rs = RunSpec(**{**run_spec, "domain_sizes": tuple(run_spec.get("domain_sizes", ())),
+                        "dedup": tuple(dedup) if dedup is not None else None})
         local = rs.strategy == "local"
         res = run(cfg, rs, None if local else comm, None if local else counter)
         results[name] = res.summary()

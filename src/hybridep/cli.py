@@ -118,6 +118,16 @@ def _plan_spec(args: argparse.Namespace, cfg: Config):
     return spec
 
 
+def _verify_family(spec) -> str:
+    """The ``verify --strategies`` entry that runs a planned spec's exchange on its partition."""
+    from hybridep.strategies import HierarchicalSpec
+
+    ones = all(s == 1 for s in spec.domain_sizes)
+    if isinstance(spec, HierarchicalSpec):
+        return "hierarchical" if ones else "hybridep+hier"
+    return "ep" if ones else "hybridep"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     import os
 
@@ -147,8 +157,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if spec.compressed:
                 console.print(f"{spec} compresses its gathers (lossy): verifying its exact variant "
                               f"{spec.uncompressed()}")
-            strategies, partitions = ["ep" if spec.uncompressed().is_ep else "hybridep"], [
-                spec.domain_sizes]
+            strategies, partitions = [_verify_family(spec)], [spec.domain_sizes]
     else:
         topo = default_topology(world)
     worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions)

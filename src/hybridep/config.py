@@ -352,6 +352,9 @@ class BenchConfig(_Strict):
     """Issue each layer's expert gather right after the optimizer step (False: in the forward pass)."""
     all_domain_sizes: StrictBool = True
     """Also run HybridEP at every feasible domain size besides the planner's choice."""
+    hierarchical: StrictBool = True
+    """Also run the hierarchical token exchange (``hierarchical``, ``<choice>+hier``) where it
+    deduplicates (tokens cross a level above the innermost)."""
     timeout_s: _real(0, 7 * 86400.0, lo_open=True) = 1800.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: ``stop`` the run with an error naming the rank, the step and

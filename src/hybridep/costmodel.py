@@ -74,6 +74,12 @@ class Workload:
     """How DDP synchronises them (:mod:`hybridep.strategies.dense_sync`)."""
     dense_shapes: tuple[tuple[int, ...], ...] = ()
     """Shapes of the dense gradients (what PowerSGD compresses); () = unknown (a direct workload)."""
+    top_k: int = 0
+    """Experts per token (0 = unknown: a direct workload)."""
+    token_bytes: float = 0.0
+    """Bytes of one token's hidden vector (``dispatch_bytes`` = tokens x ``top_k`` x this)."""
+    element_bytes: float = 4.0
+    """Bytes of one activation element (a routing weight sent beside a token)."""
     flops: float = 0.0
     """FLOP/s the compute seconds were derived with (prices a compression's matrix products); 0 = unknown."""
     experts: int = 0
@@ -201,6 +207,9 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         load = zipf_load(m.experts, m.expert_zipf)
     return Workload(
         dispatch_bytes=m.tokens_per_gpu * m.top_k * m.hidden * m.dtype_bytes,
+        top_k=m.top_k,
+        token_bytes=m.hidden * m.dtype_bytes,
+        element_bytes=m.dtype_bytes,
         expert_bytes=(m.experts // g) * mats * m.hidden * m.ffn * m.dtype_bytes,
         pre_expert_s=fl["pre_expert"] / flops,
         expert_s=fl["expert"] / flops,
@@ -343,6 +352,16 @@ def interleaved(ex: Exchange, terms: CostTerms) -> bool:
 
 
 def _a2a_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, list[float], list[float]]:
+    """One dispatch (see :func:`_stage_phase`); a dispatch in stages (``ex.then``) takes its stages
+    one after the other: seconds, bytes and busy seconds add up."""
+    parts = [_stage_phase(stage, net, terms) for stage in ex.stages()]
+    if len(parts) == 1:
+        return parts[0]
+    return (sum(t for t, _, _ in parts), [float(sum(x)) for x in zip(*(b for _, b, _ in parts), strict=True)],
+            [float(sum(x)) for x in zip(*(b for _, _, b in parts), strict=True)])
+
+
+def _stage_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, list[float], list[float]]:
     """One dispatch (combine is its mirror: same port loads, directions swapped): (seconds,
     cluster-wide bytes crossing each level's ports, seconds the busiest port of each level is busy
     with its bytes -- 0 at the top level with a DC link matrix).

@@ -74,6 +74,17 @@ class Exchange:
     delay_levels: tuple[int, ...]
     """Levels whose measured per-stage delay the exchange pays (it runs among ranks whose
     communication threads are busy with gather chains), or () for none."""
+    then: Exchange | None = None
+    """The next stage of a dispatch in stages (each stage's all-to-all waits for the previous one;
+    the combine retraces them, last first), or None: this is the last (or only) stage."""
+
+    def stages(self) -> list[Exchange]:
+        """This exchange and the stages that follow it, in dispatch order."""
+        out, ex = [], self
+        while ex is not None:
+            out.append(ex)
+            ex = ex.then
+        return out
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class RunSpec:
     sr_decode: str = "layer"
     sr_grads: str = "dense"
     a2a_chunks: int = 1
+    dedup: tuple[int, ...] | None = None
+    """The hierarchical token exchange deduplicating at these levels (None: the one-stage exchange)."""
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
     dense_sync: str = "ring"
@@ -139,7 +141,8 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
-    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks)
+    styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks,
+                         spec.dedup)
     return data_parallel(model, comm, parse_dense_sync(spec.dense_sync)), model, styles
 
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from hybridep.config import CostTerms
 from hybridep.costmodel import Network, count_exchange_s, ddp_last_bucket_bytes, exchange_delay_s, interleaved
-from hybridep.schedule import Schedule, Stage
+from hybridep.schedule import Exchange, Schedule, Stage
 from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Topology
 from hybridep.trace import Span
@@ -160,20 +160,23 @@ class IterationSim:
 
     # ------------------------------------------------------------------ flow classes
     def _a2a_batch(self, op: str, layer: int, toward_b: bool, ranks: np.ndarray, release: np.ndarray,
-                   label: str, scale: float = 1.0) -> Batch:
+                   label: str, scale: float = 1.0, stage: Exchange | None = None) -> Batch:
         """One all-to-all of MoE layer ``layer``: its flows into (``toward_b``) or out of the given
-        ranks, per level (``scale`` times the bytes: one chunk of a pipelined exchange)."""
+        ranks, per level (``scale`` times the bytes: one chunk of a pipelined exchange); ``stage``:
+        one stage of a dispatch in stages instead of the layer's exchange."""
         sizes, counts, lats, rel, owner, other = [], [], [], [], [], []
         ent: list[list[np.ndarray]] = [[], [], []]
         gent: list[list[np.ndarray]] = [[], [], []]
         n_cls = 0
+        peers_by_level = self._a2a_peers if stage is None else stage.peers_by_level
+        flow_bytes = self.flow_bytes[layer] if stage is None else stage.flow_bytes
         for lv in range(self.L):
-            n = self._a2a_peers[lv]
+            n = peers_by_level[lv]
             if n == 0:
                 continue
             if self.fold:
                 cls = n_cls + np.arange(len(ranks))
-                sizes.append(self.flow_bytes[layer, ranks] * scale)
+                sizes.append(flow_bytes[ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
                 lats.append(np.full(len(ranks), self.a2a_lat[lv]))
                 rel.append(release)
@@ -188,11 +191,11 @@ class IterationSim:
                     gent[2].append(np.full(len(ranks), n / self.fab.workers[j]))
                 n_cls += len(ranks)
             else:
-                peers = self._rail_peers(ranks, lv)  # (len(ranks), n)
+                peers = self._rail_peers(ranks, lv, stage)  # (len(ranks), n)
                 b = np.repeat(ranks, n)
                 a = peers.reshape(-1)
                 cls = n_cls + np.arange(len(b))
-                sizes.append(self.flow_bytes[layer, b] * scale)
+                sizes.append(flow_bytes[b] * scale)
                 counts.append(np.ones(len(b)))
                 lats.append(np.full(len(b), self.a2a_lat[lv]))
                 rel.append(np.repeat(release, n))
@@ -213,9 +216,10 @@ class IterationSim:
         batch.src, batch.dst = (batch.other, batch.owner) if toward_b else (batch.owner, batch.other)
         return self._p2p_engines(batch)
 
-    def _rail_peers(self, ranks: np.ndarray, lv: int) -> np.ndarray:
-        """For each rank, the members of its exchange group whose coarsest differing level is ``lv``."""
-        group_of = {r: g for g in self.s.exchanges[0].groups() for r in g}
+    def _rail_peers(self, ranks: np.ndarray, lv: int, stage: Exchange | None = None) -> np.ndarray:
+        """For each rank, the members of its exchange group (of ``stage``, if given) whose coarsest
+        differing level is ``lv``."""
+        group_of = {r: g for g in (stage or self.s.exchanges[0]).groups() for r in g}
         return np.asarray([[q for q in group_of[r] if self.topology.level_of_pair(r, q) == lv]
                            for r in ranks.tolist()], dtype=int)
 
@@ -338,6 +342,47 @@ class IterationSim:
         batch = self._stage_batch(op, stage, f"{label} {self.topology.names[stage.level]}")
         self._collective(batch, op, lambda t: self._staged(op, rest, label, then))
 
+    def _staged_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
+                     on_experts=None, on_launch=None) -> None:
+        """A dispatch in stages (:attr:`~hybridep.schedule.Exchange.then`): each stage's all-to-all
+        once the previous one is delivered everywhere, every rank's experts once the last stage is in
+        (and its layer's experts gathered), the combine's stages in reverse once every rank's experts
+        are done (a forwarder sums what its children send back before it sends on). Unchunked."""
+        stages = self.s.exchanges[layer].stages()
+        start, ranks = self.eng.now, np.arange(self.G)
+
+        def dispatch(i: int, t: float) -> None:
+            if i == len(stages):
+                return experts(t)
+            batch = self._a2a_batch("a2a", layer, True, ranks, np.full(self.G, t),
+                                    f"dispatch {name} stage {i}", stage=stages[i])
+            self._collective(batch, "a2a", lambda tt: dispatch(i + 1, tt))
+
+        def experts(t: float) -> None:
+            if need_experts is not None and need_experts not in self.ag_done:
+                self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: launch(tt)))
+                return
+            launch(max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+
+        def launch(t: float) -> None:
+            if on_launch is not None:
+                on_launch(t)
+            end = t + float((compute_factor * self.expert_s[layer]).max())
+            self._span("compute", f"experts {name}", t, end)
+            if on_experts is not None:
+                on_experts(end)
+            self.eng.at(end, lambda: combine(len(stages) - 1, end))
+
+        def combine(i: int, t: float) -> None:
+            if i < 0:
+                self._span("a2a", f"dispatch..combine {name}", start, t)
+                return then(t)
+            batch = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, t),
+                                    f"combine {name} stage {i}", stage=stages[i])
+            self._collective(batch, "a2a", lambda tt: combine(i - 1, tt))
+
+        dispatch(0, start)
+
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
                   on_experts=None, on_launch=None) -> None:
         """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks.
@@ -349,6 +394,8 @@ class IterationSim:
         results back; ``on_experts(t)`` when the last expert compute ends (known once every rank
         has started its last chunk); ``on_launch(t)`` when the first rank starts its experts (its
         tokens in, its layer's experts gathered)."""
+        if self.s.exchanges[layer].then is not None:
+            return self._staged_step(layer, name, compute_factor, need_experts, then, on_experts, on_launch)
         start = self.eng.now
         ranks = np.arange(self.G)
         chunks = self._chunks if any(self._a2a_peers) else 1

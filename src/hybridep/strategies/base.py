@@ -87,12 +87,12 @@ class _Family(Protocol):
 
 
 def _families() -> dict[str, _Family]:
-    from hybridep.strategies import hybridep
+    from hybridep.strategies import hierarchical, hybridep
 
-    return {"hybridep": hybridep}
+    return {"hierarchical": hierarchical, "hybridep": hybridep}  # the first that accepts a name parses it
 
 
-FAMILIES: tuple[str, ...] = ("hybridep",)
+FAMILIES: tuple[str, ...] = ("hierarchical", "hybridep")
 """The registered families, by name (one line per family in :func:`_families`)."""
 
 
@@ -102,7 +102,8 @@ def _family_of(name: str) -> _Family:
         if family.accepts(text):
             return family
     raise StrategyError(f"strategy {name!r}: no family accepts this name; known forms: ep, "
-                        "hybridep(LEVEL=SIZE,...), hybridep+srRATIO[+topkgrads](LEVEL=SIZE,...)")
+                        "hybridep(LEVEL=SIZE,...), hybridep+srRATIO[+topkgrads](LEVEL=SIZE,...), hierarchical, "
+                        "hierarchical(dedup=LEVEL+...), HYBRIDEP-NAME+hier")
 
 
 def parse(name: str, topology: Topology) -> StrategySpec:

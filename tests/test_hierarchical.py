@@ -1,0 +1,108 @@
+"""The hierarchical token exchange (family ``hierarchical``, ``+hier``): bytes per level, the closed
+form, names and bad input. Exactness against the single-process reference: ``tests/test_cli_verify.py``."""
+
+import math
+
+import numpy as np
+import pytest
+import workers
+
+from hybridep.config import load_config
+from hybridep.costmodel import Network, evaluate
+from hybridep.launch import run_local
+from hybridep.strategies import HierarchicalSpec, StrategyError, parse
+from hybridep.strategies.hierarchical import crossings_per_token
+from hybridep.topology import Domains, Topology
+
+
+@pytest.mark.parametrize("names,counts,sizes,dedup,top_k", [
+    (("dc", "gpu"), (4, 1), (1, 1), (0,), 4),
+    (("dc", "gpu"), (2, 2), (1, 1), (0,), 4),
+    (("dc", "gpu"), (2, 2), (1, 1), (0, 1), 2),
+    (("dc", "gpu"), (2, 2), (1, 2), (0,), 3),
+    (("dc", "node", "gpu"), (2, 2, 2), (1, 1, 1), (0, 1), 4),
+    (("dc", "node", "gpu"), (2, 2, 2), (1, 1, 1), (), 2),
+])
+def test_counted_bytes_are_one_crossing_per_distinct_destination(names, counts, sizes, dedup, top_k):
+    """The runtime's all-to-all bytes per level (all ranks, one forward) are the crossings counted from
+    the routing -- a token crosses a deduplicating level once per distinct destination worker other
+    than its own, else once per (token, expert) pair -- times the dispatch's packet (hidden vector
+    and k weights) plus the combine's (the hidden vector)."""
+    world = math.prod(counts)
+    out = run_local(workers.hierarchical_bytes, world, (names, counts, sizes, dedup, top_k, 40), timeout_s=240)
+    hidden, k = out[0][2], out[0][3]
+    for name in names:
+        counted = sum(o[0].get(name, 0) for o in out)
+        crossings = sum(o[1].get(name, 0) for o in out)
+        assert counted == crossings * (2 * hidden + k) * 8, name
+    assert sum(o[1].get("dc", 0) for o in out) > 0
+
+
+@pytest.mark.parametrize("counts,sizes,k,experts", [((4, 1), (1, 1), 4, 16), ((2, 2), (1, 1), 2, 8),
+                                                    ((8, 2), (1, 1), 4, 64), ((4, 2), (2, 1), 3, 16)])
+def test_the_closed_form_is_the_expected_crossings_of_uniform_routing(counts, sizes, k, experts):
+    """Uniform top-k routing (k distinct experts): the schedule's crossings per token per level equal a
+    Monte Carlo count of distinct destination workers (dedup) within 1 %."""
+    from hybridep.costmodel import Workload
+
+    topo = Topology(("dc", "gpu"), counts)
+    dom = Domains(topo, sizes)
+    w = Workload(dispatch_bytes=0, expert_bytes=0, pre_expert_s=0, experts=experts, top_k=k)
+    model = crossings_per_token(dom, w, dedup=(0, 1))
+    rng = np.random.default_rng(0)
+    g = topo.world_size
+    owners = np.arange(experts) // (experts // g)
+    ids = np.stack(np.unravel_index(owners, counts), axis=1) // np.asarray(sizes)
+    origin = rng.integers(0, g, 20000)
+    mine = np.stack(np.unravel_index(origin, counts), axis=1) // np.asarray(sizes)
+    picks = np.argsort(rng.random((len(origin), experts)), axis=1)[:, :k]
+    for lv in dom.rail_levels():
+        far = ids[picks][:, :, lv] != mine[:, None, lv]
+        hits = [len({tuple(p) for p in ids[picks[t]][far[t], : lv + 1]}) for t in range(len(origin))]
+        assert model[lv] == pytest.approx(np.mean(hits), rel=0.01)
+    if counts == (4, 1):  # the closed form itself: 3 other DCs, each holding 4 of 16 experts
+        assert model[0] == pytest.approx(3 * (1 - math.comb(12, 4) / math.comb(16, 4)))
+
+
+def test_the_cost_model_charges_the_stages_bytes():
+    """Top-4 over 4 DCs x 1: the model's cross-DC all-to-all bytes of ``hierarchical`` are EP's times
+    E[distinct other DCs] / E[other-DC pairs] (and the k weights per packet)."""
+    cfg = load_config(None, ["topology.levels.0.count=4", "topology.levels.1.count=1", "moe.top_k=4",
+                             "moe.experts=16"])
+    net = Network.from_config(cfg)
+    topo = cfg.topology.as_topology()
+    by = {n: evaluate(parse(n, topo).schedule(parse(n, topo).workload(cfg)), net, cfg.terms).bytes_by_level["dc"]
+          for n in ("ep", "hierarchical")}
+    distinct = 3 * (1 - math.comb(12, 4) / math.comb(16, 4))
+    pairs = 4 * 3 / 4
+    h = cfg.moe.hidden
+    assert by["hierarchical"]["a2a"] / by["ep"]["a2a"] == pytest.approx(distinct / pairs * (h + 4) / h)
+
+
+def test_names_read_back_and_the_whole_world_one_domain_is_a_no_op():
+    topo = Topology(("dc", "node", "gpu"), (2, 2, 2))
+    for name in ("hierarchical", "hierarchical(dedup=none)", "hierarchical(dedup=dc)",
+                 "hybridep(dc=1,node=2,gpu=1)+hier", "hybridep+sr50(dc=1,node=1,gpu=2)+hier(dedup=dc+gpu)"):
+        spec = parse(name, topo)
+        assert isinstance(spec, HierarchicalSpec) and str(spec) == name and parse(str(spec), topo) == spec
+    assert parse("hierarchical(dedup=dc+node)", topo) == parse("hierarchical", topo)  # the default, one name
+    whole = parse("hybridep(dc=2,node=2,gpu=2)+hier", topo)
+    cfg = load_config(None, ["topology.levels.0.count=2", "topology.levels.1.count=4"])
+    t2 = cfg.topology.as_topology()
+    one = parse("hybridep(dc=2,gpu=4)+hier", t2)
+    assert one.schedule(one.workload(cfg)).exchanges[0].then is None
+    assert whole.domains().rail_size == 1
+
+
+@pytest.mark.parametrize("name,says", [
+    ("hierarchical(dedup=rack)", "dedup level 'rack' does not exist; allowed: dc, node, gpu"),
+    ("hierarchical(levels=dc)", "unknown argument"),
+    ("hierarchical+chunks2", "cannot read"),
+    ("ep+chunks2+hier", "runs unchunked"),
+    ("hybridep(dc=3,node=1,gpu=1)+hier", "must divide"),
+    ("hierarchical(dedup=dc", "cannot read"),
+])
+def test_bad_names_say_what_is_allowed(name, says):
+    with pytest.raises(StrategyError, match="strategy") as err:
+        parse(name, Topology(("dc", "node", "gpu"), (2, 2, 2)))
+    assert says in str(err.value)
