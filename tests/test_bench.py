@@ -21,7 +21,13 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     assert names[:2] == [COMPUTE_ONLY, "ep"]
     assert str(planned.choice.spec) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
-                          "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "deepspeed"}
+                          "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "hierarchical", "deepspeed"}
+    entry = next(r for r in runs(cfg, planned, [], 5) if r["name"] == "hierarchical")
+    assert (entry["strategy"], entry["dedup"], entry["domain_sizes"]) == ("hierarchical", [0], [1, 1])
+    # the choice's partition too where its rails cross a deduplicating level; never without the key
+    one_dc = load_config(None, ["topology.levels.0.bandwidth=10Gbit/s", "bench.hierarchical=false"])
+    assert not any(r["name"].endswith("+hier") or r["name"] == "hierarchical"
+                   for r in runs(one_dc, plan(one_dc), [], 5))
     topo = cfg.topology.as_topology()
     sr = our_spec("hybridep+sr50(dc=2,gpu=2)", topo)
     assert (sr.domain_sizes, sr.sr_ratio, sr.sr_grads) == ((2, 2), 50.0, "dense")
