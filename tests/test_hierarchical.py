@@ -26,15 +26,15 @@ from hybridep.topology import Domains, Topology
 def test_counted_bytes_are_one_crossing_per_distinct_destination(names, counts, sizes, dedup, top_k):
     """The runtime's all-to-all bytes per level (all ranks, one forward) are the crossings counted from
     the routing -- a token crosses a deduplicating level once per distinct destination worker other
-    than its own, else once per (token, expert) pair -- times the dispatch's packet (hidden vector
-    and k weights) plus the combine's (the hidden vector)."""
+    than its own, else once per (token, expert) pair -- times the dispatch's packet (hidden vector,
+    k weights, k int32 ids) plus the combine's (the hidden vector)."""
     world = math.prod(counts)
     out = run_local(workers.hierarchical_bytes, world, (names, counts, sizes, dedup, top_k, 40), timeout_s=240)
     hidden, k = out[0][2], out[0][3]
     for name in names:
         counted = sum(o[0].get(name, 0) for o in out)
         crossings = sum(o[1].get(name, 0) for o in out)
-        assert counted == crossings * (2 * hidden + k) * 8, name
+        assert counted == crossings * ((2 * hidden + k) * 8 + 4 * k), name
     assert sum(o[1].get("dc", 0) for o in out) > 0
 
 
@@ -66,7 +66,8 @@ def test_the_closed_form_is_the_expected_crossings_of_uniform_routing(counts, si
 
 def test_the_cost_model_charges_the_stages_bytes():
     """Top-4 over 4 DCs x 1: the model's cross-DC all-to-all bytes of ``hierarchical`` are EP's times
-    E[distinct other DCs] / E[other-DC pairs] (and the k weights per packet)."""
+    E[distinct other DCs] / E[other-DC pairs] (and per crossing the mean of the four directions' k
+    weights and ids: (k/2) elements and k int32 ids over the dispatch and its backward)."""
     cfg = load_config(None, ["topology.levels.0.count=4", "topology.levels.1.count=1", "moe.top_k=4",
                              "moe.experts=16"])
     net = Network.from_config(cfg)
@@ -76,7 +77,9 @@ def test_the_cost_model_charges_the_stages_bytes():
     distinct = 3 * (1 - math.comb(12, 4) / math.comb(16, 4))
     pairs = 4 * 3 / 4
     h = cfg.moe.hidden
-    assert by["hierarchical"]["a2a"] / by["ep"]["a2a"] == pytest.approx(distinct / pairs * (h + 4) / h)
+    e = cfg.moe.dtype_bytes
+    packet = h * e + 4 * (e / 2 + 4 / 4)
+    assert by["hierarchical"]["a2a"] / by["ep"]["a2a"] == pytest.approx(distinct / pairs * packet / (h * e))
 
 
 def test_names_read_back_and_the_whole_world_one_domain_is_a_no_op():

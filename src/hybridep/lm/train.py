@@ -246,7 +246,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         comm.traffic.record_spans = False
         result.trace = [None] * comm.world_size
         dist.all_gather_object(result.trace, comm.traffic.spans)
-    if comm is not None and spec.strategy in ("ep", "hybridep", "hybridep+sr"):
+    if comm is not None and spec.strategy not in ("local", "deepspeed"):  # our strategies count their bytes
         tr = comm.traffic
         secs = torch.tensor([tr.seconds_by_op.get(k, 0.0) for k in ("a2a", "meta", "ag", "rs")], dtype=torch.float64)
         levels = list(comm.topology.names)

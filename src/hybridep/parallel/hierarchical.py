@@ -1,25 +1,26 @@
 """Hierarchical token exchange with per-level deduplication (NVIDIA Hybrid-EP's dispatch, across DCs).
 
-The plain exchange copies a token once per routed expert and sends every copy to its destination
-in one all-to-all over the rail. Here the token travels the rail level by level, outermost first:
-at level l it moves to the rail member whose domain id at l is the destination's (the coordinates
-below l unchanged), so a stage is an all-to-all among the R_l rail members that differ only at l
+The plain exchange copies a token once per routed expert and sends every copy to its destination in
+one all-to-all over the rail. Here the token travels the rail level by level, outermost first: at
+level l it moves to the rail member whose domain id at l is the destination's (the coordinates below
+l unchanged), so a stage is an all-to-all among the R_l rail members that differ only at l
 (:meth:`~hybridep.topology.Domains.rail_stage_groups`). At a *deduplicating* level a token crosses
 once per distinct destination worker there, carrying the (expert, weight) pairs it has in that
-worker's subtree; at the others once per pair. After the last stage the token sits on the rank
-that holds (after the domain's gather) every expert it still carries; that rank sums their
-weighted outputs into one vector, and the combine retraces the stages, each forwarder summing what
-comes back from its children before it crosses the level again.
+worker's subtree; at the others once per pair. After the last stage the token sits on the rank that
+holds (after the domain's gather) every expert it still carries; that rank sums their weighted
+outputs into one vector, and the combine retraces the stages, each forwarder summing what comes back
+from its children before it crosses the level again.
 
 A packet is the token's row with its k routing weights as extra columns (masked to the pairs it
 carries, so the weights' gradients flow back through the exchange) and, apart, its k expert ids
-(-1 where not carried; counted as ``meta``). Every step is a differentiable tensor operation or an
-:class:`~hybridep.parallel.functional.AllToAll`, so the backward is autograd's: the duals of each
-stage in reverse. Split sizes go first at every stage (no padding; empty counts are fine).
+(int32, -1 where not carried; counted with the payload, op ``a2a_ids``). Every step is a
+differentiable tensor operation or an :class:`~hybridep.parallel.functional.AllToAll`, so the
+backward is autograd's: the duals of each stage in reverse. Split sizes go first at every stage (no
+padding; empty counts are fine).
 
 With every domain size 1 this is hierarchical EP; with HybridEP domains it runs inside the rails
-(tokens for several experts of one destination domain travel once); with the whole world one
-domain no token moves (the rail is the rank alone).
+(tokens for several experts of one destination domain travel once); with the whole world one domain
+no token moves (the rail is the rank alone).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from hybridep.parallel.comm import Communicator
 from hybridep.parallel.functional import AllToAll
 from hybridep.parallel.strategy import ExpertParallelStyle
 from hybridep.topology import Domains
+
+ID_BYTES = 4
+"""Bytes of one expert id in a packet (int32)."""
 
 
 @dataclass
@@ -76,7 +80,7 @@ class HierarchicalStyle(ExpertParallelStyle):
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         if len(self.rail) == 1:  # the domain holds every expert: no token leaves this rank
             return compute_in_place(x, routing, experts, self.expert_weights(experts), self.key_of_expert)
-        ids = torch.where(routing.kept, routing.expert_idx, -1)
+        ids = torch.where(routing.kept, routing.expert_idx, -1).to(torch.int32)
         weights = (routing.weights * routing.kept).to(x.dtype)
         packets, hops = torch.cat([x, weights], dim=1), []
         for lv in self.levels:
@@ -115,7 +119,7 @@ class HierarchicalStyle(ExpertParallelStyle):
         send_l, recv_l = send.tolist(), recv.tolist()
         out = AllToAll.apply(child, self.comm, group, send_l, recv_l, "a2a_dispatch")
         out_ids = child_ids.new_empty((sum(recv_l), k))
-        self.comm.all_to_all(out_ids, child_ids.contiguous(), recv_l, send_l, group, "meta")
+        self.comm.all_to_all(out_ids, child_ids.contiguous(), recv_l, send_l, group, "a2a_ids")
         return out, out_ids, Hop(group, send_l, recv_l, parent, packets.shape[0])
 
     def _experts(self, packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts,

@@ -1,5 +1,5 @@
-"""The hierarchical family: the token exchange in stages per level with per-level deduplication
-(NVIDIA Hybrid-EP's dispatch, across DCs), alone or inside HybridEP's rails.
+"""The hierarchical family: the token exchange in stages per level with per-level deduplication (NVIDIA
+Hybrid-EP's dispatch, across DCs), alone or inside HybridEP's rails.
 
 Parameters (:class:`HierarchicalSpec`): HybridEP's (domain sizes, compression, prefetch) and the
 levels that deduplicate (default: every level above the innermost). The runtime is
@@ -14,10 +14,11 @@ Names (``str(spec)`` / :func:`parse`)::
 
 Bytes (the schedule): at stage level l a token crosses once per distinct destination worker there
 (prefix of domain ids d_0..d_l) other than its own, when l and every stage level before it
-deduplicate; else once per (token, expert) pair crossing l. Each crossing carries the token's hidden
-vector and its k routing weights. With E experts, k per token (without replacement), R_l rail
-members at level l and W_l = R_0 ... R_l destination workers down to l, uniform routing gives the
-closed form
+deduplicate; else once per (token, expert) pair crossing l. A dispatch crossing carries the token's
+hidden vector, its k routing weights and k int32 expert ids; a combine crossing the hidden vector
+(:func:`packet_bytes` charges each direction their mean, so the iteration's total is exact). With E
+experts, k per token (without replacement), R_l rail members at level l and W_l = R_0 ... R_l
+destination workers down to l, uniform routing gives the closed form
 
     E[crossings at l per token] = W_{l-1} (R_l - 1) (1 - C(E - E/W_l, k) / C(E, k))   (dedup)
                                 = k (R_l - 1) / R_l                                  (per pair)
@@ -40,6 +41,7 @@ from hybridep.config import Config
 from hybridep.costmodel import Workload
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
+from hybridep.parallel.hierarchical import ID_BYTES
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule
 from hybridep.strategies import hybridep
 from hybridep.strategies.base import StrategyError
@@ -221,7 +223,8 @@ def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer
 
 def _stage(dom: Domains, lv: int, rank_bytes: float, then: Exchange | None) -> Exchange:
     """The all-to-all of one stage: every rank sends ``rank_bytes`` to its R_l - 1 stage peers across
-    ``lv`` (an equal share each); ``then``: the next stage."""
+    ``lv`` (an equal share each; two messages to and from each: the rows, the ids); ``then``: the next
+    stage."""
     topo = dom.topology
     g, peers = topo.world_size, dom.rail_factors[lv] - 1
     ports = []
@@ -234,15 +237,21 @@ def _stage(dom: Domains, lv: int, rank_bytes: float, then: Exchange | None) -> E
     pair_bytes = np.where(pairs, topo.ranks_per_worker(0) * rank_bytes / peers, 0.0)
     return Exchange(ports=tuple(ports), peers_by_level=tuple(peers if x == lv else 0 for x in range(topo.num_levels)),
                     flow_bytes=np.full(g, rank_bytes / peers), groups=functools.partial(dom.rail_stage_groups, lv),
-                    top_pair_bytes=lambda: pair_bytes, messages=2 * peers, chunks=1, interleaved_top=False,
+                    top_pair_bytes=lambda: pair_bytes, messages=4 * peers, chunks=1, interleaved_top=False,
                     delay_levels=(), then=then)
 
 
+def packet_bytes(w: Workload) -> float:
+    """Bytes one crossing carries, averaged over the four directions the evaluators charge alike: the
+    dispatch sends the hidden vector, k weights and k expert ids, the combine the hidden vector, and
+    their backwards the gradients of the vector and weights, and of the vector."""
+    return w.token_bytes + w.top_k * (w.element_bytes / 2 + ID_BYTES / 4)
+
+
 def staged_exchange(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> Exchange:
-    """One layer's dispatch in stages, outermost first; a crossing carries the token's hidden vector
-    and its k routing weights (``w.element_bytes`` each)."""
+    """One layer's dispatch in stages, outermost first (each crossing :func:`packet_bytes`)."""
     tokens = w.dispatch_bytes / (w.top_k * w.token_bytes)
-    packet = w.token_bytes + w.top_k * w.element_bytes
+    packet = packet_bytes(w)
     ex = None
     for lv, n in reversed(crossings_per_token(dom, w, dedup, layer).items()):
         ex = _stage(dom, lv, tokens * n * packet, ex)
