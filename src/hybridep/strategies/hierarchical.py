@@ -41,7 +41,6 @@ from hybridep.config import Config
 from hybridep.costmodel import Workload
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.hierarchical import ID_BYTES
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule
 from hybridep.strategies import hybridep
 from hybridep.strategies.base import StrategyError
@@ -245,6 +244,8 @@ def packet_bytes(w: Workload) -> float:
     """Bytes one crossing carries, averaged over the four directions the evaluators charge alike: the
     dispatch sends the hidden vector, k weights and k expert ids, the combine the hidden vector, and
     their backwards the gradients of the vector and weights, and of the vector."""
+    from hybridep.parallel.hierarchical import ID_BYTES  # (the runtime imports the strategies' modules)
+
     return w.token_bytes + w.top_k * (w.element_bytes / 2 + ID_BYTES / 4)
 
 
