@@ -121,3 +121,19 @@ def test_bad_planner_allow_names_the_key(value):
     with pytest.raises(ConfigError, match=r"planner\.allow") as err:
         load_config(None, [f"planner.allow={value}"])
     assert "allowed" in str(err.value) or "rank >= 1" in str(err.value)
+
+
+@pytest.mark.parametrize("command,key", [("train", "dense_sync"), ("bench", "planner.allow.0")])
+def test_powersgd_rank_above_the_smallest_matrix_is_refused_before_any_rank_starts(command, key, capsys):
+    """The bench's language model's smallest dense matrix is the router (8 experts x hidden 64): rank 999
+    is refused with exit 2 naming the key."""
+    from hybridep.cli import main
+
+    value = "powersgd(rank=999)"
+    sets = [f"dense_sync={value}"] if key == "dense_sync" else [f"planner.allow=['{value}']"]
+    args = [command, *[x for s in sets for x in ("--set", s)]]
+    if command == "bench":
+        args += ["--testbed", "off"]
+    assert main(args) == 2
+    out = capsys.readouterr().out
+    assert key in out and "smallest dense gradient matrix" in out and "allowed: 1..8" in out

@@ -259,6 +259,21 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_dense_sync(cfg: Config) -> None:
+    """A PowerSGD rank (``dense_sync`` or ``planner.allow``) larger than the model's smallest dense
+    gradient matrix: a configuration error naming the key, before any rank starts."""
+    from hybridep.costmodel import workload_from_config
+    from hybridep.strategies.dense_sync import check_rank
+
+    shapes = workload_from_config(cfg, flops=1.0).dense_shapes
+    keyed = [("dense_sync", cfg.dense_sync)] + [(f"planner.allow.{i}", a) for i, a in enumerate(cfg.planner.allow)]
+    for key, value in keyed:
+        try:
+            check_rank(value, shapes)
+        except ValueError as err:
+            raise ConfigError([(key, value, str(err))]) from None
+
+
 def _with_dense_sync(cfg: Config, document: dict | None, planned) -> Config:
     """``cfg`` with ``dense_sync: auto`` resolved: the plan file's mode, else the planner's choice."""
     if cfg.dense_sync != "auto":
@@ -288,6 +303,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except bench.BenchError as err:
         return _fail(err, 2, "error")
     _check_cores(cfg.topology.world_size, args, "topology.levels")
+    _check_dense_sync(cfg)
     planned_spec = _plan_spec(args, cfg)
     planned = plan(cfg, _flops(cfg))
     choice = str(planned_spec if planned_spec is not None else planned.choice.spec)
@@ -477,6 +493,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             latest(args.resume)
         except CheckpointError as err:
             raise ConfigError([("--resume", args.resume, str(err))]) from None
+    _check_dense_sync(cfg)
     spec = _plan_spec(args, cfg)
     plan = make_plan(cfg, _flops(cfg))
     document = plan.document if spec is None else _with_strategy(plan.document, spec, args.plan)

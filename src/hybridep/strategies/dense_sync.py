@@ -83,6 +83,18 @@ def parse_dense_sync(text: str) -> DenseSync:
     return DenseSync("powersgd", rank, start)
 
 
+def check_rank(text: str, shapes) -> None:
+    """ValueError when ``text`` is a PowerSGD mode whose rank exceeds the smallest dense gradient
+    matrix of ``shapes`` (PyTorch would compress nothing at that rank)."""
+    if not text.startswith("powersgd"):
+        return
+    sync = parse_dense_sync(text)
+    smallest = min((min(s) for s in shapes if len(s) >= 2), default=None)
+    if smallest is not None and sync.rank > smallest:
+        raise ValueError(f"powersgd rank {sync.rank} is larger than the smallest dense gradient matrix "
+                         f"({smallest}); allowed: 1..{smallest}")
+
+
 def candidates(allow: list[str]) -> list[DenseSync]:
     """The modes the planner chooses among: the exact ones and the lossy ones ``allow`` names."""
     allowed = [parse_dense_sync(a) for a in allow]

@@ -190,8 +190,11 @@ def parse_request(text: str, topology: Topology) -> HierarchicalRequest:
 
 
 # --------------------------------------------------------------------------------- the schedule
-def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> dict[int, float]:
-    """Expected times one token crosses each stage level (see the module docstring's closed form)."""
+def destination_hits(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> dict[int, np.ndarray]:
+    """Per stage level l: for every destination worker X there (a prefix of rail domain ids, array of
+    shape (R_0, ..., R_l)), how often one token from an origin elsewhere at l crosses into X -- the
+    probability that one of its k experts lies in X (deduplicating), or k times X's load share (per
+    pair). See the module docstring for the closed form."""
     topo, k = dom.topology, w.top_k
     g = topo.world_size
     experts = w.experts or g
@@ -205,38 +208,54 @@ def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer
     domain_ids = coords // np.asarray(dom.sizes)
     out, deduplicating = {}, True
     for lv in dom.rail_levels():
-        r = dom.rail_factors[lv]
         deduplicating &= lv in dedup
-        if not deduplicating:
-            out[lv] = k * (r - 1) / r
-            continue
         shape = tuple(dom.rail_factors[: lv + 1])
         prefix = np.ravel_multi_index(tuple(domain_ids[:, : lv + 1].T), shape)
         share = np.bincount(prefix, weights=load, minlength=math.prod(shape))
+        if not deduplicating:
+            out[lv] = (k * share).reshape(shape)
+            continue
         missed = np.ones_like(share)
         for i in range(k):  # k experts without replacement, none of them in the worker
             missed *= np.clip((experts - share * experts - i) / (experts - i), 0.0, 1.0)
-        out[lv] = float(((1 - 1 / r) * (1 - missed)).sum())
+        out[lv] = (1 - missed).reshape(shape)
     return out
 
 
-def _stage(dom: Domains, lv: int, rank_bytes: float, then: Exchange | None) -> Exchange:
-    """The all-to-all of one stage: every rank sends ``rank_bytes`` to its R_l - 1 stage peers across
-    ``lv`` (an equal share each; two messages to and from each: the rows, the ids); ``then``: the next
-    stage."""
+def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> dict[int, float]:
+    """Expected times one token crosses each stage level (origins uniform: a share (R_l - 1)/R_l of them
+    lies elsewhere at l than a given destination worker)."""
+    return {lv: float((1 - 1 / dom.rail_factors[lv]) * hits.sum())
+            for lv, hits in destination_hits(dom, w, dedup, layer).items()}
+
+
+def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Exchange | None) -> Exchange:
+    """The all-to-all of one stage over ``lv`` (``hits``: :func:`destination_hits` there;
+    ``token_bytes``: the bytes of all of a rank's tokens as packets). A level-l port of the workers
+    with domain ids X receives the crossings into X from origins elsewhere at l and sends those of
+    the tokens it holds into X's siblings, shared by the workers alike but for their offsets; two
+    messages to and from each stage peer (the rows, the ids); ``then``: the next stage."""
     topo = dom.topology
-    g, peers = topo.world_size, dom.rail_factors[lv] - 1
-    ports = []
-    for level in range(topo.num_levels):
-        port = topo.ranks_per_worker(level) * rank_bytes if level == lv else 0.0
-        ports.append(ExchangePorts(np.array([port]), np.array([port]), g * rank_bytes if level == lv else 0.0))
+    g, r = topo.world_size, dom.rail_factors[lv]
+    alike = math.prod(dom.sizes[: lv + 1])  # topology workers per destination worker
+    sibling = hits.reshape(-1, r)
+    scale = g * token_bytes / r / alike
+    ingress = (scale * (r - 1) * sibling).ravel()
+    egress = (scale * (sibling.sum(axis=1, keepdims=True) - sibling)).ravel()
+    total = float(ingress.sum()) * alike
+    ports = [ExchangePorts(egress, ingress, total) if level == lv else
+             ExchangePorts(np.zeros(1), np.zeros(1), 0.0) for level in range(topo.num_levels)]
+    # per receiving rank: its worker's ingress over the rank's stage peers
+    ids = np.stack(np.unravel_index(np.arange(g), topo.counts), axis=1)[:, : lv + 1] // np.asarray(dom.sizes[: lv + 1])
+    rank_in = ingress[np.ravel_multi_index(tuple(ids.T), tuple(dom.rail_factors[: lv + 1]))]
+    flow = rank_in / topo.ranks_per_worker(lv) / (r - 1)
     c0 = topo.counts[0]
     top = np.arange(c0) % dom.sizes[0]
     pairs = (top[:, None] == top[None, :]) & ~np.eye(c0, dtype=bool) if lv == 0 else np.zeros((c0, c0), bool)
-    pair_bytes = np.where(pairs, topo.ranks_per_worker(0) * rank_bytes / peers, 0.0)
-    return Exchange(ports=tuple(ports), peers_by_level=tuple(peers if x == lv else 0 for x in range(topo.num_levels)),
-                    flow_bytes=np.full(g, rank_bytes / peers), groups=functools.partial(dom.rail_stage_groups, lv),
-                    top_pair_bytes=lambda: pair_bytes, messages=4 * peers, chunks=1, interleaved_top=False,
+    pair_bytes = np.where(pairs, ingress.mean() / (r - 1), 0.0)
+    return Exchange(ports=tuple(ports), peers_by_level=tuple(r - 1 if x == lv else 0 for x in range(topo.num_levels)),
+                    flow_bytes=flow, groups=functools.partial(dom.rail_stage_groups, lv),
+                    top_pair_bytes=lambda: pair_bytes, messages=4 * (r - 1), chunks=1, interleaved_top=False,
                     delay_levels=(), then=then)
 
 
@@ -252,10 +271,9 @@ def packet_bytes(w: Workload) -> float:
 def staged_exchange(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> Exchange:
     """One layer's dispatch in stages, outermost first (each crossing :func:`packet_bytes`)."""
     tokens = w.dispatch_bytes / (w.top_k * w.token_bytes)
-    packet = packet_bytes(w)
     ex = None
-    for lv, n in reversed(crossings_per_token(dom, w, dedup, layer).items()):
-        ex = _stage(dom, lv, tokens * n * packet, ex)
+    for lv, hits in reversed(destination_hits(dom, w, dedup, layer).items()):
+        ex = _stage(dom, lv, hits, tokens * packet_bytes(w), ex)
     return ex
 
 
