@@ -109,3 +109,23 @@ def test_bad_names_say_what_is_allowed(name, says):
     with pytest.raises(StrategyError, match="strategy") as err:
         parse(name, Topology(("dc", "node", "gpu"), (2, 2, 2)))
     assert says in str(err.value)
+
+
+def test_the_planner_considers_the_hierarchical_exchange_where_it_deduplicates():
+    """Every partition whose rails cross a deduplicating level is a candidate with ``+hier`` too; where
+    plain EP wins (few tokens, big experts) and tokens go to 4 experts, the planner picks
+    ``hierarchical`` -- predicted faster than EP's one-stage exchange -- and the plan file runs it."""
+    from hybridep.planfile import Plan, plan_document
+    from hybridep.planner import plan
+
+    cfg = load_config("configs/bench_ep_wins.yaml", ["moe.top_k=4", "moe.experts=16"])
+    result = plan(cfg)
+    hier = {str(c.spec) for c in result.candidates if c.hier}
+    assert hier == {"hierarchical", "hybridep(dc=1,gpu=2)+hier"}  # rails crossing the DC level
+    assert str(result.choice.spec) == "hierarchical"
+    assert result.choice.prediction.iteration_s < result.ep.prediction.iteration_s
+    doc = plan_document(cfg, result)
+    assert doc["strategy"] == "hierarchical" and doc["spec"]["family"] == "hierarchical"
+    assert parse(doc["strategy"], cfg.topology.as_topology()) == Plan(result.choice.spec, doc).spec
+    one_level = plan(load_config(None, ["topology.levels.0.count=1", "topology.levels.1.count=4"]))
+    assert not any(c.hier for c in one_level.candidates)  # nothing above the innermost level to deduplicate

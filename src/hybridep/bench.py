@@ -93,7 +93,7 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
     if b.hierarchical:  # the hierarchical exchange on EP's partition and the choice's, where it deduplicates
         for sizes in dict.fromkeys([ep.domain_sizes, choice.domain_sizes]):
             hier = HierarchicalSpec(topo, sizes)
-            if set(hier.dedup_levels) & set(hier.domains().rail_levels()):
+            if set(hier.dedup_levels) & set(hier.domains().rail_levels()) and hier not in specs:
                 specs.append(hier)
     return specs
 
@@ -156,16 +156,18 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
             calibration: dict | None = None, from_plan: bool = False) -> dict:
     """Per-strategy figures for the report and JSON.
 
-    ``planner_choice`` is the calibrated planner's choice when the run was shaped, else the choice
-    from the configuration alone (``planner_choice_config``); with ``from_plan`` it is the plan
-    file's strategy (``config_choice``), the one that ran.
+    ``planner_choice`` is the calibrated planner's choice among the strategies that ran when the run
+    was shaped, else the choice from the configuration alone (``planner_choice_config``); with
+    ``from_plan`` it is the plan file's strategy (``config_choice``), the one that ran.
     """
     model = calibrated_model(cfg, results, rates_bps, calibration) if rates_bps is not None else None
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
-    if model is not None and not from_plan:
+    if model is not None and not from_plan:  # the calibrated planner, among the strategies that ran
         cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)
-        planner_choice = str(cal.choice.spec)
+        ran = [c for c in cal.candidates if str(c.spec) in results]
+        if ran:
+            planner_choice = str(min(ran, key=lambda c: c.prediction.iteration_s).spec)
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
     n_uplinks = top.count

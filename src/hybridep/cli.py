@@ -58,8 +58,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print("topology: " + " x ".join(
         f"{lv.count} {lv.name} ({fmt_bandwidth(lv.bandwidth_bps)}, {fmt_time(lv.latency_s)})" for lv in names)
         + f" = {cfg.topology.world_size} devices; cost model: {cfg.cost_model}")
-    table = Table(title="HybridEP partitions (fastest first)")
-    for col in ("domain sizes", "dense sync", "p", "iteration", "compute", "A2A", "AG (exposed)", "RS (exposed)",
+    table = Table(title="candidates (fastest first)")
+    for col in ("strategy", "dense sync", "p", "iteration", "compute", "A2A", "AG (exposed)", "RS (exposed)",
                 "grad sync (exposed)", "A2A/AG pairs", "bytes on " + names[0].name):
         table.add_column(col, justify="right")
     ranked = sorted(result.candidates, key=lambda c: c.prediction.iteration_s)
@@ -70,7 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pr = c.prediction
         mark = " *" if c is result.choice else (" (EP)" if c is result.ep else "")
         table.add_row(
-            "x".join(str(s) for s in c.domains.sizes) + mark, c.dense_sync, f"{c.domains.p:.3f}",
+            str(c.spec) + mark, c.dense_sync, f"{c.domains.p:.3f}",
             fmt_time(pr.iteration_s), fmt_time(pr.compute_s), fmt_time(pr.a2a_s),
             f"{fmt_time(pr.ag_s)} ({fmt_time(pr.exposed_ag_s)})", f"{fmt_time(pr.rs_s)} ({fmt_time(pr.exposed_rs_s)})",
             f"{fmt_time(pr.grad_sync_s)} ({fmt_time(pr.exposed_grad_sync_s)})",

@@ -1,11 +1,13 @@
 """The planner: evaluate the cost model for every feasible partition and pick the fastest.
 
 Candidates are all combinations of per-level domain sizes (divisors of each level's count), each
-with every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
+with the one-stage exchange and -- where it deduplicates (the rails cross a level above the
+innermost) and the model's dimensions are known -- the hierarchical one (``+hier``), each with
+every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
 ``hierarchical`` and the lossy modes ``planner.allow`` lists; else the configured one). Plain EP
 (all sizes 1) is always among them, so the choice is never predicted slower than EP. Ties (within
 1e-9 relative) go to the smaller expert domain (less memory, closer to EP), then to the earlier
-dense-sync mode (``ring`` first).
+dense-sync mode (``ring`` first), then to the one-stage exchange.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from hybridep.costmodel import (
     Network,
     Prediction,
     Workload,
+    evaluate,
     paper_closed_form_p,
     workload_from_config,
 )
-from hybridep.strategies import HybridEPSpec
+from hybridep.strategies import HierarchicalSpec, HybridEPSpec
 from hybridep.strategies.dense_sync import candidates
 from hybridep.strategies.hybridep import predict
 from hybridep.topology import Domains, Topology, divisors
@@ -33,10 +36,14 @@ class Candidate:
     domains: Domains
     prediction: Prediction
     dense_sync: str = "ring"
+    hier: bool = False
+    """The hierarchical token exchange (family ``hierarchical``) on this partition."""
 
     @property
     def spec(self) -> HybridEPSpec:
         """The strategy this candidate is (uncompressed, chunks and prefetch as configured)."""
+        if self.hier:
+            return HierarchicalSpec(self.domains.topology, self.domains.sizes)
         return HybridEPSpec(self.domains.topology, self.domains.sizes)
 
     def to_dict(self) -> dict:
@@ -44,6 +51,7 @@ class Candidate:
         pred = self.prediction
         return {
             "strategy": str(self.spec),
+            "family": self.spec.family,
             "dense_sync": self.dense_sync,
             "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
             "p": self.domains.p,
@@ -143,18 +151,37 @@ def plan(cfg: Config, flops: float | None = None) -> PlanResult:
     return plan_workload(net, w, cfg.terms, dense_sync_modes(cfg))
 
 
-def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] | None = None) -> PlanResult:
+def _exchanges(dom: Domains, w: Workload, hier: bool) -> list[bool]:
+    """The exchanges a partition is a candidate with: one-stage, and hierarchical where it deduplicates."""
+    if not hier or w.top_k < 1:
+        return [False]
+    dedup = HierarchicalSpec(dom.topology, dom.sizes).dedup_levels
+    return [False, True] if set(dedup) & set(dom.rail_levels()) else [False]
+
+
+def _predict(dom: Domains, w: Workload, net: Network, terms: CostTerms, hier: bool) -> Prediction:
+    if not hier:
+        return predict(dom, w, net, terms)
+    spec = HierarchicalSpec(dom.topology, dom.sizes)
+    w1 = dataclasses.replace(w, a2a_chunks=1)
+    return dataclasses.replace(evaluate(spec.schedule(w1), net, terms), domain_sizes=dom.sizes)
+
+
+def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] | None = None,
+                  hier: bool = True) -> PlanResult:
     """Planner core on an explicit network and workload (``modes``: dense-sync modes, default the
-    workload's)."""
+    workload's; ``hier``: the hierarchical exchange among the candidates)."""
     topo = net.topology
     cands = []
     for mode in modes or [w.dense_sync]:
         wm = dataclasses.replace(w, dense_sync=mode)
-        cands += [Candidate(Domains(topo, sizes), predict(Domains(topo, sizes), wm, net, terms), mode)
-                  for sizes in topo.feasible_domain_sizes()]
+        for sizes in topo.feasible_domain_sizes():
+            dom = Domains(topo, sizes)
+            cands += [Candidate(dom, _predict(dom, wm, net, terms, h), mode, h) for h in _exchanges(dom, wm, hier)]
     order = {m: i for i, m in enumerate(modes or [w.dense_sync])}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
-    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync]))
-    ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes) and c.dense_sync == choice.dense_sync)
+    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier))
+    ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes) and c.dense_sync == choice.dense_sync
+              and not c.hier)
     return PlanResult(cands, choice, ep, closed_form(topo, w, net))

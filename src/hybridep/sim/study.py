@@ -56,7 +56,7 @@ def resolve(text: str, cfg: Config, net: Network, flops: float | None) -> Strate
         request = dataclasses.replace(request, template=dataclasses.replace(template, sr_grads=cfg.moe.sr_grads))
     w = request.template.workload(cfg, flops)
     if request.planner:
-        best = plan_workload(net, w, cfg.terms).choice.domains.sizes
+        best = plan_workload(net, w, cfg.terms, hier=False).choice.domains.sizes  # HybridEP's partition
     else:
         best = min(request.candidates(),
                    key=lambda s: (evaluate(request.with_sizes(s).schedule(w), net, cfg.terms).iteration_s,

@@ -249,14 +249,20 @@ def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Ex
     ids = np.stack(np.unravel_index(np.arange(g), topo.counts), axis=1)[:, : lv + 1] // np.asarray(dom.sizes[: lv + 1])
     rank_in = ingress[np.ravel_multi_index(tuple(ids.T), tuple(dom.rail_factors[: lv + 1]))]
     flow = rank_in / topo.ranks_per_worker(lv) / (r - 1)
-    c0 = topo.counts[0]
-    top = np.arange(c0) % dom.sizes[0]
-    pairs = (top[:, None] == top[None, :]) & ~np.eye(c0, dtype=bool) if lv == 0 else np.zeros((c0, c0), bool)
-    pair_bytes = np.where(pairs, ingress.mean() / (r - 1), 0.0)
     return Exchange(ports=tuple(ports), peers_by_level=tuple(r - 1 if x == lv else 0 for x in range(topo.num_levels)),
                     flow_bytes=flow, groups=functools.partial(dom.rail_stage_groups, lv),
-                    top_pair_bytes=lambda: pair_bytes, messages=4 * (r - 1), chunks=1, interleaved_top=False,
-                    delay_levels=(), then=then)
+                    top_pair_bytes=functools.partial(_top_pairs, dom, lv, float(ingress.mean()) / (r - 1)),
+                    messages=4 * (r - 1), chunks=1, interleaved_top=False, delay_levels=(), then=then)
+
+
+def _top_pairs(dom: Domains, lv: int, pair_bytes: float) -> np.ndarray:
+    """(workers x workers) of the top level: bytes one sends another in a stage over ``lv`` (top-level
+    workers at the same offset exchange in the top stage; none in the others)."""
+    c0 = dom.topology.counts[0]
+    if lv != 0:
+        return np.zeros((c0, c0))
+    top = np.arange(c0) % dom.sizes[0]
+    return np.where((top[:, None] == top[None, :]) & ~np.eye(c0, dtype=bool), pair_bytes, 0.0)
 
 
 def packet_bytes(w: Workload) -> float:
