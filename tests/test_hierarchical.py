@@ -127,5 +127,9 @@ def test_the_planner_considers_the_hierarchical_exchange_where_it_deduplicates()
     doc = plan_document(cfg, result)
     assert doc["strategy"] == "hierarchical" and doc["spec"]["family"] == "hierarchical"
     assert parse(doc["strategy"], cfg.topology.as_topology()) == Plan(result.choice.spec, doc).spec
+    best = result.best_by_family()
+    assert set(best) == {"hybridep", "hierarchical"} and best["hierarchical"] is result.choice
+    assert all(c.prediction.iteration_s >= best[c.spec.family].prediction.iteration_s for c in result.candidates)
+    assert result.to_dict()["best_by_family"]["hybridep"]["strategy"] == str(best["hybridep"].spec)
     one_level = plan(load_config(None, ["topology.levels.0.count=1", "topology.levels.1.count=4"]))
     assert not any(c.hier for c in one_level.candidates)  # nothing above the innermost level to deduplicate

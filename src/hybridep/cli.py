@@ -79,6 +79,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(table)
     if len(ranked) > len(shown):
         console.print(f"({len(ranked) - len(shown)} more candidates; --top N shows more)")
+    _print_families(result, names[0].name)
     ch = result.choice
     cf = result.closed_form
     console.print(f"choice: {ch.spec}, dense sync {ch.dense_sync}, p = {ch.domains.p:.3f}, "
@@ -93,6 +94,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         write_plan(args.out, plan_document(cfg, result))
         console.print(f"wrote plan {args.out}: {result.choice.spec} (run it with --plan {args.out})")
     return 0
+
+
+def _print_families(result, top: str) -> None:
+    """The fastest candidate of each family with the terms that decide between them."""
+    table = Table(title="best of each family")
+    for col in ("family", "strategy", "dense sync", "iteration", "exchange", "exposed gather",
+                f"exchange bytes on {top}", f"dense-sync bytes on {top}"):
+        table.add_column(col, justify="right")
+    for family, c in result.best_by_family().items():
+        pr, on_top = c.prediction, c.prediction.bytes_by_level[top]
+        table.add_row(family, str(c.spec), c.dense_sync, fmt_time(pr.iteration_s), fmt_time(pr.a2a_s),
+                      fmt_time(max(0.0, pr.exposed_ag_s)), fmt_bytes(on_top["total"]),
+                      fmt_bytes(on_top.get("dense", 0.0)))
+    console.print(table)
 
 
 def _check_cores(world: int, args: argparse.Namespace, key: str) -> None:

@@ -82,9 +82,19 @@ class PlanResult:
             return 1.0 if ep <= 0 else math.inf
         return ep / choice
 
+    def best_by_family(self) -> dict[str, Candidate]:
+        """The fastest candidate of each strategy family (``hybridep``, ``hierarchical``)."""
+        out: dict[str, Candidate] = {}
+        for c in sorted(self.candidates, key=lambda c: c.prediction.iteration_s):
+            out.setdefault(c.spec.family, c)
+        return out
+
     def to_dict(self) -> dict:
         names = self.choice.domains.topology.names
         return {
+            "best_by_family": {f: {"strategy": str(c.spec), "dense_sync": c.dense_sync,
+                                   "predicted_iteration_s": c.prediction.iteration_s}
+                               for f, c in self.best_by_family().items()},
             "choice": {
                 "strategy": str(self.choice.spec),
                 "dense_sync": self.choice.dense_sync,
