@@ -195,3 +195,24 @@ def test_powersgd_dense_sync_trains(tmp_path):
                                                       "train.checkpoint_every=0"])]) == 0
     losses = _losses(out)
     assert sorted(losses) == [1, 2, 3, 4, 5] and losses[5] < losses[1]
+
+
+def test_a_hierarchical_plan_trains_the_same_run_as_ep(tmp_path):
+    """Where plain EP wins and tokens go to 4 experts the planner picks ``hierarchical``; ``train --plan``
+    runs it and follows EP's losses (float64, 1e-10)."""
+    sets = _sets(["moe.top_k=4", "moe.experts=16", "moe.dtype=float64", "train.steps=2", "train.eval_every=0",
+                  "train.checkpoint_every=0", "train.batch_size=8", "dense_sync=ring"])
+    config = ["--config", str(ROOT / "configs" / "bench_ep_wins.yaml")]
+    plan = tmp_path / "plan.json"
+    assert main(["plan", *config, *sets, "--out", str(plan)]) == 0
+    doc = json.loads(plan.read_text())
+    assert doc["strategy"] == "hierarchical"
+    ep = tmp_path / "ep.json"
+    ep.write_text(json.dumps({**doc, "strategy": "ep", "spec": {"family": "hybridep", "name": "ep"}}))
+    losses = {}
+    for name, path in (("hier", plan), ("ep", ep)):
+        assert main(["train", *config, *sets, "--plan", str(path), "--out", str(tmp_path / name)]) == 0
+        losses[name] = _losses(tmp_path / name)
+    assert sorted(losses["hier"]) == [1, 2]
+    for step, loss in losses["ep"].items():
+        assert abs(losses["hier"][step] - loss) <= 1e-10 * abs(loss)
