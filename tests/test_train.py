@@ -32,6 +32,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
+def _assert_follows(got: dict[int, float], want: dict[int, float]) -> None:
+    """Every step of ``got`` has ``want``'s loss within 1e-10 (relative)."""
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """Six float64 steps under the planner's hybridep(dc=2,gpu=2) on 4 ranks, a checkpoint at 3 and 6."""
@@ -52,8 +58,7 @@ def _resume(straight: Path, tmp_path: Path, *extra: str) -> dict[int, float]:
 def test_resume_under_the_same_plan_gives_identical_losses(straight, tmp_path):
     want, got = _losses(straight), _resume(straight, tmp_path)
     assert sorted(got) == [4, 5, 6]
-    for step, loss in got.items():
-        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+    _assert_follows(got, want)
 
 
 def test_resume_under_another_plan_and_on_two_ranks_follows_the_straight_run(straight, tmp_path):
@@ -168,9 +173,7 @@ def test_micro_batches_accumulate_to_the_same_step(straight, tmp_path):
     as the straight run (float64)."""
     out = tmp_path / "mb"
     assert main(["train", "--out", str(out), *_sets([*EXACT, "moe.micro_batches=2", "train.steps=3"])]) == 0
-    want, got = _losses(straight), _losses(out)
-    for step, loss in got.items():
-        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+    _assert_follows(_losses(out), _losses(straight))
 
 
 def test_bfloat16_trains_under_autocast(tmp_path):
@@ -184,9 +187,7 @@ def test_bfloat16_trains_under_autocast(tmp_path):
 def test_hierarchical_dense_sync_trains_the_same_run(straight, tmp_path):
     out = tmp_path / "hier"
     assert main(["train", "--out", str(out), *_sets([*EXACT, "dense_sync=hierarchical", "train.steps=3"])]) == 0
-    want = _losses(straight)
-    for step, loss in _losses(out).items():
-        assert abs(loss - want[step]) <= 1e-10 * abs(want[step])
+    _assert_follows(_losses(out), _losses(straight))
 
 
 def test_powersgd_dense_sync_trains(tmp_path):
@@ -214,5 +215,4 @@ def test_a_hierarchical_plan_trains_the_same_run_as_ep(tmp_path):
         assert main(["train", *config, *sets, "--plan", str(path), "--out", str(tmp_path / name)]) == 0
         losses[name] = _losses(tmp_path / name)
     assert sorted(losses["hier"]) == [1, 2]
-    for step, loss in losses["ep"].items():
-        assert abs(losses["hier"][step] - loss) <= 1e-10 * abs(loss)
+    _assert_follows(losses["hier"], losses["ep"])

@@ -130,6 +130,8 @@ class SyncStage:
     """Per level: bytes crossing all the level's ports together, per bucket byte."""
     levels: tuple[int, ...]
     """The levels its flows cross (each flow charged to the coarsest level its ends differ at)."""
+    flow_level: np.ndarray
+    """Per flow: that coarsest level."""
     compute_s_per_byte: float = 0.0
 
 
@@ -156,7 +158,8 @@ def p2p_stage(topology: Topology, label: str, src: np.ndarray, dst: np.ndarray, 
         busiest = max(np.bincount(flat, minlength=width).max(), np.bincount(into, minlength=width).max())
         port.append(float(busiest) * fraction)
     crossed = tuple(lv for lv in range(topology.num_levels) if total[lv] > 0)
-    return SyncStage(label, src, dst, fraction, rounds, tuple(port), tuple(total), crossed, compute_s_per_byte)
+    return SyncStage(label, src, dst, fraction, rounds, tuple(port), tuple(total), crossed, level,
+                     compute_s_per_byte)
 
 
 @dataclass(frozen=True)

@@ -616,14 +616,10 @@ class IterationSim:
 
         def issue() -> None:
             batch = self._p2p_batch("allreduce", st.src, st.dst, st.fraction * nbytes,
-                                    self._flow_levels(st.src, st.dst), f"dense grad {st.label}", latency=lat)
+                                    st.flow_level, f"dense grad {st.label}", latency=lat)
             self._collective(batch, "grad_sync", lambda t: self._grad_sync(nbytes, then, stage + 1))
 
         self.eng.at(self.eng.now + st.compute_s_per_byte * nbytes, issue)
-
-    def _flow_levels(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        """The coarsest level each flow's ends differ at."""
-        return np.argmax(self.coords[src] != self.coords[dst], axis=1)
 
     def _bytes_by_level(self) -> dict[str, dict[str, float]]:
         """Bytes of flows by coarsest level: level-l egress bytes minus level-(l-1) egress bytes."""

@@ -237,11 +237,11 @@ def register(ddp: nn.Module, sync: DenseSync, comm: Communicator | None) -> None
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
         ignored = getattr(ddp, "parameters_to_ignore", set())
-        smallest = min((min(p.shape) for n, p in ddp.module.named_parameters()
-                        if n not in ignored and p.requires_grad and p.dim() >= 2), default=None)
-        if smallest is not None and sync.rank > smallest:
-            raise ValueError(f"dense_sync: powersgd rank {sync.rank} is larger than the smallest gradient matrix "
-                             f"({smallest}); allowed: 1..{smallest}")
+        try:
+            check_rank(str(sync), [tuple(p.shape) for n, p in ddp.module.named_parameters()
+                                   if n not in ignored and p.requires_grad])
+        except ValueError as err:
+            raise ValueError(f"dense_sync: {err}") from None
         state = ps.PowerSGDState(process_group=None, matrix_approximation_rank=sync.rank,
                                  start_powerSGD_iter=sync.start, min_compression_rate=MIN_COMPRESSION_RATE)
         ddp.register_comm_hook(state, counted_powersgd(comm))
