@@ -160,13 +160,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if in_torchrun else args.world_size
     if world is None or world < 1:
         raise ConfigError([("--world-size", world, "a positive number of processes (or run under torchrun)")])
-    partitions = None
+    partitions, shortcut = None, False
     if args.config or args.overrides or args.plan:
         cfg = load_config(args.config, args.overrides)
         topo = cfg.topology.as_topology()
         if topo.world_size != world:
             raise ConfigError([("topology.levels", list(topo.counts),
                                 f"counts whose product equals the world size {world}")])
+        shortcut = cfg.moe is not None and cfg.moe.shortcut
         spec = _plan_spec(args, cfg)
         if spec is not None:  # exactly the planned partition (its exchange; compression is lossy)
             if spec.compressed:
@@ -175,7 +176,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             strategies, partitions = [_verify_family(spec)], [spec.domain_sizes]
     else:
         topo = default_topology(world)
-    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions)
+    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions, shortcut)
     if in_torchrun:
         import torch.distributed as dist
 
@@ -197,12 +198,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return _fail(err, 1, "verify failed")
     summary = summarize(results)
     table = Table(title="hybridep verify: distributed vs single-process reference")
-    for col in ("strategy", "domain sizes", "dtype", "prefetch", "top-k", "tokens per rank", "capacity",
+    for col in ("strategy", "domain sizes", "dtype", "block", "prefetch", "top-k", "tokens per rank", "capacity",
                 "max abs err", "max rel err", "result"):
         table.add_column(col)
     for r in results:
         sc = r["scenario"]
         table.add_row(r["strategy"], "x".join(str(v) for v in r["domain_sizes"].values()), r["dtype"],
+                      "shortcut" if r["shortcut"] else "standard",
                       "yes" if r["prefetch"] else "no", str(sc["top_k"]), str(sc["tokens"]),
                       str(sc["capacity_factor"] or "dropless") + (" skewed" if sc["skew"] else ""),
                       f"{r['max_abs_err']:.2e}", f"{r['max_rel_err']:.2e}",

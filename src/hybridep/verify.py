@@ -49,6 +49,8 @@ class Case:
     a2a_chunks: int = 1
     dedup: tuple[int, ...] | None = None
     """The hierarchical exchange deduplicating at these levels (None: the one-stage exchange)."""
+    shortcut: bool = False
+    """Shortcut-connected blocks (the exchange overlapping the block's dense layer)."""
     results: dict = field(default_factory=dict)
 
 
@@ -102,7 +104,8 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     # NCCL needs the tensors on this rank's GPU; gloo runs on the CPU
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     torch.manual_seed(sc.seed)
-    model = MoEStack(sc.layers, sc.hidden, sc.ffn, experts, sc.top_k, sc.kind, sc.capacity_factor).to(dtype)
+    model = MoEStack(sc.layers, sc.hidden, sc.ffn, experts, sc.top_k, sc.kind, sc.capacity_factor,
+                     case.shortcut).to(dtype)
     if sc.skew:
         _skew_router(model)
     model = model.to(device)
@@ -150,7 +153,8 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     tol = TOLERANCE[case.dtype]
     return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
             "dtype": case.dtype, "prefetch": case.prefetch, "a2a_chunks": case.a2a_chunks,
-            "dedup": None if case.dedup is None else [topology.names[lv] for lv in case.dedup], "scenario": asdict(sc),
+            "dedup": None if case.dedup is None else [topology.names[lv] for lv in case.dedup],
+            "shortcut": case.shortcut, "scenario": asdict(sc),
             "max_abs_err": stats[0].item(), "max_rel_err": stats[1].item(),
             "finite": stats[2].item() == 0.0,
             "passed": stats[2].item() == 0.0 and stats[1].item() <= tol}
@@ -178,9 +182,10 @@ def _partitions(topology: Topology, strategy: str) -> list[tuple[int, ...]]:
 
 
 def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int,
-               only: list[tuple[int, ...]] | None = None) -> list[Case]:
+               only: list[tuple[int, ...]] | None = None, shortcut: bool = False) -> list[Case]:
     """Every scenario for every partition of the given families (:data:`STRATEGIES`), or only the
-    partitions in ``only`` (a plan's)."""
+    partitions in ``only`` (a plan's). Scenarios 2 and 3 run shortcut-connected blocks (every
+    scenario with ``shortcut``: a configuration's ``moe.shortcut``)."""
     cases = []
     outer = tuple(range(topology.num_levels - 1))  # the hierarchical default: all but the innermost
     for strategy in strategies:
@@ -191,25 +196,27 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
         for sizes in partitions:
             for dtype in dtypes:
                 for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
+                    short = shortcut or i >= 2
                     if hier:  # odd scenarios deduplicate at every level (the innermost too)
                         dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))
-                        cases.append(Case(strategy, sizes, dtype, sc, prefetch=i % 2 == 1, dedup=dedup))
+                        cases.append(Case(strategy, sizes, dtype, sc, prefetch=i % 2 == 1, dedup=dedup,
+                                          shortcut=short))
                         continue
                     # every other scenario pipelines its exchange in 3 chunks
                     cases.append(Case(strategy, sizes, dtype, sc, prefetch=(strategy == "hybridep" and i % 2 == 1),
-                                      a2a_chunks=3 if i % 2 == 0 else 1))
+                                      a2a_chunks=3 if i % 2 == 0 else 1, shortcut=short))
     return cases
 
 
 def verify_worker(rank: int, world: int, names: tuple[str, ...], counts: tuple[int, ...], strategies: list[str],
                   dtypes: list[str], seed: int, timeout_s: float,
-                  partitions: list[tuple[int, ...]] | None = None) -> list[dict]:
+                  partitions: list[tuple[int, ...]] | None = None, shortcut: bool = False) -> list[dict]:
     """Body of one rank (local spawn or torchrun): every case, results identical on all ranks;
-    ``partitions``: only these domain sizes (a plan's)."""
+    ``partitions``: only these domain sizes (a plan's); ``shortcut``: every case shortcut-connected."""
     topology = Topology(names, counts)
     comm = Communicator(topology, timeout_s)
     experts = world * max(2, -(-4 // world))  # at least 4 experts, so that top-k 4 is covered
-    cases = make_cases(topology, strategies, dtypes, experts, seed, partitions)
+    cases = make_cases(topology, strategies, dtypes, experts, seed, partitions, shortcut)
     return [run_case(comm, topology, c, experts) for c in cases]
 
 

@@ -3,6 +3,12 @@
 A *dispatcher* moves routed tokens to the experts and back. The default, :class:`LocalDispatcher`,
 runs everything in this process; a parallel strategy (``hybridep.parallel``) replaces it, the way
 torchtitan applies ``ExpertParallel`` to an MoE module as a ``ParallelStyle``.
+
+A shortcut-connected block (ScMoE) runs its MoE branch in three steps so that the exchange overlaps
+the block's own compute: :meth:`MoE.begin` routes and issues the dispatch, :meth:`Branch.experts`
+waits for the tokens, runs the experts and issues the combine, :meth:`Branch.result` waits for the
+combine. A dispatcher that can issue its exchange without waiting has a ``begin`` method returning
+such a branch; any other runs whole at :meth:`Branch.experts` (:class:`Eager`: same result, no overlap).
 """
 
 from __future__ import annotations
@@ -59,6 +65,37 @@ def compute_in_place(x: torch.Tensor, routing: Routing, experts: GroupedExperts,
     return unpermute(experts.compute(weights, p.x, counts), p, x.shape[0])
 
 
+class Branch(Protocol):
+    """An MoE branch in flight (see the module docstring)."""
+
+    def experts(self) -> None: ...
+
+    def result(self) -> torch.Tensor: ...
+
+
+class Eager:
+    """The branch of a dispatcher that cannot overlap: the whole dispatcher at :meth:`experts`."""
+
+    def __init__(self, dispatcher, *args: object):
+        self.run = lambda: dispatcher(*args)
+        self.y: torch.Tensor | None = None
+
+    def experts(self) -> None:
+        self.y = self.run()
+
+    def result(self) -> torch.Tensor:
+        if self.y is None:
+            raise RuntimeError("Branch.result() before Branch.experts()")
+        return self.y
+
+
+def begin(layer: nn.Module, x: torch.Tensor) -> Branch:
+    """Start ``layer``'s branch on ``x``: :meth:`MoE.begin`, or -- a layer without it (a peer's MoE
+    layer) -- the whole layer at :meth:`Branch.experts`."""
+    start = getattr(layer, "begin", None)
+    return start(x) if start is not None else Eager(layer, x)
+
+
 class LocalDispatcher:
     """Single-process dispatch: permute by expert, run every expert, unpermute."""
 
@@ -87,11 +124,37 @@ class MoE(nn.Module):
     def reset_routing_stats(self) -> None:
         self.routed_tokens = torch.zeros_like(self.routed_tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """Tokens as rows [tokens, hidden] and their routing (the balance loss and histogram kept)."""
+        flat = x.reshape(-1, x.shape[-1])
         routing = self.router(flat)
         self.aux_loss = routing.aux_loss
         counts = torch.bincount(routing.expert_idx[routing.kept].detach(), minlength=self.routed_tokens.numel())
         self.routed_tokens = self.routed_tokens.to(counts.device) + counts  # stays on the device: no sync
-        return self.dispatcher(flat, routing, self.experts).reshape(shape)
+        return flat, routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat, routing = self._route(x)
+        return self.dispatcher(flat, routing, self.experts).reshape(x.shape)
+
+    def begin(self, x: torch.Tensor) -> Branch:
+        """Route ``x`` and issue the dispatch (when the dispatcher can: ``begin``); the returned
+        branch's ``result()`` is ``forward(x)``."""
+        flat, routing = self._route(x)
+        start = getattr(self.dispatcher, "begin", None)
+        branch = start(flat, routing, self.experts) if start is not None else Eager(
+            self.dispatcher, flat, routing, self.experts)
+        return _Shaped(branch, x.shape)
+
+
+class _Shaped:
+    """A branch whose result comes back in the input's shape."""
+
+    def __init__(self, branch: Branch, shape: torch.Size):
+        self.branch, self.shape = branch, shape
+
+    def experts(self) -> None:
+        self.branch.experts()
+
+    def result(self) -> torch.Tensor:
+        return self.branch.result().reshape(self.shape)

@@ -1,6 +1,8 @@
 """Autograd-aware collectives: the backward of each is its dual collective.
 
 * :class:`AllToAll` -- forward: uneven all-to-all of rows; backward: the same with splits swapped.
+* :class:`IssueAllToAll` + :class:`WaitAllToAll` -- the same split in two, so that compute runs
+  between issuing the exchange and waiting for it (forward and backward; the shortcut block).
 * :class:`PipelinedExpertExchange` -- dispatch, experts and combine in chunks whose transfers are all
   in flight at once (``a2a_chunks > 1``); backward mirrors it.
 * :class:`ExpertGatherer` -- the hierarchical all-gather of expert shards inside an expert domain:
@@ -41,6 +43,68 @@ class AllToAll(torch.autograd.Function):
         out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
         ctx.comm.all_to_all(out, grad.contiguous(), ctx.send, ctx.recv, ctx.ranks, ctx.op + "_bwd")
         return out, None, None, None, None, None
+
+
+class AsyncExchange:
+    """One all-to-all in flight, shared by its :class:`IssueAllToAll` and :class:`WaitAllToAll`:
+    ``send`` / ``recv`` rows per member of ``ranks``, under the operation name ``op``."""
+
+    def __init__(self, comm: Communicator, ranks: Sequence[int], send: list[int], recv: list[int], op: str):
+        self.comm, self.ranks, self.send, self.recv, self.op = comm, ranks, send, recv, op
+        self.work = self.out = self.grad = None
+        self.keep: torch.Tensor | None = None
+        """The buffer being sent (kept alive until the exchange is waited for)."""
+        self.shape: torch.Size | None = None
+
+    def start(self, x: torch.Tensor, out_rows: list[int], in_rows: list[int], op: str) -> torch.Tensor:
+        """Issue the exchange of ``x``'s rows; returns the buffer it fills."""
+        self.keep = x.contiguous()
+        out = x.new_empty((sum(out_rows), *x.shape[1:]))
+        self.work = self.comm.all_to_all_start(out, self.keep, out_rows, in_rows, self.ranks, op)
+        return out
+
+    def finish(self, op: str) -> None:
+        self.comm.wait(self.work, op, self.ranks)
+        self.work = self.keep = None
+
+
+class IssueAllToAll(torch.autograd.Function):
+    """Forward: issue the exchange of ``x`` (:class:`AsyncExchange`) and return a token (a zero
+    scalar) for :class:`WaitAllToAll`. Backward: wait for the mirror exchange that
+    :class:`WaitAllToAll`'s backward issued, and return its rows as ``x``'s gradient -- so the
+    backward computes whatever autograd runs between the two while the gradient travels."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ex: AsyncExchange) -> torch.Tensor:
+        ctx.ex = ex
+        ex.shape = x.shape
+        ex.out = ex.start(x, ex.recv, ex.send, ex.op)
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, token_grad: torch.Tensor):
+        ex = ctx.ex
+        ex.finish(ex.op + "_bwd")
+        grad, ex.grad = ex.grad, None
+        return grad, None
+
+
+class WaitAllToAll(torch.autograd.Function):
+    """Forward: wait for the exchange :class:`IssueAllToAll` issued; its received rows. Backward:
+    issue the mirror exchange of the gradient (waited for by :class:`IssueAllToAll`'s backward)."""
+
+    @staticmethod
+    def forward(ctx, token: torch.Tensor, ex: AsyncExchange) -> torch.Tensor:
+        ctx.ex = ex
+        ex.finish(ex.op)
+        out, ex.out = ex.out, None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ex = ctx.ex
+        ex.grad = ex.start(grad, ex.send, ex.recv, ex.op + "_bwd")
+        return grad.new_zeros(()), None
 
 
 @dataclass

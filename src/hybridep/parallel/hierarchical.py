@@ -32,7 +32,7 @@ import torch
 
 from hybridep.migration.sr import SRSettings
 from hybridep.moe.experts import GroupedExperts
-from hybridep.moe.layer import compute_in_place
+from hybridep.moe.layer import Branch, Eager, compute_in_place
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.functional import AllToAll
@@ -76,6 +76,11 @@ class HierarchicalStyle(ExpertParallelStyle):
         """Per stage level: each expert's destination member (its owner's domain id there)."""
         self.local_row = self.key_of_expert % (len(self.domain) * self.n_local)
         """Each expert's row in the domain's gathered experts (valid on ranks of the owner's domain)."""
+
+    def begin(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> Branch:
+        """The shortcut block's form: the staged exchange runs whole when the experts are needed
+        (no overlap: each stage waits for the one before it)."""
+        return Eager(self, x, routing, experts)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         if len(self.rail) == 1:  # the domain holds every expert: no token leaves this rank

@@ -32,18 +32,21 @@ from torch import nn
 
 from hybridep.migration.sr import VALUE_DTYPES, SRCodec, SRSettings
 from hybridep.moe.experts import GroupedExperts
-from hybridep.moe.layer import MoE, Permuted, compute_in_place, permute, unpermute
+from hybridep.moe.layer import Branch, Eager, MoE, Permuted, compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.functional import (
     AllToAll,
+    AsyncExchange,
     ChunkPlan,
     EncodedExperts,
     ExpertGatherer,
     GatherEncoded,
     GatherExperts,
+    IssueAllToAll,
     PendingGather,
     PipelinedExpertExchange,
+    WaitAllToAll,
 )
 from hybridep.strategies.dense_sync import DenseSync, register
 from hybridep.topology import Domains
@@ -186,6 +189,19 @@ class ExpertParallelStyle:
         back = AllToAll.apply(y, comm, rail, recv, send, "a2a_combine")
         return unpermute(back, p, x.shape[0])
 
+    def begin(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> Branch:
+        """The shortcut block's form of :meth:`__call__`: the dispatch is issued now and waited for
+        at :meth:`InFlight.experts`, the combine issued there and waited for at
+        :meth:`InFlight.result` (one exchange; a chunked exchange or a rank alone runs eagerly)."""
+        if len(self.rail) == 1 or self.a2a_chunks > 1:
+            return Eager(self, x, routing, experts)
+        p = permute(x, routing, self.key_of_expert.to(x.device))
+        counts, recv_counts = self._exchange_counts(p.keys, 1)
+        counts, recv_counts = counts[0], recv_counts[:, 0]
+        send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        dispatch = AsyncExchange(self.comm, self.rail, send, recv, "a2a_dispatch")
+        return InFlight(self, experts, p, x.shape[0], recv_counts, dispatch, IssueAllToAll.apply(p.x, dispatch))
+
     def _exchange_counts(self, keys: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows per (chunk, rail member, expert) from sorted row ``keys`` (chunk-major), sent to every
         member first so that no padding or agreement is needed: (this rank's [C, r, m] counts,
@@ -214,6 +230,31 @@ class ExpertParallelStyle:
         y = PipelinedExpertExchange.apply(p.x, comm, rail, plan, functools.partial(_compute_received, experts),
                                           tuple(weights), torch.is_grad_enabled(), *weights.values())
         return unpermute(y, p, x.shape[0])
+
+
+class InFlight:
+    """An MoE branch whose dispatch is in flight (:meth:`ExpertParallelStyle.begin`)."""
+
+    def __init__(self, style: ExpertParallelStyle, experts: GroupedExperts, p: Permuted, tokens: int,
+                 recv_counts: torch.Tensor, dispatch: AsyncExchange, token: torch.Tensor):
+        self.style, self.experts_module, self.p, self.tokens = style, experts, p, tokens
+        self.recv_counts, self.dispatch, self.token = recv_counts, dispatch, token
+        self.combine: AsyncExchange | None = None
+
+    def experts(self) -> None:
+        """Wait for the tokens, run the experts, issue the combine."""
+        received = WaitAllToAll.apply(self.token, self.dispatch)
+        weights = self.style.expert_weights(self.experts_module)
+        y = _compute_received(self.experts_module, weights, received, self.recv_counts)
+        d = self.dispatch
+        self.combine = AsyncExchange(d.comm, d.ranks, d.recv, d.send, "a2a_combine")
+        self.token = IssueAllToAll.apply(y, self.combine)
+
+    def result(self) -> torch.Tensor:
+        """Wait for the combine; the weighted sum of the expert outputs per token."""
+        if self.combine is None:
+            raise RuntimeError("Branch.result() before Branch.experts()")
+        return unpermute(WaitAllToAll.apply(self.token, self.combine), self.p, self.tokens)
 
 
 def _compute_received(experts: GroupedExperts, weights, received: torch.Tensor,
