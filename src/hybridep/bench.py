@@ -53,7 +53,8 @@ def lm_config(cfg: Config) -> tuple[LMConfig, int]:
     if m.hidden % cfg.bench.heads:
         raise BenchError(f"moe.hidden ({m.hidden}) must be divisible by bench.heads ({cfg.bench.heads})")
     lm = LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
-                  experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind, dense_blocks=m.blocks_before_moe)
+                  experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind, dense_blocks=m.blocks_before_moe,
+                  shortcut=m.shortcut)
     return lm, m.tokens_per_gpu // m.seq_len
 
 
@@ -66,6 +67,8 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
         entry["prefetch"] = spec.prefetch
     if isinstance(spec, HierarchicalSpec):
         entry["dedup"] = list(spec.dedup_levels)
+    if spec.shortcut:
+        entry["shortcut"] = True
     if spec.compressed:
         b = cfg.bench
         entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,
@@ -75,26 +78,31 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
 
 def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpec | None = None) -> list[HybridEPSpec]:
     """Our strategies a bench runs: EP, the planner's choice, every other domain size
-    (``bench.all_domain_sizes``), the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``
-    and (``bench.hierarchical``) the hierarchical exchange on EP's and the choice's partitions;
-    with a plan file (``planned_spec``): EP and exactly the planned strategy."""
+    (``bench.all_domain_sizes``), the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``,
+    (``bench.hierarchical``) the hierarchical exchange on EP's and the choice's partitions and
+    (``bench.shortcut``) EP and the choice on shortcut-connected blocks; with a plan file
+    (``planned_spec``): EP and exactly the planned strategy. Under ``moe.shortcut`` every one of
+    them runs shortcut-connected."""
     topo = planned.choice.domains.topology
-    ep = HybridEPSpec.ep(topo)
+    m, b = cfg.moe, cfg.bench
+    ep = HybridEPSpec.ep(topo, shortcut=m.shortcut)
     if planned_spec is not None:
         return [ep] if planned_spec == ep else [ep, planned_spec]
-    b = cfg.bench
     choice = planned.choice.spec
     specs = [ep] + ([choice] if choice != ep else [])
     if b.all_domain_sizes:
-        specs += [HybridEPSpec(topo, s) for s in topo.feasible_domain_sizes() if HybridEPSpec(topo, s) not in specs]
+        others = [HybridEPSpec(topo, s, shortcut=m.shortcut) for s in topo.feasible_domain_sizes()]
+        specs += [s for s in others if s not in specs]
     if not choice.is_ep:
         specs += [dataclasses.replace(choice, sr_ratio=ratio, sr_grads=grads)
                   for ratio in b.sr_ratios for grads in b.sr_grads]
     if b.hierarchical:  # the hierarchical exchange on EP's partition and the choice's, where it deduplicates
         for sizes in dict.fromkeys([ep.domain_sizes, choice.domain_sizes]):
-            hier = HierarchicalSpec(topo, sizes)
+            hier = HierarchicalSpec(topo, sizes, shortcut=m.shortcut)
             if set(hier.dedup_levels) & set(hier.domains().rail_levels()) and hier not in specs:
                 specs.append(hier)
+    if b.shortcut and not m.shortcut and m.blocks_before_moe >= 1:
+        specs += [s for s in dict.fromkeys(dataclasses.replace(x, shortcut=True) for x in (ep, choice))]
     return specs
 
 

@@ -238,6 +238,10 @@ class MoEConfig(_Strict):
     """How the gathered copies' gradients return to their owners under compression: ``dense`` (exact,
     straight-through) or ``topk`` (the top-k of each expert's gradient at ``sr_ratio``, with error
     feedback: what one iteration leaves out is sent with the next)."""
+    shortcut: bool = False
+    """Shortcut-connected MoE blocks (ScMoE): each MoE block keeps a dense FFN on its main path and
+    adds an MoE branch reading the previous block's output, so that the branch's exchange overlaps
+    the block's attention and dense FFN (``hybridep.lm.model``). Needs ``blocks_before_moe`` >= 1."""
     a2a_chunks: Annotated[Int, Field(ge=1, le=64)] = 1
     """Each rank's tokens travel in this many chunks whose dispatch, expert computation and combine
     pipeline (one chunk's combine overlaps the next ones' dispatch, filling both directions of a
@@ -253,6 +257,11 @@ class MoEConfig(_Strict):
             raise _FieldError("moe.expert_zipf", self.expert_zipf, "give moe.expert_load or moe.expert_zipf, not both")
         if self.top_k > self.experts:
             raise _FieldError("moe.top_k", self.top_k, f"at most moe.experts; allowed: 1..{self.experts}")
+        if self.shortcut and self.blocks_before_moe < 1:
+            raise _FieldError("moe.shortcut", self.shortcut,
+                              "an MoE block's shortcut reads the block before it, and with "
+                              "moe.blocks_before_moe = 0 the first MoE block has none; allowed: false, or "
+                              "moe.blocks_before_moe >= 1")
         if self.expert_load is not None:
             if len(self.expert_load) != self.experts:
                 raise _FieldError("moe.expert_load", self.expert_load,
@@ -355,6 +364,10 @@ class BenchConfig(_Strict):
     hierarchical: StrictBool = True
     """Also run the hierarchical token exchange (``hierarchical``, ``<choice>+hier``) where it
     deduplicates (tokens cross a level above the innermost)."""
+    shortcut: StrictBool = True
+    """Also run ``ep`` and the planner's choice on shortcut-connected MoE blocks (``+shortcut``, same
+    data and seed) where the model allows it (``moe.blocks_before_moe`` >= 1) and is not shortcut-
+    connected already (``moe.shortcut``: every strategy runs so)."""
     timeout_s: _real(0, 7 * 86400.0, lo_open=True) = 1800.0
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: ``stop`` the run with an error naming the rank, the step and

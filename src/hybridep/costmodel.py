@@ -110,6 +110,10 @@ class Workload:
     a2a_chunks: int = 1
     """Chunks of a device's tokens whose dispatch, experts and combine pipeline (see
     :func:`_a2a_phase`); 1 = one dispatch and one combine."""
+    shortcut_s: tuple[float, float] = (0.0, 0.0)
+    """Shortcut-connected blocks (ScMoE): the forward compute per layer and micro-batch, within
+    ``pre_expert_s``, that the block runs while its dispatch / its combine is in flight (its attention
+    / its dense FFN), seconds; (0, 0): standard blocks."""
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
@@ -141,8 +145,10 @@ def zipf_load(n: int, s: float) -> tuple[float, ...]:
     return tuple((x / x.sum()).tolist())
 
 
-def flops_per_layer(cfg: Config) -> dict[str, float]:
-    """Forward FLOPs of one device for one MoE layer and micro-batch, by part."""
+def flops_per_layer(cfg: Config, shortcut: bool = False) -> dict[str, float]:
+    """Forward FLOPs of one device for one MoE layer and micro-batch, by part: ``pre_expert`` (every
+    dense block, the MoE block's attention and router, and -- ``shortcut`` -- its dense FFN),
+    ``expert``, and the MoE block's ``attention`` and ``dense_ffn`` alone."""
     m = cfg.moe
     assert m is not None
     t, h, f = m.tokens_per_gpu, m.hidden, m.ffn
@@ -151,8 +157,10 @@ def flops_per_layer(cfg: Config) -> dict[str, float]:
     ffn = 2 * mats * t * h * f
     router = 2 * t * h * m.experts
     return {
-        "pre_expert": (m.blocks_before_moe + 1) * attn + m.blocks_before_moe * ffn + router,
+        "pre_expert": (m.blocks_before_moe + 1) * attn + (m.blocks_before_moe + shortcut) * ffn + router,
         "expert": 2 * mats * t * m.top_k * h * f,
+        "attention": attn,
+        "dense_ffn": ffn,
     }
 
 
@@ -163,8 +171,11 @@ def _priced_sync(cfg: Config) -> str:
 
 
 def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: float | None = None,
-                         sr_grads: str | None = None) -> Workload:
+                         sr_grads: str | None = None, shortcut: bool | None = None) -> Workload:
     """Derive the workload from model dimensions (or take the direct ``workload`` section).
+
+    ``shortcut`` (default ``moe.shortcut``): price shortcut-connected MoE blocks (their dense FFN,
+    and the compute their exchange overlaps).
 
     ``sr_ratio`` overrides ``moe.sr_ratio`` (the gather's compression; the reduce-scatter's too when
     ``sr_grads`` -- default ``moe.sr_grads`` -- is ``topk``). Model dimensions: the SR codec's exact
@@ -188,10 +199,11 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         raise ValueError("compute.flops is not set: measure it with hybridep.compute_probe first")
     g = cfg.topology.world_size
     mats = 3 if m.expert_kind == "swiglu" else 2
-    fl = flops_per_layer(cfg)
+    shortcut = m.shortcut if shortcut is None else shortcut
+    fl = flops_per_layer(cfg, shortcut)
     shapes = tuple(dense_shapes(LMConfig(seq_len=m.seq_len, hidden=m.hidden, layers=m.layers, ffn=m.ffn,
                                          experts=m.experts, expert_kind=m.expert_kind,
-                                         dense_blocks=m.blocks_before_moe)))
+                                         dense_blocks=m.blocks_before_moe, shortcut=shortcut)))
     gather = None
     ratio = m.sr_ratio if sr_ratio is None else sr_ratio
     if ratio is not None:
@@ -227,6 +239,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         optimizer_s_per_byte=cfg.compute.optimizer_s_per_byte or 0.0,
         expert_weight_s_per_byte=cfg.compute.expert_weight_s_per_byte or 0.0,
         a2a_chunks=m.a2a_chunks,
+        shortcut_s=(fl["attention"] / flops, fl["dense_ffn"] / flops) if shortcut else (0.0, 0.0),
     )
 
 
@@ -553,14 +566,31 @@ class _Streams:
 
     @property
     def pf(self) -> float:
-        """Forward before the dispatch: the pre-expert compute, then the row counts go out."""
-        return self.s.pre_expert_s + count_exchange_s(self.s.counts, self.net, self.terms)
+        """Forward before the dispatch: the pre-expert compute (but what a shortcut block overlaps),
+        then the row counts go out."""
+        return self.s.pre_dispatch_s + count_exchange_s(self.s.counts, self.net, self.terms)
 
-    def exchange(self, a: float, x: float) -> float:
-        """Dispatch (``a``), experts (``x``) and combine (``a``); pipelined in C chunks the experts of
-        one chunk overlap the others' transfers: max(2a + x/C, x + 2a/C) (C = 1: 2a + x)."""
+    @property
+    def hidden_forward(self) -> tuple[float, float]:
+        """Compute beside the forward's dispatch and combine (a shortcut block's, seconds)."""
+        return self.s.overlap_s
+
+    @property
+    def hidden_backward(self) -> tuple[float, float]:
+        """Compute beside the backward's first and second exchange (the mirrors of the combine and
+        the dispatch): twice the forward's overlapped parts, in the reverse order."""
+        d, c = self.s.overlap_s
+        return 2 * c, 2 * d
+
+    def exchange(self, a: float, x: float, hidden: tuple[float, float] = (0.0, 0.0)) -> float:
+        """Dispatch (``a``), experts (``x``) and combine (``a``), with ``hidden`` seconds of compute
+        beside the dispatch and beside the combine: max(a, h0) + x + max(a, h1). Pipelined in C
+        chunks (no compute beside them) the experts of one chunk overlap the others' transfers:
+        max(2a + x/C, x + 2a/C)."""
         c = self.chunks
-        return 2 * a + x if c == 1 else max(2 * a + x / c, x + 2 * a / c)
+        if c == 1:
+            return max(a, hidden[0]) + x + max(a, hidden[1])
+        return max(2 * a + x / c, x + 2 * a / c) + sum(hidden)
 
     def beside(self, left: list[float], phase: list[float]) -> tuple[float, list[float]]:
         """An all-to-all phase keeping each level's busiest port busy ``phase[lv]`` seconds alone,
@@ -585,22 +615,23 @@ def _forward(st: _Streams, ag_t: float, ag_busy: list[float]) -> tuple[float, li
     experts wait for its gather. The all-to-alls issued while a gather is in flight -- layer l's
     combine and layer l+1's dispatch -- share the ports it uses (see :meth:`_Streams.beside`).
     Without: the paper's max(Lat_PE, Lat_AG) + 2 Lat_A2A per layer."""
-    s, pf, a2a, a2a_busy, codec = st.s, st.pf, st.a2a, st.a2a_busy, st.s.codec_s
-    steps = [pf + st.exchange(a, x) for a, x in zip(a2a, st.e, strict=True)]
+    s, pf, a2a, a2a_busy, codec, hid = st.s, st.pf, st.a2a, st.a2a_busy, st.s.codec_s, st.hidden_forward
+    steps = [pf + st.exchange(a, x, hid) for a, x in zip(a2a, st.e, strict=True)]
     rest = (s.micro_batches - 1) * sum(steps)  # the later micro-batches: their gathers are in
     if not st.terms.overlap:
-        return sum(max(pf, ag_t) + codec + st.exchange(a, x) for a, x in zip(a2a, st.e, strict=True)) + rest, steps
+        return sum(max(pf, ag_t) + codec + st.exchange(a, x, hid) for a, x in zip(a2a, st.e, strict=True)) + rest, steps
     slow_d, left = st.beside(_alone(ag_busy, pf), a2a_busy[0])
     t_c, ag_start, yielded = 0.0, 0.0, slow_d
     for i, (a, x) in enumerate(zip(a2a, st.e, strict=True)):
-        taken = a if st.chunks == 1 else 0.0  # the chunked exchange takes the experts before its dispatch
+        # the chunked exchange takes the experts before its dispatch
+        taken = max(a, hid[0]) if st.chunks == 1 else 0.0
         ag_start = max(t_c + pf + taken + slow_d, ag_start + ag_t + yielded)  # = next gather issued
         slow_c, left = st.beside(_alone(ag_busy, codec + x), a2a_busy[i])
         slow_d = 0.0
         if i + 1 < s.layers:
             slow_d, left = st.beside(_alone(left, a - max(a2a_busy[i]) + pf), a2a_busy[i + 1])
         yielded = slow_c + slow_d
-        t_c = ag_start + codec + st.exchange(a, x) - taken + slow_c
+        t_c = ag_start + codec + st.exchange(a, x, hid) - taken + slow_c
     return t_c + rest, steps
 
 
@@ -624,10 +655,10 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
     as each layer's expert backward ends and run one after the other while the earlier layers'
     backward goes on; the next layer's two backward all-to-alls share the ports of the one in
     flight. Without: each layer's reduce-scatter overlaps only its own pre-expert backward."""
-    s, pe, a2a, a2a_busy = st.s, st.s.pre_expert_s, st.a2a, st.a2a_busy
+    s, pe, a2a, a2a_busy, hid = st.s, st.s.pre_dispatch_s, st.a2a, st.a2a_busy, st.hidden_backward
     factor, extra = s.backward_factor, s.backward_extra_s
-    steps = [st.exchange(a, factor * x + extra) + 2 * pe for a, x in zip(a2a, st.e, strict=True)]
-    compute = s.micro_batches * sum(2 * pe + factor * x + extra for x in st.e)
+    steps = [st.exchange(a, factor * x + extra, hid) + 2 * pe for a, x in zip(a2a, st.e, strict=True)]
+    compute = s.micro_batches * sum(2 * s.pre_expert_s + factor * x + extra for x in st.e)
     last_start = (s.micro_batches - 1) * sum(steps)
     if not st.terms.overlap:
         seconds = sum(s.micro_batches * b - 2 * pe + max(2 * pe, rs_t) for b in steps)
@@ -641,7 +672,7 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
             m2, _ = st.beside(_alone(left, a2a[i] - max(a2a_busy[i]) + x), a2a_busy[i])
             rs_free += m1 + m2
             t += 2 * pe + m1 + m2
-        t += st.exchange(a2a[i], x)
+        t += st.exchange(a2a[i], x, hid)
         issued = max(t, rs_free)
         rs_free = issued + rs_t
     t += 2 * pe
@@ -729,7 +760,8 @@ def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Predict
     The larger of (a) the critical path of compute and message latency -- every layer and
     micro-batch runs its pre-expert compute, then the busiest rank's expert compute between a
     dispatch and a combine that each take at least the smallest latency of a level carrying
-    all-to-all traffic (twice that for the backward, with compute doubled) -- and (b) the time the
+    all-to-all traffic or the compute a shortcut block runs beside it (twice that for the backward,
+    with compute doubled) -- and (b) the time the
     average port of each level needs for the bytes the port model charges to it (all-to-all,
     gather and reduce-scatter; gradient sync left out). Both hold whatever the overlap, contention
     or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
@@ -740,9 +772,10 @@ def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Predict
     a2a_levels = [lv for lv, n in enumerate(peers) if n > 0]
     lat = min((net.latency_s[lv] for lv in a2a_levels), default=0.0) if terms.latency and a2a_levels else 0.0
     steps = s.layers * s.micro_batches
-    path = steps * (s.pre_expert_s + 2 * lat) + s.micro_batches * e
+    d, c = s.overlap_s  # a shortcut block's compute beside its dispatch and combine
+    path = steps * (s.pre_dispatch_s + max(lat, d) + max(lat, c)) + s.micro_batches * e
     if terms.backward:
-        path += steps * (2 * s.pre_expert_s + 2 * lat) + s.micro_batches * 2 * e
+        path += steps * (2 * s.pre_dispatch_s + max(lat, 2 * c) + max(lat, 2 * d)) + s.micro_batches * 2 * e
     prediction = prediction or evaluate(s, net, terms)
     return max(path, prediction.port_bound_s)
 

@@ -38,13 +38,14 @@ class Candidate:
     dense_sync: str = "ring"
     hier: bool = False
     """The hierarchical token exchange (family ``hierarchical``) on this partition."""
+    shortcut: bool = False
+    """The model's MoE blocks are shortcut-connected (``moe.shortcut``)."""
 
     @property
     def spec(self) -> HybridEPSpec:
         """The strategy this candidate is (uncompressed, chunks and prefetch as configured)."""
-        if self.hier:
-            return HierarchicalSpec(self.domains.topology, self.domains.sizes)
-        return HybridEPSpec(self.domains.topology, self.domains.sizes)
+        cls = HierarchicalSpec if self.hier else HybridEPSpec
+        return cls(self.domains.topology, self.domains.sizes, shortcut=self.shortcut)
 
     def to_dict(self) -> dict:
         names = self.domains.topology.names
@@ -183,11 +184,13 @@ def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] 
     workload's; ``hier``: the hierarchical exchange among the candidates)."""
     topo = net.topology
     cands = []
+    shortcut = w.shortcut_s != (0.0, 0.0)
     for mode in modes or [w.dense_sync]:
         wm = dataclasses.replace(w, dense_sync=mode)
         for sizes in topo.feasible_domain_sizes():
             dom = Domains(topo, sizes)
-            cands += [Candidate(dom, _predict(dom, wm, net, terms, h), mode, h) for h in _exchanges(dom, wm, hier)]
+            cands += [Candidate(dom, _predict(dom, wm, net, terms, h), mode, h, shortcut)
+                      for h in _exchanges(dom, wm, hier)]
     order = {m: i for i, m in enumerate(modes or [w.dense_sync])}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]

@@ -12,12 +12,15 @@ The iteration the evaluators run (streams and dependencies):
 * forward, per micro-batch and MoE layer: ``pre_expert_s`` of compute (the first micro-batch also
   ``codec_s``), the row-count exchange (:attr:`Schedule.counts`), the layer's :class:`Exchange`
   (dispatch -> each rank's expert compute -> combine, in ``chunks`` pipelined chunks), whose expert
-  compute waits for the layer's :attr:`Schedule.gather` chain;
+  compute waits for the layer's :attr:`Schedule.gather` chain; a shortcut block
+  (:attr:`Schedule.overlap_s`) computes part of ``pre_expert_s`` while its dispatch travels and
+  part while its combine travels;
 * background, the gather chains: one per layer, stages one after the other; with prefetch (the cost
   terms' ``overlap``) layer 0's is issued at the start and layer l+1's when layer l takes its
   experts, else each at its layer's forward start;
 * backward, per micro-batch and layer (last first): the exchange again with ``backward_factor``
-  times the expert compute (plus ``backward_extra_s``), then ``2 pre_expert_s + backward_extra_s``;
+  times the expert compute (plus ``backward_extra_s``), then ``2 pre_expert_s + backward_extra_s``
+  (a shortcut block computes twice its overlapped parts beside the mirrors of combine and dispatch);
   after the last micro-batch's expert backward of each layer, its :attr:`Schedule.reduce_scatter`
   chain (stages in their order), one chain after the other;
 * the dense gradients' synchronisation (:attr:`Schedule.grad_sync`: DDP's buckets, each through
@@ -204,6 +207,15 @@ class Schedule:
     """Each layer's reduce-scatter chain, in order."""
     grad_sync: GradSync
     optimizer_s: float
+    overlap_s: tuple[float, float] = (0.0, 0.0)
+    """Forward compute per layer and micro-batch, within ``pre_expert_s``, that runs while the
+    dispatch / the combine is in flight (a shortcut block's attention / dense FFN; the backward runs
+    twice each while the combine's / the dispatch's mirror travels); (0, 0): none."""
+
+    @property
+    def pre_dispatch_s(self) -> float:
+        """Forward compute per layer and micro-batch before the dispatch is issued."""
+        return self.pre_expert_s - sum(self.overlap_s)
 
     @property
     def world_size(self) -> int:

@@ -7,6 +7,7 @@ communication at all: the compute-only reference that every rank runs on its own
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -43,6 +44,8 @@ class RunSpec:
     a2a_chunks: int = 1
     dedup: tuple[int, ...] | None = None
     """The hierarchical token exchange deduplicating at these levels (None: the one-stage exchange)."""
+    shortcut: bool = False
+    """Shortcut-connected MoE blocks (the model's ``shortcut``; already so when the model is)."""
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
     dense_sync: str = "ring"
@@ -125,6 +128,8 @@ class DeepSpeedMoE(nn.Module):
 def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.Module, nn.Module, list]:
     """The model for a strategy: (module to call, raw model, per-layer styles for prefetch)."""
     torch.manual_seed(spec.seed)
+    if spec.shortcut:
+        cfg = dataclasses.replace(cfg, shortcut=True)
     if spec.strategy == "local" or comm is None:
         model = MoELM(cfg)
         return model, model, []

@@ -20,6 +20,9 @@ engine that its flows share (one message per ``o`` seconds, see :class:`_Fabric`
   in and its own dispatch sends are delivered (a blocking all-to-all returns only then; folded
   runs do not track senders) -> combine all-to-all from that rank -> next layer once every rank
   has its results back;
+* a shortcut block (:attr:`~hybridep.schedule.Schedule.overlap_s`) computes part of its pre-expert
+  compute beside the dispatch (its experts start no earlier than that) and part beside the combine
+  (the next layer starts no earlier than that after its expert compute);
 * backward mirrors it (expert and pre-expert compute twice as long);
 * gather chains (:attr:`~hybridep.schedule.Schedule.gather`): with ``overlap``, the runtime's
   prefetch chain -- layer 0's at the start of the iteration, layer l+1's when layer l takes its
@@ -343,13 +346,14 @@ class IterationSim:
         self._collective(batch, op, lambda t: self._staged(op, rest, label, then))
 
     def _staged_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
-                     on_experts=None, on_launch=None) -> None:
+                     on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
         """A dispatch in stages (:attr:`~hybridep.schedule.Exchange.then`): each stage's all-to-all
         once the previous one is delivered everywhere, every rank's experts once the last stage is in
         (and its layer's experts gathered), the combine's stages in reverse once every rank's experts
         are done (a forwarder sums what its children send back before it sends on). Unchunked."""
         stages = self.s.exchanges[layer].stages()
         start, ranks = self.eng.now, np.arange(self.G)
+        done = {"experts": start}
 
         def dispatch(i: int, t: float) -> None:
             if i == len(stages):
@@ -359,6 +363,7 @@ class IterationSim:
             self._collective(batch, "a2a", lambda tt: dispatch(i + 1, tt))
 
         def experts(t: float) -> None:
+            t = max(t, start + hidden[0])
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: launch(tt)))
                 return
@@ -371,12 +376,13 @@ class IterationSim:
             self._span("compute", f"experts {name}", t, end)
             if on_experts is not None:
                 on_experts(end)
+            done["experts"] = end
             self.eng.at(end, lambda: combine(len(stages) - 1, end))
 
         def combine(i: int, t: float) -> None:
             if i < 0:
                 self._span("a2a", f"dispatch..combine {name}", start, t)
-                return then(t)
+                return then(max(t, done["experts"] + hidden[1]))
             batch = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, t),
                                     f"combine {name} stage {i}", stage=stages[i])
             self._collective(batch, "a2a", lambda tt: combine(i - 1, tt))
@@ -384,8 +390,11 @@ class IterationSim:
         dispatch(0, start)
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
-                  on_experts=None, on_launch=None) -> None:
-        """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks.
+                  on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks;
+        ``hidden``: seconds every rank computes beside the dispatch (its experts start no earlier
+        than that after the step's start) and beside the combine (the step ends no earlier than that
+        after the last expert compute) -- a shortcut block's.
 
         Chunk c's flows (1/C of the bytes) follow chunk c-1's on the same connection (a flow class
         is released when its predecessor is delivered); a rank computes chunk c (1/C of its expert
@@ -395,7 +404,7 @@ class IterationSim:
         has started its last chunk); ``on_launch(t)`` when the first rank starts its experts (its
         tokens in, its layer's experts gathered)."""
         if self.s.exchanges[layer].then is not None:
-            return self._staged_step(layer, name, compute_factor, need_experts, then, on_experts, on_launch)
+            return self._staged_step(layer, name, compute_factor, need_experts, then, on_experts, on_launch, hidden)
         start = self.eng.now
         ranks = np.arange(self.G)
         chunks = self._chunks if any(self._a2a_peers) else 1
@@ -420,6 +429,7 @@ class IterationSim:
         per_rank = np.bincount(combine[0].owner, minlength=self.G)
 
         def experts_ready(c: int, bs: np.ndarray, t: float) -> None:
+            t = max(t, start + hidden[0])
             go = functools.partial(launch, c)
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((bs, t, go))
@@ -453,7 +463,7 @@ class IterationSim:
 
         def finish(t: float) -> None:
             self._span("a2a", f"dispatch..combine {name}", start, t)
-            then(t)
+            then(max(t, st["expert_end"] + hidden[1]))
 
         def dispatched(c: int, idx: np.ndarray, t: float) -> None:
             if c + 1 < chunks:  # the next chunk's flows follow on the same connections
@@ -521,14 +531,15 @@ class IterationSim:
             return self._next_micro_batch(m)
         if m == 0 and not self.terms.overlap and self._gathers:
             self._gather(layer)
-        pre = s.pre_expert_s + (s.codec_s if m == 0 else 0.0)
+        pre = s.pre_dispatch_s + (s.codec_s if m == 0 else 0.0)
         self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
         self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + self._counts_s)
         need = layer if self._gathers else None
         first = m == 0 and self.terms.overlap and self._gathers
         on_launch = (lambda t: self._take(layer)) if first else None
         self.eng.at(t0 + pre + self._counts_s, lambda: self._moe_step(
-            layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch))
+            layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch,
+            hidden=s.overlap_s))
 
     def _backward(self, m: int, layer: int) -> None:
         """Micro-batch ``m``'s backward reaches layer ``layer`` (last first): its exchange with the
@@ -548,11 +559,13 @@ class IterationSim:
                 self.eng.at(t, lambda: (self._rs_queue.append(layer), self._next_rs()))
 
         def after(t: float) -> None:
-            span = 2 * s.pre_expert_s + s.backward_extra_s  # (with recompute: the decode again)
+            span = 2 * s.pre_dispatch_s + s.backward_extra_s  # (with recompute: the decode again)
             self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
             self.eng.at(t + span, lambda: self._backward(m, layer - 1))
 
-        self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done)
+        d, c = s.overlap_s  # the mirrors of the combine, then of the dispatch
+        self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done,
+                       hidden=(2 * c, 2 * d))
 
     def _next_micro_batch(self, m: int) -> None:
         if m + 1 < self.s.micro_batches:

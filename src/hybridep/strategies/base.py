@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from hybridep.topology import Domains, Topology
@@ -14,6 +16,12 @@ if TYPE_CHECKING:
     from hybridep.migration.sr import SRSettings
     from hybridep.parallel.comm import Communicator
     from hybridep.schedule import Schedule
+
+
+SHORTCUT = "+shortcut"
+"""The suffix of any family's name for the same strategy on shortcut-connected MoE blocks (ScMoE):
+``ep+shortcut``, ``hybridep(dc=1,gpu=2)+shortcut``, ``hierarchical+shortcut``. Every spec has a
+``shortcut`` field; its name ends with this suffix when it is set."""
 
 
 class StrategyError(ValueError):
@@ -103,14 +111,49 @@ def _family_of(name: str) -> _Family:
             return family
     raise StrategyError(f"strategy {name!r}: no family accepts this name; known forms: ep, "
                         "hybridep(LEVEL=SIZE,...), hybridep+srRATIO[+topkgrads](LEVEL=SIZE,...), hierarchical, "
-                        "hierarchical(dedup=LEVEL+...), HYBRIDEP-NAME+hier")
+                        "hierarchical(dedup=LEVEL+...), HYBRIDEP-NAME+hier, any of them +shortcut")
+
+
+def _split_shortcut(name: str) -> tuple[str, bool]:
+    """(the name without the :data:`SHORTCUT` suffix, whether it had it)."""
+    text = name.replace(" ", "")
+    return (text.removesuffix(SHORTCUT), True) if text.endswith(SHORTCUT) else (text, False)
 
 
 def parse(name: str, topology: Topology) -> StrategySpec:
     """The spec named ``name`` (``str(spec)`` of some spec) on ``topology``."""
-    return _family_of(name).parse(name.replace(" ", ""), topology)
+    text, shortcut = _split_shortcut(name)
+    spec = _family_of(text).parse(text, topology)
+    return dataclasses.replace(spec, shortcut=True) if shortcut else spec
+
+
+@dataclass(frozen=True)
+class _ShortcutRequest:
+    """A request whose specs run shortcut-connected blocks."""
+
+    inner: Request
+
+    @property
+    def text(self) -> str:
+        return self.inner.text + SHORTCUT
+
+    @property
+    def planner(self) -> bool:
+        return self.inner.planner
+
+    @property
+    def template(self) -> StrategySpec:
+        return dataclasses.replace(self.inner.template, shortcut=True)
+
+    def candidates(self) -> list[tuple[int, ...]]:
+        return self.inner.candidates()
+
+    def with_sizes(self, sizes: tuple[int, ...]) -> StrategySpec:
+        return dataclasses.replace(self.inner.with_sizes(sizes), shortcut=True)
 
 
 def parse_request(text: str, topology: Topology) -> Request:
     """A ``simulate.strategies`` entry: a full name, or the looser forms a family allows."""
-    return _family_of(text).parse_request(text.replace(" ", ""), topology)
+    base, shortcut = _split_shortcut(text)
+    request = _family_of(base).parse_request(base, topology)
+    return _ShortcutRequest(request) if shortcut else request

@@ -43,7 +43,7 @@ from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule
 from hybridep.strategies import hybridep
-from hybridep.strategies.base import StrategyError
+from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
 from hybridep.topology import Domains, Topology
 
@@ -80,8 +80,9 @@ class HierarchicalSpec(HybridEPSpec):
         if self.dedup is not None:
             names = "+".join(self.topology.names[lv] for lv in self.dedup_levels) or "none"
             dedup = f"(dedup={names})"
-        base = HybridEPSpec.__str__(self.as_hybridep())
-        return f"hierarchical{dedup}" if base == "ep" else f"{base}+hier{dedup}"
+        base = HybridEPSpec.__str__(replace(self.as_hybridep(), shortcut=False))
+        name = f"hierarchical{dedup}" if base == "ep" else f"{base}+hier{dedup}"
+        return name + (SHORTCUT if self.shortcut else "")
 
     @property
     def is_ep(self) -> bool:
@@ -90,7 +91,7 @@ class HierarchicalSpec(HybridEPSpec):
     def as_hybridep(self) -> HybridEPSpec:
         """The same partition and settings with the one-stage exchange."""
         return HybridEPSpec(self.topology, self.domain_sizes, self.sr_ratio, self.sr_grads, self.a2a_chunks,
-                            self.prefetch)
+                            self.prefetch, self.shortcut)
 
     def runtime_kind(self) -> str:
         return "hierarchical" + ("+sr" if self.compressed else "")
@@ -285,7 +286,9 @@ def staged_exchange(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: in
 
 def build_schedule_hier(dom: Domains, w: Workload, dedup: tuple[int, ...]) -> Schedule:
     """HybridEP's iteration (:func:`~hybridep.strategies.hybridep.build_schedule`: gathers, compute,
-    dense sync) with each layer's exchange in stages and one split-size exchange per stage."""
+    dense sync) with each layer's exchange in stages and one split-size exchange per stage. A
+    shortcut block's compute does not overlap it: the runtime runs the stages when the experts are
+    needed."""
     base = build_schedule(dom, w)
     if dom.rail_size == 1:
         return base
@@ -294,5 +297,5 @@ def build_schedule_hier(dom: Domains, w: Workload, dedup: tuple[int, ...]) -> Sc
     if not w.per_layer:
         exchanges = exchanges * w.layers
     messages = sum(2 * (dom.rail_factors[lv] - 1) for lv in dom.rail_levels())
-    return dataclasses.replace(base, exchanges=tuple(exchanges),
+    return dataclasses.replace(base, exchanges=tuple(exchanges), overlap_s=(0.0, 0.0),
                                counts=CountExchange(tuple(dom.rail_levels()), messages))

@@ -11,6 +11,8 @@ Names (the one grammar, ``str(spec)`` / :func:`parse`)::
     hybridep+sr50(dc=2,gpu=2)             SR compression at ratio 50 (dense gradients)
     hybridep+sr50+topkgrads(dc=2,gpu=2)   ... with top-k gradients (error feedback)
     ...+chunks3 / ...+[no]prefetch        after the other modifiers (ep+chunks3 too)
+    ep+shortcut, hybridep(...)+shortcut   shortcut-connected MoE blocks (any family's name + shortcut,
+                                          :mod:`hybridep.strategies.base`)
 
 ``a2a_chunks`` and ``prefetch`` left out of a name mean "as configured" (``moe.a2a_chunks``,
 ``bench.prefetch``): a spec whose fields are None takes them from the configuration it runs with.
@@ -48,7 +50,7 @@ from hybridep.parallel.comm import Communicator
 from hybridep.schedule import CountExchange, Exchange, ExchangePorts, Schedule, Stage
 from hybridep.sim.iteration import SimResult, run_schedule
 from hybridep.strategies import dense_sync
-from hybridep.strategies.base import StrategyError
+from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.topology import Domains, Topology, divisors
 
 _NAME = re.compile(r"^(?P<base>ep|planner|hybridep)(?P<mods>(?:\+[a-z]+[0-9.]*(?:e[-+]?[0-9]+)?)*)"
@@ -76,6 +78,9 @@ class HybridEPSpec:
     """Chunks of the pipelined exchange; None = the configuration's ``moe.a2a_chunks``."""
     prefetch: bool | None = None
     """Prefetch the expert gathers; None = the configuration's ``bench.prefetch``."""
+    shortcut: bool = False
+    """The model's MoE blocks are shortcut-connected (ScMoE): the exchange overlaps the block's
+    attention and dense FFN (one-stage, unchunked exchanges; see :func:`build_schedule`)."""
     family: ClassVar[str] = "hybridep"
 
     def __post_init__(self) -> None:
@@ -106,13 +111,14 @@ class HybridEPSpec:
     def __str__(self) -> str:
         tail = f"+chunks{self.a2a_chunks}" if self.a2a_chunks is not None else ""
         tail += {None: "", True: "+prefetch", False: "+noprefetch"}[self.prefetch]
+        short = SHORTCUT if self.shortcut else ""
         if self.is_ep:
-            return "ep" + tail
+            return "ep" + tail + short
         head = "hybridep"
         if self.sr_ratio is not None:
             head += f"+sr{_shortest(self.sr_ratio)}" + ("+topkgrads" if self.sr_grads == "topk" else "")
         sizes = ",".join(f"{n}={s}" for n, s in zip(self.topology.names, self.domain_sizes, strict=True))
-        return f"{head}{tail}({sizes})"
+        return f"{head}{tail}({sizes}){short}"
 
     # --- what the other modules ask of a spec ----------------------------------------------------
     @property
@@ -148,8 +154,13 @@ class HybridEPSpec:
                        prefetch=self.prefetch if self.prefetch is not None else prefetch)
 
     def workload(self, cfg: Config, flops: float | None = None) -> Workload:
-        """The cost model's workload of ``cfg`` run under this spec (its compression and chunks)."""
-        w = workload_from_config(cfg, flops, self.sr_ratio, self.sr_grads if self.compressed else None)
+        """The cost model's workload of ``cfg`` run under this spec (its compression, chunks and
+        block form)."""
+        if self.shortcut and (cfg.moe is None or cfg.moe.blocks_before_moe < 1):
+            raise StrategyError(f"strategy {self}: +shortcut needs model dimensions (a moe section) with "
+                                "moe.blocks_before_moe >= 1 (an MoE block's shortcut reads the block before it)")
+        w = workload_from_config(cfg, flops, self.sr_ratio, self.sr_grads if self.compressed else None,
+                                 self.shortcut if cfg.moe is not None else None)
         return w if self.a2a_chunks is None else dataclasses.replace(w, a2a_chunks=self.a2a_chunks)
 
     def schedule(self, w: Workload) -> Schedule:
@@ -169,7 +180,7 @@ class HybridEPSpec:
         return {"family": self.family, "name": str(self),
                 "domain_sizes": dict(zip(self.topology.names, self.domain_sizes, strict=True)),
                 "sr_ratio": self.sr_ratio, "sr_grads": self.sr_grads, "a2a_chunks": self.a2a_chunks,
-                "prefetch": self.prefetch}
+                "prefetch": self.prefetch, "shortcut": self.shortcut}
 
     @classmethod
     def ep(cls, topology: Topology, **params) -> HybridEPSpec:
@@ -418,7 +429,9 @@ def _stages(dom: Domains, shard_bytes, reverse: bool = False) -> tuple[Stage, ..
 def build_schedule(dom: Domains, w: Workload) -> Schedule:
     """One iteration of HybridEP with domains ``dom`` under workload ``w`` (see :mod:`hybridep.schedule`):
     rail all-to-alls of the tokens, the hierarchical gather of the domain's experts and its
-    reduce-scatter, the domain's load on each rank's expert compute."""
+    reduce-scatter, the domain's load on each rank's expert compute. Shortcut blocks overlap an
+    unchunked exchange with their attention and dense FFN (a chunked one runs when the experts are
+    needed, as the runtime does)."""
     topo = dom.topology
     g = topo.world_size
     chunks = exchange_chunks(dom, w)
@@ -441,7 +454,8 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
         counts=CountExchange(tuple(levels), 2 * (dom.rail_size - 1)) if levels else None,
         gather=_stages(dom, lambda lv: w.sent_expert_bytes),
         reduce_scatter=_stages(dom, w.sent_grad_bytes, reverse=True),
-        grad_sync=dense_sync.schedule(topo, w), optimizer_s=optimizer_s(w))
+        grad_sync=dense_sync.schedule(topo, w), optimizer_s=optimizer_s(w),
+        overlap_s=w.shortcut_s if chunks == 1 else (0.0, 0.0))
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
