@@ -1,6 +1,30 @@
-"""Loss curves of the quality benchmarks: final losses and one plot."""
+"""Loss curves of the quality benchmarks: training variants of the benchmark's language model on 4
+local processes (2 x 2 topology, loopback: quality, not speed), final losses and one plot."""
 
 from __future__ import annotations
+
+from hybridep.launch import run_local
+
+
+def _worker(rank: int, world: int, steps: int, variants: dict[str, dict], overrides: list[str]) -> dict:
+    from hybridep.bench import lm_config
+    from hybridep.config import load_config
+    from hybridep.lm.train import RunSpec, run
+    from hybridep.parallel.comm import Communicator
+    from hybridep.topology import Topology
+
+    cfg = load_config(None, overrides)
+    lm, batch = lm_config(cfg)
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 600)
+    return {name: run(lm, RunSpec(**{"steps": steps, "warmup": 1, "batch_size": batch // 4, "seed": 0,
+                                     "strategy": "ep", "domain_sizes": (1, 1), **fields}), comm).losses
+            for name, fields in variants.items()}
+
+
+def train_variants(steps: int, variants: dict[str, dict], overrides: list[str]) -> dict[str, list[float]]:
+    """Per variant (name -> ``RunSpec`` fields over EP's), the training losses of ``steps`` steps of
+    the configuration (embedded default with ``--set``-style ``overrides``), same data and seed."""
+    return run_local(_worker, 4, (steps, variants, overrides), timeout_s=7200)[0]
 
 
 def final_losses(losses: dict[str, list[float]], steps: int) -> dict[str, float]:

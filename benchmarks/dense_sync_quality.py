@@ -14,24 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from curves import final_losses, plot_losses
-
-from hybridep.launch import run_local
-
-
-def worker(rank, world, steps, modes, blocks):
-    from hybridep.bench import lm_config
-    from hybridep.config import load_config
-    from hybridep.lm.train import RunSpec, run
-    from hybridep.parallel.comm import Communicator
-    from hybridep.topology import Topology
-
-    cfg = load_config(None, [f"moe.blocks_before_moe={blocks}"])
-    lm, batch = lm_config(cfg)
-    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 600)
-    return {mode: run(lm, RunSpec(steps=steps, warmup=1, batch_size=batch // 4, seed=0, strategy="ep",
-                                  domain_sizes=(1, 1), dense_sync=mode), comm).losses
-            for mode in modes}
+from curves import final_losses, plot_losses, train_variants
 
 
 def main() -> None:
@@ -44,7 +27,8 @@ def main() -> None:
     ap.add_argument("--plot", default="dense_sync_quality.png")
     args = ap.parse_args()
     modes = ["ring", f"powersgd(rank={args.rank},start={args.start})"]
-    losses = run_local(worker, 4, (args.steps, modes, args.blocks_before_moe), timeout_s=7200)[0]
+    losses = train_variants(args.steps, {m: {"dense_sync": m} for m in modes},
+                            [f"moe.blocks_before_moe={args.blocks_before_moe}"])
     summary = {m: {"final_loss_mean_last_5pct": v} for m, v in final_losses(losses, args.steps).items()}
     ring = summary["ring"]["final_loss_mean_last_5pct"]
     for mode, v in summary.items():
