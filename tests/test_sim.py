@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridep.cli import main
-from hybridep.config import CostTerms
-from hybridep.costmodel import Network, Workload
+from hybridep.config import CostTerms, load_config
+from hybridep.costmodel import Network, Workload, evaluate
+from hybridep.costmodel import lower_bound as schedule_lower_bound
 from hybridep.sim.fluid import Batch, Engine
-from hybridep.strategies.hybridep import lower_bound, predict, simulate
+from hybridep.sim.iteration import run_schedule
+from hybridep.strategies import parse
+from hybridep.strategies.hybridep import build_schedule, lower_bound, predict, simulate
 from hybridep.topology import Domains, Topology
 
 
@@ -392,3 +396,36 @@ def test_dense_gradient_all_reduce_runs_beside_the_reduce_scatters_tail_in_model
             # it at full rate beside the reduce-scatters, (2, 1) of sim_1000dc.yaml 25 % low)
             assert pred.iteration_s == pytest.approx(sim, rel=0.03)
             assert 0 < pred.exposed_grad_sync_s <= pred.grad_sync_s + 1e-12
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("hidden", [(0.01, 0.004), (0.5, 0.5)])
+def test_a_shortcut_block_hides_its_exchange_behind_its_own_compute_alike_in_model_and_simulator(backward, hidden):
+    """Per layer the forward saves min(a, D) + min(a, C) of a standard block's a + D + C + a (a: one
+    dispatch; D, C: the compute beside the dispatch and the combine), the backward min(a, 2C) +
+    min(a, 2D); the simulator runs the same iteration."""
+    topo = Topology(("dc",), (4,))
+    net = Network(topo, (1e8,), (0.0,))
+    w = Workload(dispatch_bytes=4e6, expert_bytes=1e6, pre_expert_s=1.2, expert_s=0.01, layers=2)
+    terms = CostTerms(backward=backward, latency=False, grad_sync=False, overlap=False)
+    dom = Domains(topo, (1,))
+    standard = build_schedule(dom, w)
+    short = build_schedule(dom, dataclasses.replace(w, shortcut_s=hidden))
+    assert short.overlap_s == hidden and short.pre_dispatch_s == pytest.approx(1.2 - sum(hidden))
+    a = evaluate(standard, net, terms).a2a_phase_s
+    d, c = hidden
+    saved = min(a, d) + min(a, c) + (min(a, 2 * c) + min(a, 2 * d) if backward else 0.0)
+    t_std, t_short = evaluate(standard, net, terms).iteration_s, evaluate(short, net, terms).iteration_s
+    assert t_std - t_short == pytest.approx(w.layers * saved, rel=1e-9)
+    assert run_schedule(short, net, terms).iteration_s == pytest.approx(t_short, rel=1e-9)
+    assert run_schedule(short, net, terms).iteration_s >= schedule_lower_bound(short, net, terms) * (1 - 1e-9)
+
+
+def test_a_chunked_or_staged_exchange_runs_beside_no_shortcut_compute():
+    """The runtime overlaps only the one-stage unchunked exchange; the schedules say so."""
+    topo = Topology(("dc", "gpu"), (2, 2))
+    cfg = load_config(None, ["moe.shortcut=true", "moe.blocks_before_moe=1"])
+    for name, overlapped in (("ep", True), ("ep+chunks2", False), ("hierarchical", False)):
+        spec = parse(name + "+shortcut", topo)
+        schedule = spec.schedule(spec.workload(cfg, 1e10))
+        assert (schedule.overlap_s != (0.0, 0.0)) == overlapped, name

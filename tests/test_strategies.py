@@ -1,5 +1,6 @@
 """The strategy contract: one grammar for names, and the plan file that every command runs."""
 
+import dataclasses
 import json
 import re
 
@@ -30,7 +31,7 @@ def specs(draw):
     grads = draw(st.sampled_from(["dense", "topk"])) if ratio is not None else "dense"
     chunks = draw(st.one_of(st.none(), st.integers(1, 64)))
     prefetch = draw(st.sampled_from([None, True, False]))
-    return HybridEPSpec(topo, sizes, ratio, grads, chunks, prefetch)
+    return HybridEPSpec(topo, sizes, ratio, grads, chunks, prefetch, draw(st.booleans()))
 
 
 @settings(max_examples=300, deadline=None)
@@ -40,6 +41,16 @@ def test_every_spec_survives_its_name(spec):
     name = str(spec)
     assert parse(name, spec.topology) == spec
     assert (name == "ep" or name.startswith("ep+")) == spec.is_ep
+    assert name.endswith("+shortcut") == spec.shortcut
+
+
+@pytest.mark.parametrize("name", ["ep+shortcut", "hybridep(dc=1,gpu=2)+shortcut", "hierarchical+shortcut",
+                                  "hybridep(dc=1,gpu=2)+hier+shortcut", "ep+chunks3+shortcut"])
+def test_any_family_runs_shortcut_connected_blocks_by_its_name(name):
+    topo = Topology(("dc", "gpu"), (2, 2))
+    spec = parse(name, topo)
+    assert spec.shortcut and str(spec) == name
+    assert parse(name.removesuffix("+shortcut"), topo) == dataclasses.replace(spec, shortcut=False)
 
 
 def test_names_of_the_stored_results_are_read_back_unchanged():
@@ -62,6 +73,7 @@ def test_names_of_the_stored_results_are_read_back_unchanged():
     ("ep(dc=1,gpu=1)", "ep takes no"),
     ("tutel", "no family accepts"),
     ("planner", "not a strategy name"),
+    ("ep+shortcut+chunks3", "cannot read"),
 ])
 def test_bad_names_are_refused_with_what_is_allowed(name, says):
     with pytest.raises(StrategyError, match=re.escape(says)):

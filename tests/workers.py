@@ -497,3 +497,36 @@ def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens):
             n = int(far.sum())
         crossings[names[lv]] = n
     return counted, crossings, hidden, top_k
+
+
+def shortcut_timeline(rank, world):
+    """One forward and backward of a shortcut-connected LM under EP; this rank's timeline: the
+    communicator's calls and the block's attention and dense FFN, forward and backward
+    (name, start, end)."""
+    from hybridep.lm.model import LMConfig, MoELM
+
+    comm = Communicator(Topology(("dc",), (world,)), 60.0)
+    torch.manual_seed(0)
+    model = MoELM(LMConfig(seq_len=16, hidden=16, heads=2, layers=1, ffn=24, experts=2 * world, dense_blocks=1,
+                           shortcut=True)).double()
+    parallelize(model, comm, Domains(comm.topology, (1,)))
+    block = model.moe_blocks[0]
+    events = []
+
+    def note(name):
+        def hook(*_):
+            events.append((name, time.perf_counter()))
+        return hook
+
+    for part in ("attn", "dense"):
+        module = getattr(block, part)
+        module.register_forward_pre_hook(note(f"{part} start"))
+        module.register_forward_hook(note(f"{part} end"))
+        module.register_full_backward_pre_hook(note(f"{part} bwd start"))
+        module.register_full_backward_hook(note(f"{part} bwd end"))
+    comm.traffic.record_spans = True
+    g = torch.Generator().manual_seed(rank)
+    x, y = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
+    model(x, y).backward()
+    spans = [(name, a, b) for track, name, a, b in comm.traffic.spans if track == "comm"]
+    return spans, events, dict(comm.traffic.calls_by_op)

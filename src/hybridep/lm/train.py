@@ -68,6 +68,10 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     comm_s: dict[str, float] = field(default_factory=dict)
     """Seconds per timed iteration spent in each collective family (rank mean)."""
+    a2a_s_by_rank: list[float] = field(default_factory=list)
+    """Seconds per timed iteration each rank spent in the token exchange (issuing, transferring or
+    waiting: ``a2a`` and ``meta``): its exposed exchange. The rank that waits least is the one the
+    others wait for; its figure is network time, theirs adds the wait for it."""
     payload_bytes_by_level: dict[str, float] = field(default_factory=dict)
     """Payload bytes per timed iteration, all ranks together, by topology level."""
     uplink_bytes: float | None = None
@@ -99,7 +103,8 @@ class RunResult:
         q = statistics.quantiles(it, n=10) if len(it) >= 2 else [it[0]] * 9
         return {"median_iter_s": statistics.median(it), "p10_iter_s": q[0], "p90_iter_s": q[-1],
                 "iter_s": self.iter_s, "losses": self.losses, "final_loss": self.losses[-1],
-                "comm_s": self.comm_s, "payload_bytes_by_level": self.payload_bytes_by_level,
+                "comm_s": self.comm_s, "a2a_s_by_rank": self.a2a_s_by_rank,
+                "payload_bytes_by_level": self.payload_bytes_by_level,
                 "uplink_bytes": self.uplink_bytes, "outer_busy_s": self.outer_busy_s,
                 "a2a_pair_bytes": self.a2a_pair_bytes, "expert_tokens": self.expert_tokens,
                 "optimizer_s": self.optimizer_s, "optimizer_param_bytes": self.optimizer_param_bytes,
@@ -265,6 +270,10 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         row = torch.tensor([float(to_peer.get(p, 0)) for p in range(comm.world_size)], dtype=torch.float64)
         pairs = [torch.empty_like(row) for _ in range(comm.world_size)]
         dist.all_gather(pairs, row)
+        mine = secs[:2].sum().reshape(1) / timed
+        per_rank = [torch.empty_like(mine) for _ in range(comm.world_size)]
+        dist.all_gather(per_rank, mine)
+        result.a2a_s_by_rank = [float(x) for x in per_rank]
         dist.all_reduce(secs)
         dist.all_reduce(b)
         result.a2a_pair_bytes = [(p / timed).tolist() for p in pairs]

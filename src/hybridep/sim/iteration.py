@@ -382,12 +382,19 @@ class IterationSim:
         def combine(i: int, t: float) -> None:
             if i < 0:
                 self._span("a2a", f"dispatch..combine {name}", start, t)
-                return then(max(t, done["experts"] + hidden[1]))
+                return self._after(max(t, done["experts"] + hidden[1]), then)
             batch = self._a2a_batch("a2a", layer, False, ranks, np.full(self.G, t),
                                     f"combine {name} stage {i}", stage=stages[i])
             self._collective(batch, "a2a", lambda tt: combine(i - 1, tt))
 
         dispatch(0, start)
+
+    def _after(self, t: float, then) -> None:
+        """``then(t)`` at time ``t`` (now or later: the callee reads the clock)."""
+        if t > self.eng.now:
+            self.eng.at(t, lambda: then(t))
+        else:
+            then(t)
 
     def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
                   on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
@@ -463,7 +470,7 @@ class IterationSim:
 
         def finish(t: float) -> None:
             self._span("a2a", f"dispatch..combine {name}", start, t)
-            then(max(t, st["expert_end"] + hidden[1]))
+            self._after(max(t, st["expert_end"] + hidden[1]), then)
 
         def dispatched(c: int, idx: np.ndarray, t: float) -> None:
             if c + 1 < chunks:  # the next chunk's flows follow on the same connections
