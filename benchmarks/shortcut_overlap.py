@@ -47,6 +47,7 @@ def plot(summary: dict, path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     ax1.bar([r - 0.2 for r in ranks], exposed["standard"], 0.4, label="standard")
     ax1.bar([r + 0.2 for r in ranks], exposed["shortcut"], 0.4, label="shortcut")
+    ax1.set_xticks(list(ranks))
     ax1.set_xlabel("rank")
     ax1.set_ylabel("exposed exchange (s / iteration)")
     ax1.legend()
