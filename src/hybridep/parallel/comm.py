@@ -295,24 +295,36 @@ class Communicator:
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                    ranks: Sequence[int], op: str = "a2a") -> None:
         """Uneven all-to-all of rows within ``ranks`` (sorted); splits are row counts per member."""
-        self.wait(self.all_to_all_start(out, inp, out_splits, in_splits, ranks, op), op, ranks)
+        self._all_to_all(out, inp, out_splits, in_splits, ranks, op, blocking=True)
 
     def all_to_all_start(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
                          ranks: Sequence[int], op: str = "a2a"):
         """Issue :meth:`all_to_all` and return its work handle (None when nothing travels) for
         :meth:`wait`; ``inp`` and ``out`` must stay untouched until then."""
+        return self._all_to_all(out, inp, out_splits, in_splits, ranks, op, blocking=False)
+
+    def _all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                    ranks: Sequence[int], op: str, blocking: bool):
+        """One all-to-all call: issued, and waited for when ``blocking`` (returns the work handle
+        otherwise); bytes counted at the issue."""
         if len(ranks) == 1:
             out.copy_(inp)
             return None
         row = inp.shape[1:].numel() * inp.element_size()
-        if self.a2a_impl == "p2p":
-            work, secs = self._run(op, ranks, lambda: Requests(self._p2p_start(
-                out, out_splits, _chunks(inp, in_splits), ranks)))
-        else:
-            work, secs = self._run(op, ranks, lambda: dist.all_to_all_single(
-                out, inp, out_splits, in_splits, group=self.group(ranks), async_op=True))
+
+        def issue():
+            if self.a2a_impl == "p2p":
+                work = Requests(self._p2p_start(out, out_splits, _chunks(inp, in_splits), ranks))
+            else:
+                work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group(ranks),
+                                              async_op=True)
+            if blocking:
+                work.wait()
+            return work
+
+        work, secs = self._run(op, ranks, issue)
         self._record(op, ranks, [s * row for s in in_splits], secs)
-        return work
+        return None if blocking else work
 
     def _p2p_start(self, out: torch.Tensor, out_splits: list[int], sends: Sequence[torch.Tensor],
                    ranks: Sequence[int]) -> list:
