@@ -530,3 +530,24 @@ def shortcut_timeline(rank, world):
     model(x, y).backward()
     spans = [(name, a, b) for track, name, a, b in comm.traffic.spans if track == "comm"]
     return spans, events, dict(comm.traffic.calls_by_op)
+
+
+def ted_bytes(rank, world, dtd):
+    """One forward and backward of a one-layer stack under TED (tp 2) on 2 DCs x 2; this rank's
+    counted all-to-all payload bytes over the DC level, and the copies it routed to experts whose EP
+    position lies in the other DC, times the bytes of one row."""
+    from hybridep.parallel.ted import parallelize_ted
+
+    topo = Topology(("dc", "gpu"), (2, 2))
+    comm = Communicator(topo, 60.0)
+    torch.manual_seed(0)
+    model = MoEStack(1, 16, 8, 4, 2).double()
+    parallelize_ted(model, comm, 2, dtd)
+    g = torch.Generator().manual_seed(rank // 2)  # the TP group's tokens
+    x = torch.randn(13, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    model(x).square().sum().backward()
+    layer = model.blocks[0].moe
+    owner_dc = torch.arange(4) // 2  # EP position p (experts 2p, 2p+1) sits in DC p
+    routed = layer.routed_tokens
+    crossing = int(routed[owner_dc != rank // 2].sum())
+    return comm.traffic.bytes_by_level(["a2a"]).get("dc", 0), crossing * 16 * 8

@@ -203,7 +203,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in results:
         sc = r["scenario"]
-        table.add_row(r["strategy"], "x".join(str(v) for v in r["domain_sizes"].values()), r["dtype"],
+        strategy = r["strategy"] if r.get("tp", 1) == 1 else f"ted(tp={r['tp']}{',dtd' if r['dtd'] else ''})"
+        table.add_row(strategy, "x".join(str(v) for v in r["domain_sizes"].values()), r["dtype"],
                       "shortcut" if r["shortcut"] else "standard",
                       "yes" if r["prefetch"] else "no", str(sc["top_k"]), str(sc["tokens"]),
                       str(sc["capacity_factor"] or "dropless") + (" skewed" if sc["skew"] else ""),
@@ -624,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
                    help="refuse to start more than F local ranks per core (default 4)")
     p.add_argument("--strategies", default="ep,hybridep",
-                   help="comma-separated: ep, hybridep, hierarchical, hybridep+hier")
+                   help="comma-separated: ep, hybridep, hierarchical, hybridep+hier, ted")
     p.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64, float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])

@@ -10,14 +10,17 @@ outputs, input gradients, every parameter gradient (expert gradients against the
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from hybridep.moe.stack import MoEStack
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
+from hybridep.parallel.ted import parallelize_ted, replica_ranks
 from hybridep.topology import Domains, Topology
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -51,6 +54,10 @@ class Case:
     """The hierarchical exchange deduplicating at these levels (None: the one-stage exchange)."""
     shortcut: bool = False
     """Shortcut-connected blocks (the exchange overlapping the block's dense layer)."""
+    tp: int = 1
+    """TED (:mod:`hybridep.parallel.ted`) over TP groups of this many ranks (1: not TED)."""
+    dtd: bool = True
+    """TED's duplicate-token dropping."""
     results: dict = field(default_factory=dict)
 
 
@@ -111,8 +118,10 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     model = model.to(device)
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(sc.seed + 1000)
-    xs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sc.tokens]
-    cs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sc.tokens]
+    replicas = world // case.tp  # the ranks of a TP group share their tokens
+    tokens = sc.tokens[:replicas]
+    xs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in tokens]
+    cs = [torch.randn(n, sc.hidden, generator=g, dtype=torch.float64).to(dtype).to(device) for n in tokens]
 
     # reference: one process, each rank's tokens in turn, loss = mean over ranks
     ref_x = [x.clone().requires_grad_() for x in xs]
@@ -121,31 +130,36 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     for x, c in zip(ref_x, cs, strict=True):
         y = ref(x)
         ref_y.append(y.detach())
-        total = total + ((y * c).sum() + AUX_COEF * ref.aux_loss()) / world
+        total = total + ((y * c).sum() + AUX_COEF * ref.aux_loss()) / replicas
     total.backward()
 
     # distributed
-    domains = Domains(topology, case.domain_sizes)
-    styles = parallelize(model, comm, domains, a2a_chunks=case.a2a_chunks, dedup=case.dedup)
-    ddp = data_parallel(model)
-    if case.prefetch:
-        prefetch_all(styles, model)
-    x = xs[rank].clone().requires_grad_()
+    if case.tp > 1:
+        parallelize_ted(model, comm, case.tp, case.dtd)
+        ddp = data_parallel(model, comm, replicas=replica_ranks(comm, case.tp))
+    else:
+        domains = Domains(topology, case.domain_sizes)
+        styles = parallelize(model, comm, domains, a2a_chunks=case.a2a_chunks, dedup=case.dedup)
+        ddp = data_parallel(model)
+        if case.prefetch:
+            prefetch_all(styles, model)
+    mine = rank // case.tp
+    x = xs[mine].clone().requires_grad_()
     y = ddp(x)
-    loss = (y * cs[rank]).sum() + AUX_COEF * model.aux_loss()
+    loss = (y * cs[mine]).sum() + AUX_COEF * model.aux_loss()
     loss.backward()
 
-    errs = [_compare(y.detach(), ref_y[rank]), _compare(x.grad / world if x.grad is not None else None,
-                                                         ref_x[rank].grad)]
+    errs = [_compare(y.detach(), ref_y[mine]), _compare(x.grad / replicas if x.grad is not None else None,
+                                                         ref_x[mine].grad)]
     expert_names = set(expert_param_names(model))
     ref_params = dict(ref.named_parameters())
-    n = experts // world
     finite = bool(torch.isfinite(y).all()) and bool(torch.isfinite(loss))
     for name, p in model.named_parameters():
         r = ref_params[name].grad
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad  # a TP shard: whole
         if name in expert_names and r is not None:
-            r = r[rank * n: (rank + 1) * n]
-        errs.append(_compare(p.grad, r))
+            r = _expert_slice(r, name, rank, experts // replicas, case.tp)
+        errs.append(_compare(grad, r))
         finite &= p.grad is None or bool(torch.isfinite(p.grad).all())
     stats = torch.tensor([max(e[0] for e in errs), max(e[1] for e in errs), 0.0 if finite else 1.0],
                          dtype=torch.float64, device=device)
@@ -154,10 +168,22 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
             "dtype": case.dtype, "prefetch": case.prefetch, "a2a_chunks": case.a2a_chunks,
             "dedup": None if case.dedup is None else [topology.names[lv] for lv in case.dedup],
-            "shortcut": case.shortcut, "scenario": asdict(sc),
+            "shortcut": case.shortcut, "tp": case.tp, "dtd": case.dtd, "scenario": asdict(sc),
             "max_abs_err": stats[0].item(), "max_rel_err": stats[1].item(),
             "finite": stats[2].item() == 0.0,
             "passed": stats[2].item() == 0.0 and stats[1].item() <= tol}
+
+
+def _expert_slice(grad: torch.Tensor, name: str, rank: int, n: int, tp: int) -> torch.Tensor:
+    """The part of a reference expert gradient [E, ...] that ``rank`` holds: its EP position's ``n``
+    experts and (TED) its TP shard of their FFN dimension."""
+    position, j = divmod(rank, tp)
+    rows = grad[position * n: (position + 1) * n]
+    if tp == 1:
+        return rows
+    axis = 1 if name.endswith("w2") else 2
+    width = rows.shape[axis] // tp
+    return rows.narrow(axis, j * width, width)
 
 
 def default_topology(world: int) -> Topology:
@@ -167,14 +193,14 @@ def default_topology(world: int) -> Topology:
     return Topology(("gpu",), (world,))
 
 
-STRATEGIES = ("ep", "hybridep", "hierarchical", "hybridep+hier")
+STRATEGIES = ("ep", "hybridep", "hierarchical", "hybridep+hier", "ted")
 """``verify --strategies``: EP; HybridEP at every other partition; the hierarchical exchange on EP's
 partition (deduplicating at every level but the innermost, and at none) and on every other one."""
 
 
 def _partitions(topology: Topology, strategy: str) -> list[tuple[int, ...]]:
     ones = tuple(1 for _ in topology.counts)
-    if strategy in ("ep", "hierarchical"):
+    if strategy in ("ep", "hierarchical", "ted"):
         return [ones]
     if strategy in ("hybridep", "hybridep+hier"):
         return [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
@@ -197,6 +223,11 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
             for dtype in dtypes:
                 for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
                     short = shortcut or i >= 2
+                    if strategy == "ted":  # TP groups of 2 (inside the innermost level), DTD on and off;
+                        # hidden and FFN rounded up to what 2 shards divide
+                        even = dataclasses.replace(sc, hidden=sc.hidden + sc.hidden % 2, ffn=sc.ffn + sc.ffn % 2)
+                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd) for dtd in (True, False)]
+                        continue
                     if hier:  # odd scenarios deduplicate at every level (the innermost too)
                         dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))
                         cases.append(Case(strategy, sizes, dtype, sc, prefetch=i % 2 == 1, dedup=dedup,

@@ -318,21 +318,29 @@ def expert_param_names(model: nn.Module) -> list[str]:
 
 
 def data_parallel(model: nn.Module, comm: Communicator | None = None, dense_sync: DenseSync | None = None,
-                  bucket_cap_mb: float | None = None) -> nn.Module:
+                  bucket_cap_mb: float | None = None, replicas: list[int] | None = None) -> nn.Module:
     """Wrap in PyTorch DDP for the non-expert parameters; expert parameters are left to the strategy.
     ``dense_sync`` (default ``ring``) says how DDP's buckets are synchronised
     (:mod:`hybridep.strategies.dense_sync`). With ``comm`` and ``ring``, DDP's gradient all-reduces
     (PyTorch's default hook) are timed as cross-DC exchanges (:meth:`Communicator.note_outer_interval`):
-    they cross the DC links too."""
+    they cross the DC links too. ``replicas``: the ranks this one's data-parallel peers are (under
+    tensor parallelism, :mod:`hybridep.parallel.ted`: those with its TP index, through ``comm``'s
+    group; tensor-parallel parameters are left to :func:`~hybridep.parallel.ted.sync_replicas`)."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
-    ddp = DistributedDataParallel(model, **({"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}))
+    from hybridep.parallel.ted import tp_param_names
+
+    ignore = expert_param_names(model) + tp_param_names(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    kwargs = {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
+    if replicas is not None:
+        kwargs["process_group"] = comm.group(replicas)
+    ddp = DistributedDataParallel(model, **kwargs)
     if dense_sync is not None and dense_sync.mode != "ring":
         register(ddp, dense_sync, comm)
     elif comm is not None:
-        world = list(range(comm.world_size))
+        world = replicas if replicas is not None else list(range(comm.world_size))
 
         def timed_allreduce(state, bucket):
             start = time.perf_counter()

@@ -95,12 +95,12 @@ class _Family(Protocol):
 
 
 def _families() -> dict[str, _Family]:
-    from hybridep.strategies import hierarchical, hybridep
+    from hybridep.strategies import hierarchical, hybridep, ted
 
-    return {"hierarchical": hierarchical, "hybridep": hybridep}  # the first that accepts a name parses it
+    return {"hierarchical": hierarchical, "ted": ted, "hybridep": hybridep}  # the first that accepts a name parses it
 
 
-FAMILIES: tuple[str, ...] = ("hierarchical", "hybridep")
+FAMILIES: tuple[str, ...] = ("hierarchical", "ted", "hybridep")
 """The registered families, by name (one line per family in :func:`_families`)."""
 
 
@@ -111,7 +111,7 @@ def _family_of(name: str) -> _Family:
             return family
     raise StrategyError(f"strategy {name!r}: no family accepts this name; known forms: ep, "
                         "hybridep(LEVEL=SIZE,...), hybridep+srRATIO[+topkgrads](LEVEL=SIZE,...), hierarchical, "
-                        "hierarchical(dedup=LEVEL+...), HYBRIDEP-NAME+hier, any of them +shortcut")
+                        "hierarchical(dedup=LEVEL+...), HYBRIDEP-NAME+hier, ted(tp=N[,dtd]), any of them +shortcut")
 
 
 def _split_shortcut(name: str) -> tuple[str, bool]:

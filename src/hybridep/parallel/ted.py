@@ -1,0 +1,296 @@
+"""Tensor x expert x data parallelism with duplicate-token dropping (DeepSpeed-TED).
+
+Ranks form tensor-parallel (TP) groups of ``tp`` consecutive ranks (inside the innermost level).
+The ``R = G / tp`` groups are data-parallel replicas: every rank of a TP group holds the same tokens.
+Rank ``(g, j)`` (group g, TP index j) is member g of the *expert-parallel group* j (the ranks with
+TP index j), owns the experts of EP position g (``n = E / R`` of them) and holds TP shard j of each:
+the FFN dimension split in ``tp`` slices (``w1[:, :, slice]``, ``w2[:, slice, :]``), so an expert's
+output is the sum of its shards' partial outputs.
+
+One MoE layer, every TP rank routing the same (replicated) tokens:
+
+* with duplicate-token dropping (``dtd``): TP rank j takes the j-th of ``tp`` row blocks of the
+  layer's token copies (sorted by token slice, then destination) and sends only those over its EP
+  group -- each copy crosses the slow links once instead of ``tp`` times. The owner's TP group
+  all-gathers what its members received, each member runs its expert shards on all of it, and a
+  reduce-scatter sums the partial outputs back to the member that received the rows. The combine
+  returns them; an all-gather inside the TP group gives every member every copy's output, and the
+  weighted sum per token follows (replicated);
+* without: every TP rank sends all copies, the owner's members receive the same rows, run their
+  shards and all-reduce the partial outputs.
+
+Every step is an autograd Function whose backward is its dual for the computation around it: the
+split of the copies (backward: all-gather of the gradients, so every TP rank holds the whole input
+gradient), the all-gather before the expert shards (backward: reduce-scatter of the partial input
+gradients), the reduce-scatter after them (backward: all-gather), the all-gather of the outputs
+before the replicated weighted sum (backward: each member's own block), and -- without DTD -- the
+copy into the shards (backward: all-reduce) and the all-reduce after them (backward: identity).
+Row counts go first at every collective (no padding). Expert gradients arrive summed over every
+replica's tokens and are scaled by 1/R (the loss is the replicas' mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hybridep.moe.experts import GroupedExperts
+from hybridep.moe.layer import compute_in_place, permute, unpermute
+from hybridep.moe.router import Routing
+from hybridep.parallel.comm import Communicator
+from hybridep.parallel.functional import AllToAll
+
+
+def _gather_rows(comm: Communicator, x: torch.Tensor, counts: list[int], group: Sequence[int], op: str) -> torch.Tensor:
+    """Every member's rows (``counts[i]`` from member i) in member order, on every member."""
+    mine = counts[group.index(comm.rank)]
+    out = x.new_empty((sum(counts), *x.shape[1:]))
+    comm.all_to_all(out, x.repeat(len(group), *([1] * (x.dim() - 1))), counts, [mine] * len(group), group, op)
+    return out
+
+
+def _reduce_scatter_rows(comm: Communicator, x: torch.Tensor, counts: list[int], group: Sequence[int],
+                         op: str) -> torch.Tensor:
+    """Sum over the members of their ``x`` (all members' rows, member order); this member's block."""
+    me = group.index(comm.rank)
+    recv = x.new_empty((len(group) * counts[me], *x.shape[1:]))
+    comm.all_to_all(recv, x.contiguous(), [counts[me]] * len(group), counts, group, op)
+    return recv.view(len(group), counts[me], *x.shape[1:]).sum(0)
+
+
+def _own_block(x: torch.Tensor, counts: list[int], index: int) -> torch.Tensor:
+    start = sum(counts[:index])
+    return x[start: start + counts[index]]
+
+
+class GatherRows(torch.autograd.Function):
+    """Forward: all-gather of uneven rows inside ``group``. Backward: ``sum`` -- reduce-scatter (what
+    follows is a sharded computation whose input gradients are partial) -- or ``own`` -- this
+    member's block (what follows is replicated, its gradients identical on every member)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, group, counts, op, backward):
+        ctx.args = (comm, group, counts, op, backward)
+        return _gather_rows(comm, x, counts, group, op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, group, counts, op, backward = ctx.args
+        if backward == "sum":
+            return _reduce_scatter_rows(comm, grad, counts, group, op + "_bwd"), None, None, None, None, None
+        return _own_block(grad, counts, group.index(comm.rank)).clone(), None, None, None, None, None
+
+
+class ReduceScatterRows(torch.autograd.Function):
+    """Forward: the members' partial rows summed, this member's block kept. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, comm, group, counts, op):
+        ctx.args = (comm, group, counts, op)
+        return _reduce_scatter_rows(comm, x, counts, group, op)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, group, counts, op = ctx.args
+        return _gather_rows(comm, grad.contiguous(), counts, group, op + "_bwd"), None, None, None, None
+
+
+class SplitRows(torch.autograd.Function):
+    """Forward: this member's block of replicated rows. Backward: all-gather of the blocks' gradients
+    (every member then holds the whole, identical gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, group, counts, op):
+        ctx.args = (comm, group, counts, op)
+        return _own_block(x, counts, group.index(comm.rank)).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, group, counts, op = ctx.args
+        return _gather_rows(comm, grad.contiguous(), counts, group, op + "_bwd"), None, None, None, None
+
+
+class SumPartials(torch.autograd.Function):
+    """Forward: all-reduce (sum) of partial outputs inside ``group``; backward: identity (the
+    gradient of the summed output is the same on every member)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, group, op):
+        out = x.clone()
+        comm.all_reduce(out, group, op)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+class CopyToShards(torch.autograd.Function):
+    """Forward: identity (every member feeds the same rows to its shards); backward: all-reduce of the
+    partial input gradients."""
+
+    @staticmethod
+    def forward(ctx, x, comm, group, op):
+        ctx.args = (comm, group, op)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, group, op = ctx.args
+        out = grad.clone()
+        comm.all_reduce(out, group, op)
+        return out, None, None, None
+
+
+class TedStyle:
+    """The dispatcher of one MoE layer under TED (see the module docstring)."""
+
+    def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True):
+        g = comm.world_size
+        if tp < 1 or g % tp:
+            raise ValueError(f"tp ({tp}) must divide the world size ({g})")
+        replicas = g // tp
+        if num_experts % replicas:
+            raise ValueError(f"experts ({num_experts}) must be divisible by the expert-parallel world "
+                             f"({replicas} = world {g} / tp {tp})")
+        self.comm, self.tp, self.dtd = comm, tp, dtd
+        self.replicas, self.n_local = replicas, num_experts // replicas
+        self.position, self.tp_index = divmod(comm.rank, tp)
+        self.tp_group = [self.position * tp + j for j in range(tp)]
+        self.ep_group = [p * tp + self.tp_index for p in range(replicas)]
+        comm.create_groups([[p * tp + j for j in range(tp)] for p in range(replicas)])
+        comm.create_groups([[p * tp + j for p in range(replicas)] for j in range(tp)])
+        self.key_of_expert = torch.arange(num_experts)
+
+    def shard(self, experts: GroupedExperts) -> None:
+        """Keep this rank's TP shard of its EP position's experts (gradients scaled by 1/R)."""
+        if experts.ffn % self.tp:
+            raise ValueError(f"ffn ({experts.ffn}) must be divisible by tp ({self.tp})")
+        lo, width = self.position * self.n_local, experts.ffn // self.tp
+        cols = slice(self.tp_index * width, (self.tp_index + 1) * width)
+        scale = 1.0 / self.replicas
+        for name in experts.weight_names:
+            full = getattr(experts, name).detach()[lo: lo + self.n_local]
+            local = nn.Parameter((full[:, cols] if name == "w2" else full[:, :, cols]).clone())
+            local.register_hook(lambda grad: grad * scale)
+            setattr(experts, name, local)
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
+        comm, tp = self.comm, self.tp
+        if self.replicas == 1:  # one EP position: every expert here, only the TP collectives
+            y = compute_in_place(CopyToShards.apply(x, comm, self.tp_group, "tp"), routing, experts,
+                                 experts.weights(), self.key_of_expert)
+            return SumPartials.apply(y, comm, self.tp_group, "tp")
+        if not self.dtd:
+            p = permute(x, routing, self.key_of_expert.to(x.device))
+            y = self._exchange(CopyToShards.apply(p.x, comm, self.tp_group, "tp"), p.keys, experts)
+            return unpermute(y, p, x.shape[0])
+        # copies sorted by (token slice, destination): TP member j sends the j-th block
+        slice_of_token = torch.arange(x.shape[0], device=x.device) * tp // max(1, x.shape[0])
+        keys = self.key_of_expert.to(x.device)
+        p = permute(x, routing, keys)
+        order = torch.argsort(slice_of_token[p.token_idx] * len(keys) + p.keys, stable=True)
+        p.x, p.token_idx, p.weights, p.keys = p.x[order], p.token_idx[order], p.weights[order], p.keys[order]
+        blocks = torch.bincount(slice_of_token[p.token_idx], minlength=tp).tolist()
+        mine = SplitRows.apply(p.x, comm, self.tp_group, blocks, "tp")
+        y = self._exchange(mine, _own_block(p.keys, blocks, self.tp_index), experts)
+        return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own"), p, x.shape[0])
+
+    def _exchange(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        """Dispatch ``rows`` (sorted by expert ``keys``) over the EP group, run the expert shards (on
+        the TP group's rows with DTD), combine; the expert outputs in ``rows``' order."""
+        comm, ep, n = self.comm, self.ep_group, self.n_local
+        counts = torch.bincount(keys, minlength=len(ep) * n).view(len(ep), n)
+        recv_counts = torch.empty_like(counts)
+        comm.all_to_all(recv_counts, counts, [1] * len(ep), [1] * len(ep), ep, "meta")
+        send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        received = AllToAll.apply(rows, comm, ep, send, recv, "a2a_dispatch")
+        if self.dtd:  # the TP group's rows: every member's, member order
+            sizes = torch.tensor([sum(recv)])
+            every = torch.empty(self.tp, dtype=sizes.dtype)
+            comm.all_to_all(every, sizes.repeat(self.tp), [1] * self.tp, [1] * self.tp, self.tp_group, "meta")
+            by_member = [int(v) for v in every]
+            all_counts = torch.empty(self.tp * len(ep), n, dtype=recv_counts.dtype)
+            comm.all_to_all(all_counts, recv_counts.repeat(self.tp, 1), [len(ep)] * self.tp, [len(ep)] * self.tp,
+                            self.tp_group, "meta")
+            rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum")
+            partial = _compute(experts, rows_in, all_counts)
+            y = ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp")
+        else:
+            y = SumPartials.apply(_compute(experts, received, recv_counts), comm, self.tp_group, "tp")
+        return AllToAll.apply(y, comm, ep, recv, send, "a2a_combine")
+
+
+def _compute(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The local expert shards on rows grouped by source and, within each, by expert (``counts``:
+    [sources, experts]); partial outputs in the rows' order."""
+    from hybridep.parallel.strategy import _compute_received
+
+    return _compute_received(experts, experts.weights(), rows, counts)
+
+
+def _tp_plan(model: nn.Module) -> dict[str, object]:
+    """Which dense submodules are tensor-parallel, as PyTorch ``ParallelStyle``s by module path: the
+    verify stack's per-block Linear column-wise with its output gathered (replicated after it)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    from hybridep.moe.stack import MoEStack
+
+    if isinstance(model, MoEStack):
+        return {f"blocks.{i}.dense": ColwiseParallel(output_layouts=Replicate()) for i in range(len(model.blocks))}
+    raise ValueError(f"tensor parallelism has no plan for a {type(model).__name__}")
+
+
+def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = True) -> list[TedStyle]:
+    """Apply TED to ``model`` (in place): the dense part tensor-parallel over each TP group with
+    PyTorch's ``parallelize_module`` (a 2-D device mesh: replicas x tp), every MoE layer's experts
+    sharded (EP position, FFN slice) with :class:`TedStyle` as dispatcher. The DTensor parameters'
+    gradients are averaged over the replicas by :func:`sync_replicas` hooks (DDP, which handles the
+    rest, takes no DTensor)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from hybridep.parallel.strategy import moe_layers
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (comm.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], _tp_plan(model))
+    styles = []
+    for layer in moe_layers(model):
+        style = TedStyle(comm, tp, layer.experts.num_experts, dtd)
+        style.shard(layer.experts)
+        layer.dispatcher = style
+        styles.append(style)
+    sync_replicas(model, comm, tp)
+    return styles
+
+
+def tp_param_names(model: nn.Module) -> list[str]:
+    """Names of the tensor-parallel (DTensor) parameters."""
+    from torch.distributed.tensor import DTensor
+
+    return [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+
+
+def replica_ranks(comm: Communicator, tp: int) -> list[int]:
+    """The ranks holding the same TP index as this one: its data-parallel peers."""
+    return list(range(comm.rank % tp, comm.world_size, tp))
+
+
+def sync_replicas(model: nn.Module, comm: Communicator, tp: int) -> None:
+    """Average every tensor-parallel parameter's local gradient shard over the replicas (an
+    all-reduce over the ranks with the same TP index) as soon as it is accumulated."""
+    ranks = replica_ranks(comm, tp)
+    comm.create_groups([list(range(j, comm.world_size, tp)) for j in range(tp)])
+    names = set(tp_param_names(model))
+    for name, p in model.named_parameters():
+        if name in names:
+            def average(param: torch.Tensor) -> None:
+                local = param.grad.to_local()
+                comm.all_reduce(local, ranks, "dense_tp")
+                local.div_(len(ranks))
+            p.register_post_accumulate_grad_hook(average)

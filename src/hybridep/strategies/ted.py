@@ -1,0 +1,154 @@
+"""The TED family: tensor x expert x data parallelism with duplicate-token dropping (DeepSpeed-TED).
+
+Parameters (:class:`TedSpec`): ``tp`` (ranks per tensor-parallel group, consecutive ranks of the
+innermost level; a divisor of its count, at least 2) and ``dtd`` (duplicate-token dropping). The
+runtime is :mod:`hybridep.parallel.ted`.
+
+Names (``str(spec)`` / :func:`parse`)::
+
+    ted(tp=2,dtd)      TP groups of 2, each TP rank dispatching 1/tp of the copies
+    ted(tp=2)          the same without DTD (every TP rank sends every copy: the baseline)
+
+Schedule: the token exchange runs among the ranks with the same TP index -- the rails of HybridEP's
+partition with domain size ``tp`` at the innermost level -- so it is HybridEP's exchange on that
+partition, with the dispatch each rank sends divided by ``tp`` under DTD; no expert gather (the
+experts are sharded, not gathered); expert and dense compute divided by ``tp`` (each rank runs 1/tp
+of every expert and of the dense layers). Not priced yet: the TP group's own collectives (the
+dense layers' all-reduces, DTD's all-gathers and reduce-scatters inside the group, on the innermost
+level). Communication-aware activation checkpointing (``cac``) is not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from torch import nn
+
+from hybridep.config import Config
+from hybridep.costmodel import Workload
+from hybridep.migration.sr import SRSettings
+from hybridep.parallel.comm import Communicator
+from hybridep.schedule import Schedule
+from hybridep.strategies.base import SHORTCUT, StrategyError
+from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
+from hybridep.topology import Domains, Topology, divisors
+
+FORMS = "ted(tp=N,dtd) or ted(tp=N) with N a divisor (>= 2) of the innermost level's count"
+_NAME = re.compile(r"^ted\((?P<args>[^()]*)\)$")
+
+
+@dataclass(frozen=True)
+class TedSpec(HybridEPSpec):
+    """TED on ``topology``: TP groups of ``tp`` ranks, with or without duplicate-token dropping."""
+
+    tp: int = 2
+    dtd: bool = True
+    family: ClassVar[str] = "ted"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        inner = self.topology.counts[-1]
+        if not isinstance(self.tp, int) or self.tp < 2 or inner % self.tp:
+            raise StrategyError(f"strategy ted: tp={self.tp!r} must divide the innermost level's count "
+                                f"({self.topology.names[-1]}: {inner}); allowed: "
+                                f"{[d for d in divisors(inner) if d >= 2] or 'none (the level has one rank)'}")
+        if any(s != 1 for s in self.domain_sizes) or self.sr_ratio is not None:
+            raise StrategyError("strategy ted: takes no domain sizes and no compression")
+
+    def __str__(self) -> str:
+        return f"ted(tp={self.tp}{',dtd' if self.dtd else ''})" + (SHORTCUT if self.shortcut else "")
+
+    @property
+    def is_ep(self) -> bool:
+        return False
+
+    def runtime_kind(self) -> str:
+        return "ted"
+
+    def exchange_domains(self) -> Domains:
+        """The partition whose rails are TED's expert-parallel groups (domain size ``tp`` innermost)."""
+        return Domains(self.topology, (*self.domain_sizes[:-1], self.tp))
+
+    def workload(self, cfg: Config, flops: float | None = None) -> Workload:
+        """HybridEP's workload with what one TED rank sends and computes: 1/tp of the dispatch (DTD),
+        1/tp of the expert and dense compute."""
+        check_config(cfg, self.tp)
+        w = super().workload(cfg, flops)
+        return dataclasses.replace(
+            w, dispatch_bytes=w.dispatch_bytes / (self.tp if self.dtd else 1), expert_s=w.expert_s / self.tp,
+            pre_expert_s=w.pre_expert_s / self.tp, shortcut_s=tuple(x / self.tp for x in w.shortcut_s),
+            a2a_chunks=1)
+
+    def schedule(self, w: Workload) -> Schedule:
+        return replace(build_schedule(self.exchange_domains(), w), gather=(), reduce_scatter=(), codec_s=0.0)
+
+    def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
+        from hybridep.parallel.ted import parallelize_ted
+
+        return parallelize_ted(model, comm, self.tp, self.dtd)
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "shortcut": self.shortcut}
+
+
+def check_config(cfg: Config, tp: int) -> None:
+    """The model dimensions TED shards must divide by ``tp``, the experts by the EP world (G / tp)."""
+    m = cfg.moe
+    if m is None:
+        raise StrategyError("strategy ted: needs model dimensions (a moe section)")
+    world = cfg.topology.world_size
+    for key, value in (("moe.hidden", m.hidden), ("moe.ffn", m.ffn), ("bench.heads", cfg.bench.heads)):
+        if value % tp:
+            raise StrategyError(f"strategy ted(tp={tp}): {key} = {value} is not divisible by tp; allowed: "
+                                f"multiples of {tp}")
+    if m.experts % (world // tp):
+        raise StrategyError(f"strategy ted(tp={tp}): moe.experts = {m.experts} is not divisible by the "
+                            f"expert-parallel world {world // tp} (world {world} / tp {tp})")
+
+
+# --------------------------------------------------------------------------------- the grammar
+def accepts(name: str) -> bool:
+    return name.startswith("ted")
+
+
+def parse(name: str, topology: Topology) -> TedSpec:
+    m = _NAME.match(name)
+    if m is None:
+        raise StrategyError(f"strategy {name!r}: allowed: {FORMS}")
+    tp, dtd = None, False
+    for item in filter(None, m.group("args").split(",")):
+        key, sep, val = item.partition("=")
+        if key == "tp" and sep and val.isdigit() and tp is None:
+            tp = int(val)
+        elif item == "dtd" and not dtd:
+            dtd = True
+        elif item == "cac":
+            raise StrategyError(f"strategy {name!r}: cac (communication-aware activation checkpointing) is not "
+                                f"built; allowed: {FORMS}")
+        else:
+            raise StrategyError(f"strategy {name!r}: cannot read {item!r}; allowed: {FORMS}")
+    if tp is None:
+        raise StrategyError(f"strategy {name!r}: tp=N is required; allowed: {FORMS}")
+    return TedSpec(topology, tuple(1 for _ in topology.counts), tp=tp, dtd=dtd)
+
+
+@dataclass(frozen=True)
+class TedRequest:
+    """A ``simulate.strategies`` entry of this family (every parameter given)."""
+
+    text: str
+    template: TedSpec
+    planner: bool = False
+
+    def candidates(self) -> list[tuple[int, ...]]:
+        return [self.template.domain_sizes]
+
+    def with_sizes(self, sizes: tuple[int, ...]) -> TedSpec:
+        return self.template
+
+
+def parse_request(text: str, topology: Topology) -> TedRequest:
+    return TedRequest(text, parse(text, topology))

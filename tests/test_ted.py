@@ -1,0 +1,51 @@
+"""TED: names, configuration errors and duplicate-token dropping's bytes (exactness: verify)."""
+
+import re
+
+import pytest
+
+from hybridep.config import load_config
+from hybridep.launch import run_local
+from hybridep.strategies import StrategyError, TedSpec, parse
+from hybridep.topology import Topology
+from tests.workers import ted_bytes
+
+TOPO = Topology(("dc", "gpu"), (2, 2))
+
+
+@pytest.mark.parametrize("name", ["ted(tp=2,dtd)", "ted(tp=2)", "ted(tp=2,dtd)+shortcut"])
+def test_ted_names_read_back(name):
+    spec = parse(name, TOPO)
+    assert isinstance(spec, TedSpec) and str(spec) == name and spec.tp == 2 and spec.dtd == (",dtd" in name)
+
+
+@pytest.mark.parametrize("name,says", [("ted(tp=3)", "must divide the innermost level's count (gpu: 2)"),
+                                       ("ted(dtd)", "tp=N is required"), ("ted(tp=2,cac)", "not built"),
+                                       ("ted(tp=2,x)", "cannot read 'x'")])
+def test_bad_ted_names_say_what_is_allowed(name, says):
+    with pytest.raises(StrategyError, match=re.escape(says)):
+        parse(name, TOPO)
+
+
+@pytest.mark.parametrize("key,value,says", [("moe.hidden", 33, "moe.hidden = 33 is not divisible by tp"),
+                                            ("moe.ffn", 99, "moe.ffn = 99 is not divisible by tp"),
+                                            ("bench.heads", 3, "bench.heads = 3 is not divisible by tp")])
+def test_dimensions_ted_cannot_shard_are_named(key, value, says):
+    cfg = load_config(None, ["moe.hidden=48", "bench.heads=4", f"{key}={value}"])
+    with pytest.raises(StrategyError, match=re.escape(says)):
+        parse("ted(tp=2,dtd)", cfg.topology.as_topology()).workload(cfg, 1e12)
+
+
+def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
+    """Counted cross-DC all-to-all bytes: with DTD, each copy routed to the other DC crosses once in
+    each of the four exchanges (dispatch, combine and their backward); without, once per TP rank --
+    tp = 2 times as many. The schedule says the same ratio."""
+    with_dtd = run_local(ted_bytes, 4, (True,), timeout_s=120)
+    without = run_local(ted_bytes, 4, (False,), timeout_s=120)
+    crossing = sum(c for _, c in with_dtd) / 2  # both TP ranks of a group route the same copies
+    assert sum(b for b, _ in with_dtd) == 4 * crossing
+    assert sum(b for b, _ in without) == 2 * 4 * crossing
+    cfg = load_config(None, ["bench.heads=4"])
+    dc = {name: parse(name, TOPO).schedule(parse(name, TOPO).workload(cfg, 1e12)).exchanges[0].ports[0].total_bytes
+          for name in ("ted(tp=2,dtd)", "ted(tp=2)")}
+    assert dc["ted(tp=2)"] == pytest.approx(2 * dc["ted(tp=2,dtd)"])
