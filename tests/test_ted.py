@@ -8,7 +8,7 @@ from hybridep.config import load_config
 from hybridep.launch import run_local
 from hybridep.strategies import StrategyError, TedSpec, parse
 from hybridep.topology import Topology
-from tests.workers import ted_bytes
+from tests.workers import ted_bytes, ted_lm_errors
 
 TOPO = Topology(("dc", "gpu"), (2, 2))
 
@@ -49,3 +49,12 @@ def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
     dc = {name: parse(name, TOPO).schedule(parse(name, TOPO).workload(cfg, 1e12)).exchanges[0].ports[0].total_bytes
           for name in ("ted(tp=2,dtd)", "ted(tp=2)")}
     assert dc["ted(tp=2)"] == pytest.approx(2 * dc["ted(tp=2,dtd)"])
+
+
+@pytest.mark.parametrize("dtd", [True, False])
+def test_the_language_model_under_ted_is_the_single_process_model(dtd):
+    """Attention and dense FFNs tensor-parallel (PyTorch's parallelize_module), experts sharded by EP
+    position and FFN slice: loss and every parameter gradient within 1e-10 in float64."""
+    for loss, ref_loss, worst in run_local(ted_lm_errors, 4, (dtd,), timeout_s=120):
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        assert worst < 1e-10

@@ -551,3 +551,39 @@ def ted_bytes(rank, world, dtd):
     routed = layer.routed_tokens
     crossing = int(routed[owner_dc != rank // 2].sum())
     return comm.traffic.bytes_by_level(["a2a"]).get("dc", 0), crossing * 16 * 8
+
+
+def ted_lm_errors(rank, world, dtd):
+    """One forward and backward of the language model (attention and dense FFNs tensor-parallel with
+    parallelize_module, experts TED-sharded) against the single-process reference in float64: the
+    loss and the largest relative error of any parameter gradient (a TP shard as its whole DTensor,
+    an expert shard against the matching slice)."""
+    from torch.distributed.tensor import DTensor
+
+    from hybridep.lm.model import LMConfig, MoELM
+    from hybridep.parallel.ted import parallelize_ted, replica_ranks
+
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
+    torch.manual_seed(0)
+    cfg = LMConfig(seq_len=8, hidden=16, heads=4, layers=2, ffn=12, experts=4, dense_blocks=1, expert_kind="swiglu")
+    model = MoELM(cfg).double()
+    ref = copy.deepcopy(model)
+    data = [(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(g)),) * 2 for g in range(2)]
+    (sum(ref(x, y) for x, y in data) / 2).backward()  # the replicas' mean
+    parallelize_ted(model, comm, 2, dtd)
+    ddp = data_parallel(model, comm, replicas=replica_ranks(comm, 2))
+    x, y = data[rank // 2]  # the TP group's batch
+    loss = ddp(x, y)
+    loss.backward()
+    ref_params, experts = dict(ref.named_parameters()), set(expert_param_names(model))
+    worst = 0.0
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        r = ref_params[name].grad
+        if name in experts:
+            position, j = divmod(rank, 2)
+            axis = 1 if name.endswith("w2") else 2
+            r = r[2 * position: 2 * position + 2]
+            r = r.narrow(axis, j * r.shape[axis] // 2, r.shape[axis] // 2)
+        worst = max(worst, float((grad - r).abs().max() / r.abs().max()))
+    return float(loss), float(ref(x, y)), worst

@@ -30,7 +30,8 @@ from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, evaluate, workload_from_config
 from hybridep.lm.model import LMConfig
 from hybridep.planner import PlanResult, plan_workload
-from hybridep.strategies import HierarchicalSpec, HybridEPSpec, parse
+from hybridep.strategies import HierarchicalSpec, HybridEPSpec, StrategyError, TedSpec, parse
+from hybridep.strategies.ted import check_config
 from hybridep.topology import Topology
 from hybridep.trace import Span
 
@@ -69,6 +70,8 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
         entry["dedup"] = list(spec.dedup_levels)
     if spec.shortcut:
         entry["shortcut"] = True
+    if isinstance(spec, TedSpec):
+        entry.update({"tp": spec.tp, "dtd": spec.dtd})
     if spec.compressed:
         b = cfg.bench
         entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,
@@ -103,7 +106,22 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
                 specs.append(hier)
     if b.shortcut and not m.shortcut and m.blocks_before_moe >= 1:
         specs += [s for s in dict.fromkeys(dataclasses.replace(x, shortcut=True) for x in (ep, choice))]
+    if b.ted:  # TP groups of 2 with and without duplicate-token dropping, where the model divides
+        specs += [s for s in ted_specs(cfg, topo) if s not in specs]
     return specs
+
+
+def ted_specs(cfg: Config, topo: Topology) -> list[TedSpec]:
+    """``ted(tp=2,dtd)`` and ``ted(tp=2)`` when the innermost level has an even count and the model's
+    dimensions divide by 2 (:func:`hybridep.strategies.ted.check_config`), else none."""
+    if topo.counts[-1] % 2:
+        return []
+    try:
+        check_config(cfg, 2)
+    except StrategyError:
+        return []
+    return [TedSpec(topo, tuple(1 for _ in topo.counts), tp=2, dtd=dtd, shortcut=cfg.moe.shortcut)
+            for dtd in (True, False)]
 
 
 def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int,

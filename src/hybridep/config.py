@@ -364,6 +364,9 @@ class BenchConfig(_Strict):
     hierarchical: StrictBool = True
     """Also run the hierarchical token exchange (``hierarchical``, ``<choice>+hier``) where it
     deduplicates (tokens cross a level above the innermost)."""
+    ted: StrictBool = True
+    """Also run TED with TP groups of 2, with and without duplicate-token dropping (``ted(tp=2,dtd)``,
+    ``ted(tp=2)``), where the innermost level's count is even and the model divides by 2."""
     shortcut: StrictBool = True
     """Also run ``ep`` and the planner's choice on shortcut-connected MoE blocks (``+shortcut``, same
     data and seed) where the model allows it (``moe.blocks_before_moe`` >= 1) and is not shortcut-

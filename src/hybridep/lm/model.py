@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from hybridep.moe.experts import WEIGHT_NAMES, ffn
+from hybridep.moe.experts import WEIGHT_NAMES
 from hybridep.moe.layer import MoE, begin
 
 
@@ -59,7 +59,7 @@ def dense_shapes(cfg: LMConfig) -> list[tuple[int, ...]]:
     (MoE block), the dense FFN (dense block, or shortcut MoE block) and the MoE branch's LayerNorm
     (shortcut), and the final LayerNorm."""
     h, f = cfg.hidden, cfg.ffn
-    ffn = {"w1": (h, f), "w2": (f, h), "w3": (h, f)}
+    ffn = {"w1": (f, h), "w2": (h, f), "w3": (f, h)}  # linear layers' weights: [out, in]
     out: list[tuple[int, ...]] = [(cfg.seq_len, h), (cfg.vocab, h)]
     for i in range(cfg.layers * (cfg.dense_blocks + 1)):
         out += [(h,), (h,), (h,), (h,), (3 * h, h), (h, h)]
@@ -71,34 +71,41 @@ def dense_shapes(cfg: LMConfig) -> list[tuple[int, ...]]:
 
 
 class Attention(nn.Module):
+    """Causal self-attention. ``qkv``'s output features are head-major (per head: its q, k, v), so a
+    contiguous split of them -- tensor parallelism's column split -- holds whole heads; the forward
+    takes the heads it finds (all, or a tensor-parallel rank's share)."""
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.heads = cfg.heads
+        self.head_dim = cfg.hidden // cfg.heads
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
         self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         y = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, t, h))
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class DenseFFN(nn.Module):
-    """The FFN of a dense block: the experts' kind and size, one copy, data-parallel like attention."""
+    """The FFN of a dense block: the experts' kind and size, one copy, data-parallel like attention
+    (``w1``, ``w3``: hidden -> ffn; ``w2``: ffn -> hidden; linear layers, so that tensor
+    parallelism can split them column- and row-wise)."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.kind = cfg.expert_kind
-        shapes = {"w1": (cfg.hidden, cfg.ffn), "w2": (cfg.ffn, cfg.hidden), "w3": (cfg.hidden, cfg.ffn)}
+        dims = {"w1": (cfg.hidden, cfg.ffn), "w2": (cfg.ffn, cfg.hidden), "w3": (cfg.hidden, cfg.ffn)}
         for name in WEIGHT_NAMES[self.kind]:
-            w = nn.Parameter(torch.empty(shapes[name]))
-            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[0]))
-            setattr(self, name, w)
+            layer = nn.Linear(*dims[name], bias=False)
+            nn.init.normal_(layer.weight, std=1.0 / math.sqrt(layer.in_features))
+            setattr(self, name, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = {name: getattr(self, name) for name in WEIGHT_NAMES[self.kind]}
-        return ffn(self.kind, w, x.reshape(-1, x.shape[-1])).view_as(x)
+        h = self.w1(x)
+        h = functional.silu(h) * self.w3(x) if self.kind == "swiglu" else functional.gelu(h)
+        return self.w2(h)
 
 
 class Block(nn.Module):

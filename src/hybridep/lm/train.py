@@ -22,6 +22,7 @@ from hybridep.lm.model import LMConfig, MoELM
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator, union_seconds
 from hybridep.parallel.strategy import data_parallel, expert_param_names, moe_layers, parallelize, prefetch_all
+from hybridep.parallel.ted import parallelize_ted, replica_ranks
 from hybridep.strategies.dense_sync import parse_dense_sync
 from hybridep.topology import Domains
 
@@ -46,6 +47,10 @@ class RunSpec:
     """The hierarchical token exchange deduplicating at these levels (None: the one-stage exchange)."""
     shortcut: bool = False
     """Shortcut-connected MoE blocks (the model's ``shortcut``; already so when the model is)."""
+    tp: int = 1
+    """``ted``: ranks per tensor-parallel group (its ranks train on the same batch)."""
+    dtd: bool = True
+    """``ted``: duplicate-token dropping."""
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
     dense_sync: str = "ring"
@@ -151,6 +156,10 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
+    if spec.strategy == "ted":  # no expert gathers: nothing to prefetch
+        parallelize_ted(model, comm, spec.tp, spec.dtd)
+        replicas = replica_ranks(comm, spec.tp)
+        return data_parallel(model, comm, parse_dense_sync(spec.dense_sync), replicas=replicas), model, []
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks,
                          spec.dedup)
     return data_parallel(model, comm, parse_dense_sync(spec.dense_sync)), model, styles
@@ -221,7 +230,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
                 before = uplink_counter()
         if step >= spec.warmup:
             stamps.append(time.perf_counter())
-        x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank)
+        x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank // spec.tp)  # TP: one batch
         opt.zero_grad(set_to_none=True)
         t_fwd = time.perf_counter()
         loss = module(x, y)
@@ -260,7 +269,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
         tr = comm.traffic
         secs = torch.tensor([tr.seconds_by_op.get(k, 0.0) for k in ("a2a", "meta", "ag", "rs")], dtype=torch.float64)
         levels = list(comm.topology.names)
-        by_level = tr.bytes_by_level(["a2a", "ag", "rs"])
+        by_level = tr.bytes_by_level(["a2a", "ag", "rs", "tp"])  # the TP groups' collectives too (ted)
         b = torch.tensor([float(by_level.get(lv, 0)) for lv in levels], dtype=torch.float64)
         dense = tr.bytes_by_level(["dense"])
         d = torch.tensor([float(dense.get(lv, 0)) for lv in levels], dtype=torch.float64)

@@ -232,15 +232,30 @@ def _compute(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) 
 
 
 def _tp_plan(model: nn.Module) -> dict[str, object]:
-    """Which dense submodules are tensor-parallel, as PyTorch ``ParallelStyle``s by module path: the
-    verify stack's per-block Linear column-wise with its output gathered (replicated after it)."""
+    """Which dense submodules are tensor-parallel, as PyTorch ``ParallelStyle``s by module path (as
+    Megatron splits a transformer): the language model's attention (``qkv`` column-wise: whole
+    heads per rank; ``out`` row-wise, its output all-reduced) and dense FFNs (``w1``, ``w3``
+    column-wise, ``w2`` row-wise); the verify stack's per-block Linear column-wise with its output
+    gathered. Embeddings, norms and routers stay replicated."""
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    from hybridep.lm.model import MoELM
     from hybridep.moe.stack import MoEStack
 
     if isinstance(model, MoEStack):
         return {f"blocks.{i}.dense": ColwiseParallel(output_layouts=Replicate()) for i in range(len(model.blocks))}
+    if isinstance(model, MoELM):
+        plan: dict[str, object] = {}
+        for i, block in enumerate(model.blocks):
+            plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
+            plan[f"blocks.{i}.attn.out"] = RowwiseParallel()
+            if block.dense is not None:
+                for name in ("w1", "w3"):
+                    if hasattr(block.dense, name):
+                        plan[f"blocks.{i}.dense.{name}"] = ColwiseParallel()
+                plan[f"blocks.{i}.dense.w2"] = RowwiseParallel()
+        return plan
     raise ValueError(f"tensor parallelism has no plan for a {type(model).__name__}")
 
 
