@@ -224,6 +224,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
                      "cross_dc_comm_s": comm if name != COMPUTE_ONLY else None,
                      "link_utilisation": util, "predicted_iter_s": preds.get(name), "final_loss": r["final_loss"],
                      "exposed_a2a_s_by_rank": r.get("a2a_s_by_rank"),
+                     "param_bytes_rank0": r.get("optimizer_param_bytes"),
                      "losses": r["losses"], "breakdown_s": breakdown,
                      "expert_tokens": r.get("expert_tokens"), "a2a_pair_bytes": r.get("a2a_pair_bytes")}
     ep_t = out.get("ep", {}).get("median_iter_s")

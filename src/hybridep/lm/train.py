@@ -165,6 +165,13 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
     return data_parallel(model, comm, parse_dense_sync(spec.dense_sync)), model, styles
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as this rank holds it (a tensor-parallel DTensor's local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient; the message names the rank, the step and where it appeared."""
 
@@ -255,7 +262,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
     stamps.append(time.perf_counter())
     result.iter_s = [b - a for a, b in itertools.pairwise(stamps)]
     result.optimizer_s = statistics.median(opt_s) if opt_s else 0.0
-    result.optimizer_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    result.optimizer_param_bytes = sum(_local(p).numel() * p.element_size() for p in model.parameters())
     timed = max(1, spec.steps - spec.warmup)
     if distributed:
         dist.barrier()
