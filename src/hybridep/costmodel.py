@@ -110,6 +110,10 @@ class Workload:
     a2a_chunks: int = 1
     """Chunks of a device's tokens whose dispatch, experts and combine pipeline (see
     :func:`_a2a_phase`); 1 = one dispatch and one combine."""
+    dense_outputs_bytes: float = 0.0
+    """Bytes of the outputs of the dense part's projections back to the hidden size (each attention's
+    output projection, each dense FFN's second layer) per MoE layer and micro-batch: what a
+    tensor-parallel dense part all-reduces; 0 = unknown (a direct workload)."""
     shortcut_s: tuple[float, float] = (0.0, 0.0)
     """Shortcut-connected blocks (ScMoE): the forward compute per layer and micro-batch, within
     ``pre_expert_s``, that the block runs while its dispatch / its combine is in flight (its attention
@@ -240,6 +244,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         expert_weight_s_per_byte=cfg.compute.expert_weight_s_per_byte or 0.0,
         a2a_chunks=m.a2a_chunks,
         shortcut_s=(fl["attention"] / flops, fl["dense_ffn"] / flops) if shortcut else (0.0, 0.0),
+        dense_outputs_bytes=m.tokens_per_gpu * m.hidden * m.dtype_bytes * (2 * m.blocks_before_moe + 1 + shortcut),
     )
 
 
@@ -486,19 +491,22 @@ def _expert_s(s: Schedule, terms: CostTerms) -> list[float]:
 
 
 def _stage_port_bytes(s: Schedule, stages: tuple[Stage, ...], net: Network) -> list[float]:
-    """Bytes each level's busiest port carries in a gather's (or reduce-scatter's) stage over that
-    level, at the gather's rate."""
+    """Bytes each level's busiest port carries in a chain's stages over that level (all of them), at
+    the gather's rate."""
     port = [0.0] * s.topology.num_levels
     for st in stages:
-        port[st.level] = (s.topology.ranks_per_worker(st.level) * st.peers * st.flow_bytes
-                          / net.gather_rate_factor(st.level))
+        port[st.level] += _one_stage_port_bytes(s, st, net)
     return port
+
+
+def _one_stage_port_bytes(s: Schedule, st: Stage, net: Network) -> float:
+    """Bytes the busiest port of ``st``'s level carries in that stage, at the gather's rate."""
+    return s.topology.ranks_per_worker(st.level) * st.peers * st.flow_bytes / net.gather_rate_factor(st.level)
 
 
 def _stages_time(s: Schedule, stages: tuple[Stage, ...], net: Network, terms: CostTerms) -> float:
     """A gather's (or reduce-scatter's) stages one after the other (seconds); with a DC link matrix
     the top stage runs on the pairwise links."""
-    port = _stage_port_bytes(s, stages, net)
     first = 1 if net.dc_link_bytes_per_s is not None else 0  # a DC link matrix: no shared top port
     t = 0.0
     for st in stages:
@@ -508,9 +516,10 @@ def _stages_time(s: Schedule, stages: tuple[Stage, ...], net: Network, terms: Co
             t0 = _top_link_time(net, np.full(net.dc_link_bytes_per_s.shape, rate_bytes), st.top_pairs())
             t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
             continue
-        t += (max(_phase_time([b if i == lv else 0.0 for i, b in enumerate(port)], net, terms.latency),
+        port = _one_stage_port_bytes(s, st, net)
+        t += (max(_phase_time([port if i == lv else 0.0 for i in range(s.topology.num_levels)], net, terms.latency),
                   engine_s(net, [lv], 2 * st.peers, terms.latency))
-              + (net.stage_delay(lv) if port[lv] > 0 else 0.0))
+              + (net.stage_delay(lv) if port > 0 else 0.0))
     return t
 
 
@@ -525,7 +534,7 @@ def _stages_total(s: Schedule, stages: tuple[Stage, ...]) -> list[float]:
     """Cluster-wide bytes a gather's (or reduce-scatter's) stages put on each level's ports."""
     total = [0.0] * s.topology.num_levels
     for st in stages:
-        total[st.level] = s.world_size * st.peers * st.flow_bytes
+        total[st.level] += s.world_size * st.peers * st.flow_bytes
     return total
 
 
@@ -541,6 +550,8 @@ class _Streams:
     """Per layer: one dispatch's (seconds, cluster-wide bytes per level, busiest port's seconds per level)."""
     e: list[float]
     """Per layer: the busiest rank's forward expert compute (seconds)."""
+    tp_s: float = 0.0
+    """Per layer and micro-batch: the tensor-parallel groups' blocking collectives, one way (seconds)."""
 
     @classmethod
     def of(cls, s: Schedule, net: Network, terms: CostTerms) -> _Streams:
@@ -548,7 +559,8 @@ class _Streams:
         for ex in s.exchanges:
             if id(ex) not in cache:
                 cache[id(ex)] = _a2a_phase(ex, net, terms)
-        return cls(s, net, terms, [cache[id(ex)] for ex in s.exchanges], _expert_s(s, terms))
+        return cls(s, net, terms, [cache[id(ex)] for ex in s.exchanges], _expert_s(s, terms),
+                   _stages_time(s, s.tp_stages, net, terms))
 
     @property
     def a2a(self) -> list[float]:
@@ -568,7 +580,7 @@ class _Streams:
     def pf(self) -> float:
         """Forward before the dispatch: the pre-expert compute (but what a shortcut block overlaps),
         then the row counts go out."""
-        return self.s.pre_dispatch_s + count_exchange_s(self.s.counts, self.net, self.terms)
+        return self.s.pre_dispatch_s + self.tp_s + count_exchange_s(self.s.counts, self.net, self.terms)
 
     @property
     def hidden_forward(self) -> tuple[float, float]:
@@ -655,7 +667,8 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
     as each layer's expert backward ends and run one after the other while the earlier layers'
     backward goes on; the next layer's two backward all-to-alls share the ports of the one in
     flight. Without: each layer's reduce-scatter overlaps only its own pre-expert backward."""
-    s, pe, a2a, a2a_busy, hid = st.s, st.s.pre_dispatch_s, st.a2a, st.a2a_busy, st.hidden_backward
+    # the pre-expert backward (its tensor-parallel collectives once more): 2 pe per layer below
+    s, pe, a2a, a2a_busy, hid = st.s, st.s.pre_dispatch_s + st.tp_s / 2, st.a2a, st.a2a_busy, st.hidden_backward
     factor, extra = s.backward_factor, s.backward_extra_s
     steps = [st.exchange(a, factor * x + extra, hid) + 2 * pe for a, x in zip(a2a, st.e, strict=True)]
     compute = s.micro_batches * sum(2 * s.pre_expert_s + factor * x + extra for x in st.e)
@@ -705,18 +718,22 @@ def _dense_sync(st: _Streams, bwd: _Backward, rs_busy: list[float]) -> tuple[flo
 
 
 def _bytes_by_level(st: _Streams, ag_total: list[float], rs_total: list[float]) -> dict[str, dict[str, float]]:
-    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total, dense}}
-    (``total``: the expert exchanges'; ``dense``: the dense gradients' synchronisation, apart)."""
+    """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, tp, total,
+    dense}} (``tp``: the tensor-parallel groups' collectives; ``total``: the expert exchanges' and
+    those; ``dense``: the dense gradients' synchronisation, apart)."""
     s, backward = st.s, st.terms.backward
     sync = s.grad_sync
     directions = 4 if backward else 2  # dispatch + combine (+ their backward)
+    tp_total = _stages_total(s, s.tp_stages)
     out = {}
     for lv, name in enumerate(s.topology.names):
         a2a_b = sum(tot[lv] for _, tot, _ in st.phases) * directions * s.micro_batches
         ag_b = ag_total[lv] * s.layers
         rs_b = rs_total[lv] * s.layers if backward else 0.0
+        tp_b = tp_total[lv] * s.layers * s.micro_batches * (2 if backward else 1)
         dense = sum(x.total_fraction[lv] for x in sync.stages) * sync.grad_bytes if backward else 0.0
-        out[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "total": a2a_b + ag_b + rs_b, "dense": dense}
+        out[name] = {"a2a": a2a_b, "ag": ag_b, "rs": rs_b, "tp": tp_b, "total": a2a_b + ag_b + rs_b + tp_b,
+                     "dense": dense}
     return out
 
 

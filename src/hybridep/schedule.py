@@ -207,6 +207,10 @@ class Schedule:
     """Each layer's reduce-scatter chain, in order."""
     grad_sync: GradSync
     optimizer_s: float
+    tp_stages: tuple[Stage, ...] = ()
+    """Blocking collectives of tensor-parallel groups per layer and micro-batch, on the compute stream
+    before the dispatch (the backward runs them once more, after the pre-expert backward): each
+    stage's flows once the previous stage's are delivered."""
     overlap_s: tuple[float, float] = (0.0, 0.0)
     """Forward compute per layer and micro-batch, within ``pre_expert_s``, that runs while the
     dispatch / the combine is in flight (a shortcut block's attention / dense FFN; the backward runs

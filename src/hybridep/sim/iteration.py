@@ -58,7 +58,7 @@ from hybridep.sim.fluid import Batch, Engine
 from hybridep.topology import Topology
 from hybridep.trace import Span
 
-TRACKS = ("compute", "a2a", "ag", "rs", "grad_sync")
+TRACKS = ("compute", "a2a", "ag", "rs", "tp", "grad_sync")
 COALESCE = 1e-3
 """In folded runs, completions of large batches (>= 256 flow classes) within 0.1 % of the batch's elapsed time
 are merged into one event: bytes are conserved, times err by at most that much."""
@@ -540,13 +540,17 @@ class IterationSim:
             self._gather(layer)
         pre = s.pre_dispatch_s + (s.codec_s if m == 0 else 0.0)
         self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
-        self._span("a2a", f"row counts L{layer} mb{m}", t0 + pre, t0 + pre + self._counts_s)
         need = layer if self._gathers else None
         first = m == 0 and self.terms.overlap and self._gathers
         on_launch = (lambda t: self._take(layer)) if first else None
-        self.eng.at(t0 + pre + self._counts_s, lambda: self._moe_step(
-            layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch,
-            hidden=s.overlap_s))
+        def exchange() -> None:
+            t = self.eng.now
+            self._span("a2a", f"row counts L{layer} mb{m}", t, t + self._counts_s)
+            self.eng.at(t + self._counts_s, lambda: self._moe_step(
+                layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch,
+                hidden=s.overlap_s))
+
+        self.eng.at(t0 + pre, lambda: self._staged("tp", s.tp_stages, f"tp L{layer} mb{m}", lambda t: exchange()))
 
     def _backward(self, m: int, layer: int) -> None:
         """Micro-batch ``m``'s backward reaches layer ``layer`` (last first): its exchange with the
@@ -568,7 +572,8 @@ class IterationSim:
         def after(t: float) -> None:
             span = 2 * s.pre_dispatch_s + s.backward_extra_s  # (with recompute: the decode again)
             self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
-            self.eng.at(t + span, lambda: self._backward(m, layer - 1))
+            self.eng.at(t + span, lambda: self._staged("tp", s.tp_stages, f"tp bwd L{layer} mb{m}",
+                                                      lambda tt: self._backward(m, layer - 1)))
 
         d, c = s.overlap_s  # the mirrors of the combine, then of the dispatch
         self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done,

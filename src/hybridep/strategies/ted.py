@@ -13,14 +13,15 @@ Schedule: the token exchange runs among the ranks with the same TP index -- the 
 partition with domain size ``tp`` at the innermost level -- so it is HybridEP's exchange on that
 partition, with the dispatch each rank sends divided by ``tp`` under DTD; no expert gather (the
 experts are sharded, not gathered); expert and dense compute divided by ``tp`` (each rank runs 1/tp
-of every expert and of the dense layers). Not priced yet: the TP group's own collectives (the
-dense layers' all-reduces, DTD's all-gathers and reduce-scatters inside the group, on the innermost
-level). Communication-aware activation checkpointing (``cac``) is not built.
+of every expert and of the dense layers); the TP group's own collectives (the dense layers'
+all-reduces, DTD's all-gathers and reduce-scatters) as blocking stages on the innermost level
+(:meth:`TedSpec.tp_stages`). Communication-aware activation checkpointing (``cac``) is not built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -31,7 +32,7 @@ from hybridep.config import Config
 from hybridep.costmodel import Workload
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
-from hybridep.schedule import Schedule
+from hybridep.schedule import Schedule, Stage
 from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
 from hybridep.topology import Domains, Topology, divisors
@@ -83,7 +84,20 @@ class TedSpec(HybridEPSpec):
             a2a_chunks=1)
 
     def schedule(self, w: Workload) -> Schedule:
-        return replace(build_schedule(self.exchange_domains(), w), gather=(), reduce_scatter=(), codec_s=0.0)
+        return replace(build_schedule(self.exchange_domains(), w), gather=(), reduce_scatter=(), codec_s=0.0,
+                       tp_stages=self.tp_stages(w))
+
+    def tp_stages(self, w: Workload) -> tuple[Stage, ...]:
+        """The TP group's collectives of one layer, forward, on the innermost level (bytes to each
+        other member): the dense part's all-reduces (a ring: 2/tp of the outputs to each); with DTD
+        the all-gather of the received rows, the reduce-scatter of the partial outputs and the
+        all-gather of the outputs (each about the rows one member sends, ``dispatch_bytes``), without
+        it the all-reduce of the partial outputs (2/tp of all rows)."""
+        tp, lv = self.tp, self.topology.num_levels - 1
+        rows = w.dispatch_bytes * (1 if self.dtd else 2 / tp)
+        per_peer = [2 * w.dense_outputs_bytes / tp] + ([rows] * 3 if self.dtd else [rows])
+        groups = functools.partial(_tp_groups, self.topology.world_size, tp)
+        return tuple(Stage(lv, tp - 1, b, groups=groups, top_pairs=lambda: None) for b in per_peer if b > 0)
 
     def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
         from hybridep.parallel.ted import parallelize_ted
@@ -92,6 +106,10 @@ class TedSpec(HybridEPSpec):
 
     def to_dict(self) -> dict:
         return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "shortcut": self.shortcut}
+
+
+def _tp_groups(world: int, tp: int) -> list[list[int]]:
+    return [list(range(start, start + tp)) for start in range(0, world, tp)]
 
 
 def check_config(cfg: Config, tp: int) -> None:
