@@ -21,7 +21,10 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     assert names[:2] == [COMPUTE_ONLY, "ep"]
     assert str(planned.choice.spec) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
-                          "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "hierarchical", "deepspeed"}
+                          "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "hierarchical", "ted(tp=2,dtd)",
+                          "ted(tp=2)", "deepspeed"}
+    entry = next(r for r in runs(cfg, planned, [], 5) if r["name"] == "ted(tp=2,dtd)")
+    assert (entry["strategy"], entry["tp"], entry["dtd"]) == ("ted", 2, True)
     entry = next(r for r in runs(cfg, planned, [], 5) if r["name"] == "hierarchical")
     assert (entry["strategy"], entry["dedup"], entry["domain_sizes"]) == ("hierarchical", [0], [1, 1])
     # the choice's partition too where its rails cross a deduplicating level; never without the key

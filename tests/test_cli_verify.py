@@ -49,24 +49,29 @@ moe: {hidden: 32, ffn: 64, experts: 8, top_k: 2, layers: 1, tokens_per_gpu: 128,
 """
 
 
-def test_verify_hierarchical_exchange_on_two_and_three_levels(tmp_path):
+def test_verify_hierarchical_exchange_and_ted_on_two_and_three_levels(tmp_path):
     """The hierarchical exchange (alone and inside HybridEP's rails at every domain size, deduplicating
-    above the innermost level or at every level) equals the single-process reference in float64 on
-    2 DCs x 2 ranks and on 2 DCs x 2 nodes x 2 GPUs, every scenario (top-k 1/2/4, a rank without
-    tokens, skewed routing, capacity factors, odd hidden sizes)."""
+    above the innermost level or at every level) and TED (TP groups of 2, with and without
+    duplicate-token dropping) equal the single-process reference in float64 on 2 DCs x 2 ranks and on
+    2 DCs x 2 nodes x 2 GPUs, every scenario (top-k 1/2/4, a rank without tokens, skewed routing,
+    capacity factors, odd hidden sizes)."""
     cfg = tmp_path / "three.yaml"
     cfg.write_text(THREE_LEVELS)
     for world, extra in ((4, []), (8, ["--config", str(cfg)])):
         out = tmp_path / f"verify{world}.json"
         proc = _run([sys.executable, "-m", "hybridep.cli", "verify", "--world-size", str(world), "--dtypes", "float64",
-                     "--strategies", "hierarchical,hybridep+hier", "--json", str(out), *extra], timeout=600)
+                     "--strategies", "hierarchical,hybridep+hier,ted", "--json", str(out), *extra], timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         data = json.loads(out.read_text())
         assert data["all_passed"] is True
         levels = 2 if world == 4 else 3
-        partitions = {tuple(c["domain_sizes"].values()) for c in data["cases"]}
+        hier = [c for c in data["cases"] if c["strategy"] != "ted"]
+        partitions = {tuple(c["domain_sizes"].values()) for c in hier}
         assert len(partitions) == 2 ** levels  # every feasible partition (each count is 2)
-        assert {len(c["dedup"]) for c in data["cases"]} == {levels - 1, levels}
+        assert {len(c["dedup"]) for c in hier} == {levels - 1, levels}
+        ted = [c for c in data["cases"] if c["strategy"] == "ted"]
+        assert len(ted) == 8 and {(c["tp"], c["dtd"], c["cac"]) for c in ted} == {
+            (2, dtd, cac) for dtd in (True, False) for cac in (True, False)}
         assert {c["scenario"]["top_k"] for c in data["cases"]} >= {1, 2, 4}
         assert any(0 in c["scenario"]["tokens"] for c in data["cases"])
         assert max(c["max_rel_err"] for c in data["cases"]) <= 1e-10

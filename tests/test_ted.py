@@ -13,14 +13,16 @@ from tests.workers import ted_bytes, ted_lm_errors
 TOPO = Topology(("dc", "gpu"), (2, 2))
 
 
-@pytest.mark.parametrize("name", ["ted(tp=2,dtd)", "ted(tp=2)", "ted(tp=2,dtd)+shortcut"])
+@pytest.mark.parametrize("name", ["ted(tp=2,dtd)", "ted(tp=2)", "ted(tp=2,dtd)+shortcut", "ted(tp=2,dtd,cac)",
+                                  "ted(tp=2,cac)"])
 def test_ted_names_read_back(name):
     spec = parse(name, TOPO)
     assert isinstance(spec, TedSpec) and str(spec) == name and spec.tp == 2 and spec.dtd == (",dtd" in name)
+    assert spec.cac == (",cac" in name)
 
 
 @pytest.mark.parametrize("name,says", [("ted(tp=3)", "must divide the innermost level's count (gpu: 2)"),
-                                       ("ted(dtd)", "tp=N is required"), ("ted(tp=2,cac)", "not built"),
+                                       ("ted(dtd)", "tp=N is required"), ("ted(tp=2,dtd,dtd)", "cannot read 'dtd'"),
                                        ("ted(tp=2,x)", "cannot read 'x'")])
 def test_bad_ted_names_say_what_is_allowed(name, says):
     with pytest.raises(StrategyError, match=re.escape(says)):
@@ -55,6 +57,19 @@ def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
 def test_the_language_model_under_ted_is_the_single_process_model(dtd):
     """Attention and dense FFNs tensor-parallel (PyTorch's parallelize_module), experts sharded by EP
     position and FFN slice: loss and every parameter gradient within 1e-10 in float64."""
-    for loss, ref_loss, worst in run_local(ted_lm_errors, 4, (dtd,), timeout_s=120):
+    for loss, ref_loss, worst, _ in run_local(ted_lm_errors, 4, (dtd,), timeout_s=120):
         assert loss == pytest.approx(ref_loss, rel=1e-12)
         assert worst < 1e-10
+
+
+def test_communication_aware_checkpointing_recomputes_without_a_second_exchange():
+    """With its MoE blocks checkpointed, the model recomputes them in backward: plain checkpointing
+    repeats every all-to-all of the forward (2 more per layer), CAC replays the recorded outputs and
+    makes exactly as many all-to-all calls as the run without checkpointing. Gradients stay exact."""
+    calls = {}
+    for name, cac, checkpoint in (("none", False, False), ("checkpoint", False, True), ("cac", True, True)):
+        results = run_local(ted_lm_errors, 4, (True, cac, checkpoint), timeout_s=120)
+        assert all(worst < 1e-10 and loss == pytest.approx(ref, rel=1e-12) for loss, ref, worst, _ in results)
+        calls[name] = results[0][3]
+    layers = 2
+    assert calls["cac"] == calls["none"] and calls["checkpoint"] == calls["none"] + 2 * layers

@@ -553,11 +553,12 @@ def ted_bytes(rank, world, dtd):
     return comm.traffic.bytes_by_level(["a2a"]).get("dc", 0), crossing * 16 * 8
 
 
-def ted_lm_errors(rank, world, dtd):
+def ted_lm_errors(rank, world, dtd, cac=False, checkpoint=False):
     """One forward and backward of the language model (attention and dense FFNs tensor-parallel with
-    parallelize_module, experts TED-sharded) against the single-process reference in float64: the
-    loss and the largest relative error of any parameter gradient (a TP shard as its whole DTensor,
-    an expert shard against the matching slice)."""
+    parallelize_module, experts TED-sharded; ``checkpoint``: MoE blocks recomputed in backward,
+    ``cac``: their collectives replayed) against the single-process reference in float64: the loss,
+    the largest relative error of any parameter gradient (a TP shard as its whole DTensor, an expert
+    shard against the matching slice) and the all-to-all calls this rank made."""
     from torch.distributed.tensor import DTensor
 
     from hybridep.lm.model import LMConfig, MoELM
@@ -570,11 +571,13 @@ def ted_lm_errors(rank, world, dtd):
     ref = copy.deepcopy(model)
     data = [(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(g)),) * 2 for g in range(2)]
     (sum(ref(x, y) for x, y in data) / 2).backward()  # the replicas' mean
-    parallelize_ted(model, comm, 2, dtd)
+    parallelize_ted(model, comm, 2, dtd, cac=cac, checkpoint=checkpoint)
     ddp = data_parallel(model, comm, replicas=replica_ranks(comm, 2))
     x, y = data[rank // 2]  # the TP group's batch
+    comm.traffic.reset()
     loss = ddp(x, y)
     loss.backward()
+    calls = comm.traffic.calls_by_op.get("a2a", 0)
     ref_params, experts = dict(ref.named_parameters()), set(expert_param_names(model))
     worst = 0.0
     for name, p in model.named_parameters():
@@ -586,4 +589,4 @@ def ted_lm_errors(rank, world, dtd):
             r = r[2 * position: 2 * position + 2]
             r = r.narrow(axis, j * r.shape[axis] // 2, r.shape[axis] // 2)
         worst = max(worst, float((grad - r).abs().max() / r.abs().max()))
-    return float(loss), float(ref(x, y)), worst
+    return float(loss), float(ref(x, y)), worst, calls

@@ -71,7 +71,7 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
     if spec.shortcut:
         entry["shortcut"] = True
     if isinstance(spec, TedSpec):
-        entry.update({"tp": spec.tp, "dtd": spec.dtd})
+        entry.update({"tp": spec.tp, "dtd": spec.dtd, "cac": spec.cac})
     if spec.compressed:
         b = cfg.bench
         entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,

@@ -58,6 +58,8 @@ class Case:
     """TED (:mod:`hybridep.parallel.ted`) over TP groups of this many ranks (1: not TED)."""
     dtd: bool = True
     """TED's duplicate-token dropping."""
+    cac: bool = False
+    """TED's communication-aware activation checkpointing (the MoE blocks recomputed in backward)."""
     results: dict = field(default_factory=dict)
 
 
@@ -135,7 +137,7 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
 
     # distributed
     if case.tp > 1:
-        parallelize_ted(model, comm, case.tp, case.dtd)
+        parallelize_ted(model, comm, case.tp, case.dtd, cac=case.cac)
         ddp = data_parallel(model, comm, replicas=replica_ranks(comm, case.tp))
     else:
         domains = Domains(topology, case.domain_sizes)
@@ -168,7 +170,7 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
     return {"strategy": case.strategy, "domain_sizes": dict(zip(topology.names, case.domain_sizes, strict=True)),
             "dtype": case.dtype, "prefetch": case.prefetch, "a2a_chunks": case.a2a_chunks,
             "dedup": None if case.dedup is None else [topology.names[lv] for lv in case.dedup],
-            "shortcut": case.shortcut, "tp": case.tp, "dtd": case.dtd, "scenario": asdict(sc),
+            "shortcut": case.shortcut, "tp": case.tp, "dtd": case.dtd, "cac": case.cac, "scenario": asdict(sc),
             "max_abs_err": stats[0].item(), "max_rel_err": stats[1].item(),
             "finite": stats[2].item() == 0.0,
             "passed": stats[2].item() == 0.0 and stats[1].item() <= tol}
@@ -226,7 +228,8 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
                     if strategy == "ted":  # TP groups of 2 (inside the innermost level), DTD on and off;
                         # hidden and FFN rounded up to what 2 shards divide
                         even = dataclasses.replace(sc, hidden=sc.hidden + sc.hidden % 2, ffn=sc.ffn + sc.ffn % 2)
-                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd) for dtd in (True, False)]
+                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1)
+                                  for dtd in (True, False)]
                         continue
                     if hier:  # odd scenarios deduplicate at every level (the innermost too)
                         dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))

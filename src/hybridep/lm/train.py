@@ -51,6 +51,8 @@ class RunSpec:
     """``ted``: ranks per tensor-parallel group (its ranks train on the same batch)."""
     dtd: bool = True
     """``ted``: duplicate-token dropping."""
+    cac: bool = False
+    """``ted``: communication-aware activation checkpointing of the MoE blocks."""
     trace: bool = False
     """Record every rank's timeline of the timed steps (:attr:`RunResult.trace`)."""
     dense_sync: str = "ring"
@@ -157,7 +159,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
         return DistributedDataParallel(model), model, []
     model = MoELM(cfg)
     if spec.strategy == "ted":  # no expert gathers: nothing to prefetch
-        parallelize_ted(model, comm, spec.tp, spec.dtd)
+        parallelize_ted(model, comm, spec.tp, spec.dtd, cac=spec.cac)
         replicas = replica_ranks(comm, spec.tp)
         return data_parallel(model, comm, parse_dense_sync(spec.dense_sync), replicas=replicas), model, []
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks,

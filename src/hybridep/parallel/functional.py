@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,20 +30,67 @@ from hybridep.parallel.comm import Communicator, Pending, Requests
 from hybridep.topology import Domains
 
 
+class ExchangeCache:
+    """Communication-aware activation checkpointing (TED's CAC): the outputs of a layer's collectives
+    recorded while its checkpointed forward runs (:meth:`recording`) and handed back, in the same
+    order, when activation checkpointing recomputes it (:meth:`replaying`), so the recomputation
+    sends nothing; the backward's collectives run as usual."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.saved: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.mode, self.saved = "record", []
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    @contextlib.contextmanager
+    def replaying(self):
+        self.mode = "replay"
+        try:
+            yield
+        finally:
+            self.mode, self.saved = None, []
+
+    def once(self, communicate: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``communicate()``'s result: run now (and kept while recording), or the recorded one."""
+        if self.mode == "replay":
+            return self.saved.pop(0).clone()
+        out = communicate()
+        if self.mode == "record":
+            self.saved.append(out.detach())
+        return out
+
+
+def once(cache: ExchangeCache | None, communicate: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``communicate()`` through ``cache`` (:meth:`ExchangeCache.once`), or simply run without one."""
+    return communicate() if cache is None else cache.once(communicate)
+
+
 class AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; backward: the same with the splits swapped. ``cache``: an
+    :class:`ExchangeCache` that may hand the forward's output back instead (recomputation)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Communicator, ranks: Sequence[int], send: list[int],
-                recv: list[int], op: str) -> torch.Tensor:
+                recv: list[int], op: str, cache: ExchangeCache | None = None) -> torch.Tensor:
         ctx.comm, ctx.ranks, ctx.send, ctx.recv, ctx.op = comm, ranks, send, recv, op
-        out = x.new_empty((sum(recv), *x.shape[1:]))
-        comm.all_to_all(out, x.contiguous(), recv, send, ranks, op)
-        return out
+
+        def exchange() -> torch.Tensor:
+            out = x.new_empty((sum(recv), *x.shape[1:]))
+            comm.all_to_all(out, x.contiguous(), recv, send, ranks, op)
+            return out
+        return once(cache, exchange)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
         ctx.comm.all_to_all(out, grad.contiguous(), ctx.send, ctx.recv, ctx.ranks, ctx.op + "_bwd")
-        return out, None, None, None, None, None
+        return out, None, None, None, None, None, None
 
 
 class AsyncExchange:

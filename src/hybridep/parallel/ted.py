@@ -40,7 +40,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.functional import AllToAll
+from hybridep.parallel.functional import AllToAll, ExchangeCache, once
 
 
 def _gather_rows(comm: Communicator, x: torch.Tensor, counts: list[int], group: Sequence[int], op: str) -> torch.Tensor:
@@ -71,30 +71,30 @@ class GatherRows(torch.autograd.Function):
     member's block (what follows is replicated, its gradients identical on every member)."""
 
     @staticmethod
-    def forward(ctx, x, comm, group, counts, op, backward):
+    def forward(ctx, x, comm, group, counts, op, backward, cache=None):
         ctx.args = (comm, group, counts, op, backward)
-        return _gather_rows(comm, x, counts, group, op)
+        return once(cache, lambda: _gather_rows(comm, x, counts, group, op))
 
     @staticmethod
     def backward(ctx, grad):
         comm, group, counts, op, backward = ctx.args
         if backward == "sum":
-            return _reduce_scatter_rows(comm, grad, counts, group, op + "_bwd"), None, None, None, None, None
-        return _own_block(grad, counts, group.index(comm.rank)).clone(), None, None, None, None, None
+            return _reduce_scatter_rows(comm, grad, counts, group, op + "_bwd"), None, None, None, None, None, None
+        return _own_block(grad, counts, group.index(comm.rank)).clone(), None, None, None, None, None, None
 
 
 class ReduceScatterRows(torch.autograd.Function):
     """Forward: the members' partial rows summed, this member's block kept. Backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, x, comm, group, counts, op):
+    def forward(ctx, x, comm, group, counts, op, cache=None):
         ctx.args = (comm, group, counts, op)
-        return _reduce_scatter_rows(comm, x, counts, group, op)
+        return once(cache, lambda: _reduce_scatter_rows(comm, x, counts, group, op))
 
     @staticmethod
     def backward(ctx, grad):
         comm, group, counts, op = ctx.args
-        return _gather_rows(comm, grad.contiguous(), counts, group, op + "_bwd"), None, None, None, None
+        return _gather_rows(comm, grad.contiguous(), counts, group, op + "_bwd"), None, None, None, None, None
 
 
 class SplitRows(torch.autograd.Function):
@@ -117,14 +117,16 @@ class SumPartials(torch.autograd.Function):
     gradient of the summed output is the same on every member)."""
 
     @staticmethod
-    def forward(ctx, x, comm, group, op):
-        out = x.clone()
-        comm.all_reduce(out, group, op)
-        return out
+    def forward(ctx, x, comm, group, op, cache=None):
+        def reduce() -> torch.Tensor:
+            out = x.clone()
+            comm.all_reduce(out, group, op)
+            return out
+        return once(cache, reduce)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class CopyToShards(torch.autograd.Function):
@@ -147,7 +149,7 @@ class CopyToShards(torch.autograd.Function):
 class TedStyle:
     """The dispatcher of one MoE layer under TED (see the module docstring)."""
 
-    def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True):
+    def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True, cac: bool = False):
         g = comm.world_size
         if tp < 1 or g % tp:
             raise ValueError(f"tp ({tp}) must divide the world size ({g})")
@@ -156,6 +158,8 @@ class TedStyle:
             raise ValueError(f"experts ({num_experts}) must be divisible by the expert-parallel world "
                              f"({replicas} = world {g} / tp {tp})")
         self.comm, self.tp, self.dtd = comm, tp, dtd
+        self.cache = ExchangeCache() if cac else None
+        """CAC: the layer's collectives' outputs, kept for activation checkpointing's recomputation."""
         self.replicas, self.n_local = replicas, num_experts // replicas
         self.position, self.tp_index = divmod(comm.rank, tp)
         self.tp_group = [self.position * tp + j for j in range(tp)]
@@ -182,7 +186,7 @@ class TedStyle:
         if self.replicas == 1:  # one EP position: every expert here, only the TP collectives
             y = compute_in_place(CopyToShards.apply(x, comm, self.tp_group, "tp"), routing, experts,
                                  experts.weights(), self.key_of_expert)
-            return SumPartials.apply(y, comm, self.tp_group, "tp")
+            return SumPartials.apply(y, comm, self.tp_group, "tp", self.cache)
         if not self.dtd:
             p = permute(x, routing, self.key_of_expert.to(x.device))
             y = self._exchange(CopyToShards.apply(p.x, comm, self.tp_group, "tp"), p.keys, experts)
@@ -196,31 +200,33 @@ class TedStyle:
         blocks = torch.bincount(slice_of_token[p.token_idx], minlength=tp).tolist()
         mine = SplitRows.apply(p.x, comm, self.tp_group, blocks, "tp")
         y = self._exchange(mine, _own_block(p.keys, blocks, self.tp_index), experts)
-        return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own"), p, x.shape[0])
+        return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own", self.cache), p, x.shape[0])
 
     def _exchange(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
         """Dispatch ``rows`` (sorted by expert ``keys``) over the EP group, run the expert shards (on
         the TP group's rows with DTD), combine; the expert outputs in ``rows``' order."""
-        comm, ep, n = self.comm, self.ep_group, self.n_local
+        comm, ep, n, cache, tp = self.comm, self.ep_group, self.n_local, self.cache, self.tp
         counts = torch.bincount(keys, minlength=len(ep) * n).view(len(ep), n)
-        recv_counts = torch.empty_like(counts)
-        comm.all_to_all(recv_counts, counts, [1] * len(ep), [1] * len(ep), ep, "meta")
+        recv_counts = once(cache, lambda: _exchange_counts(comm, counts, ep))
         send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        received = AllToAll.apply(rows, comm, ep, send, recv, "a2a_dispatch")
+        received = AllToAll.apply(rows, comm, ep, send, recv, "a2a_dispatch", cache)
         if self.dtd:  # the TP group's rows: every member's, member order
-            sizes = torch.tensor([sum(recv)])
-            every = torch.empty(self.tp, dtype=sizes.dtype)
-            comm.all_to_all(every, sizes.repeat(self.tp), [1] * self.tp, [1] * self.tp, self.tp_group, "meta")
-            by_member = [int(v) for v in every]
-            all_counts = torch.empty(self.tp * len(ep), n, dtype=recv_counts.dtype)
-            comm.all_to_all(all_counts, recv_counts.repeat(self.tp, 1), [len(ep)] * self.tp, [len(ep)] * self.tp,
-                            self.tp_group, "meta")
-            rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum")
+            all_counts = once(cache, lambda: _exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
+            by_member = all_counts.view(tp, -1).sum(1).tolist()
+            rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum", cache)
             partial = _compute(experts, rows_in, all_counts)
-            y = ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp")
+            y = ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp", cache)
         else:
-            y = SumPartials.apply(_compute(experts, received, recv_counts), comm, self.tp_group, "tp")
-        return AllToAll.apply(y, comm, ep, recv, send, "a2a_combine")
+            y = SumPartials.apply(_compute(experts, received, recv_counts), comm, self.tp_group, "tp", cache)
+        return AllToAll.apply(y, comm, ep, recv, send, "a2a_combine", cache)
+
+
+def _exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """``rows`` ([members x k, ...]: block i for member i) exchanged: block i from member i."""
+    out = torch.empty_like(rows)
+    per = rows.shape[0] // len(group)
+    comm.all_to_all(out, rows, [per] * len(group), [per] * len(group), group, "meta")
+    return out
 
 
 def _compute(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -259,12 +265,15 @@ def _tp_plan(model: nn.Module) -> dict[str, object]:
     raise ValueError(f"tensor parallelism has no plan for a {type(model).__name__}")
 
 
-def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = True) -> list[TedStyle]:
+def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = True, cac: bool = False,
+                    checkpoint: bool | None = None) -> list[TedStyle]:
     """Apply TED to ``model`` (in place): the dense part tensor-parallel over each TP group with
     PyTorch's ``parallelize_module`` (a 2-D device mesh: replicas x tp), every MoE layer's experts
     sharded (EP position, FFN slice) with :class:`TedStyle` as dispatcher. The DTensor parameters'
     gradients are averaged over the replicas by :func:`sync_replicas` hooks (DDP, which handles the
-    rest, takes no DTensor)."""
+    rest, takes no DTensor). ``checkpoint`` (default: ``cac``): activation checkpointing of every
+    block that holds an MoE layer (recomputed in backward); ``cac``: its recomputation takes the
+    layer's collectives' outputs from the forward pass instead of communicating again."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -276,12 +285,37 @@ def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = T
     parallelize_module(model, mesh["tp"], _tp_plan(model))
     styles = []
     for layer in moe_layers(model):
-        style = TedStyle(comm, tp, layer.experts.num_experts, dtd)
+        style = TedStyle(comm, tp, layer.experts.num_experts, dtd, cac)
         style.shard(layer.experts)
         layer.dispatcher = style
         styles.append(style)
+    if cac if checkpoint is None else checkpoint:
+        checkpoint_moe_blocks(model)
     sync_replicas(model, comm, tp)
     return styles
+
+
+def checkpoint_moe_blocks(model: nn.Module) -> None:
+    """Activation checkpointing (PyTorch's, non-reentrant) of every module that holds an MoE layer as
+    a direct child: its forward keeps only its inputs, the backward recomputes it; an MoE layer whose
+    dispatcher has an :class:`ExchangeCache` records its collectives' outputs in the forward pass and
+    replays them in the recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hybridep.moe.layer import MoE
+
+    for module in list(model.modules()):
+        layer = next((c for c in module.children() if isinstance(c, MoE)), None)
+        if layer is None:
+            continue
+        cache = getattr(layer.dispatcher, "cache", None)
+        contexts = (lambda c=cache: (c.recording(), c.replaying())) if cache is not None else None
+        forward = module.forward
+
+        def run(*args, forward=forward, contexts=contexts):
+            kwargs = {"context_fn": contexts} if contexts is not None else {}
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        module.forward = run
 
 
 def tp_param_names(model: nn.Module) -> list[str]:

@@ -1,13 +1,15 @@
 """The TED family: tensor x expert x data parallelism with duplicate-token dropping (DeepSpeed-TED).
 
 Parameters (:class:`TedSpec`): ``tp`` (ranks per tensor-parallel group, consecutive ranks of the
-innermost level; a divisor of its count, at least 2) and ``dtd`` (duplicate-token dropping). The
-runtime is :mod:`hybridep.parallel.ted`.
+innermost level; a divisor of its count, at least 2), ``dtd`` (duplicate-token dropping) and
+``cac`` (communication-aware activation checkpointing: the MoE blocks recomputed in backward, their
+collectives' outputs kept from the forward pass). The runtime is :mod:`hybridep.parallel.ted`.
 
 Names (``str(spec)`` / :func:`parse`)::
 
     ted(tp=2,dtd)      TP groups of 2, each TP rank dispatching 1/tp of the copies
     ted(tp=2)          the same without DTD (every TP rank sends every copy: the baseline)
+    ted(tp=2,dtd,cac)  with communication-aware activation checkpointing
 
 Schedule: the token exchange runs among the ranks with the same TP index -- the rails of HybridEP's
 partition with domain size ``tp`` at the innermost level -- so it is HybridEP's exchange on that
@@ -15,7 +17,8 @@ partition, with the dispatch each rank sends divided by ``tp`` under DTD; no exp
 experts are sharded, not gathered); expert and dense compute divided by ``tp`` (each rank runs 1/tp
 of every expert and of the dense layers); the TP group's own collectives (the dense layers'
 all-reduces, DTD's all-gathers and reduce-scatters) as blocking stages on the innermost level
-(:meth:`TedSpec.tp_stages`). Communication-aware activation checkpointing (``cac``) is not built.
+(:meth:`TedSpec.tp_stages`); with ``cac`` the backward computes the experts a third time (the
+recomputation; its attention is not charged) and communicates nothing more.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
 from hybridep.topology import Domains, Topology, divisors
 
-FORMS = "ted(tp=N,dtd) or ted(tp=N) with N a divisor (>= 2) of the innermost level's count"
+FORMS = "ted(tp=N[,dtd][,cac]) with N a divisor (>= 2) of the innermost level's count"
 _NAME = re.compile(r"^ted\((?P<args>[^()]*)\)$")
 
 
@@ -47,6 +50,7 @@ class TedSpec(HybridEPSpec):
 
     tp: int = 2
     dtd: bool = True
+    cac: bool = False
     family: ClassVar[str] = "ted"
 
     def __post_init__(self) -> None:
@@ -60,7 +64,8 @@ class TedSpec(HybridEPSpec):
             raise StrategyError("strategy ted: takes no domain sizes and no compression")
 
     def __str__(self) -> str:
-        return f"ted(tp={self.tp}{',dtd' if self.dtd else ''})" + (SHORTCUT if self.shortcut else "")
+        flags = (",dtd" if self.dtd else "") + (",cac" if self.cac else "")
+        return f"ted(tp={self.tp}{flags})" + (SHORTCUT if self.shortcut else "")
 
     @property
     def is_ep(self) -> bool:
@@ -84,8 +89,9 @@ class TedSpec(HybridEPSpec):
             a2a_chunks=1)
 
     def schedule(self, w: Workload) -> Schedule:
-        return replace(build_schedule(self.exchange_domains(), w), gather=(), reduce_scatter=(), codec_s=0.0,
-                       tp_stages=self.tp_stages(w))
+        base = build_schedule(self.exchange_domains(), w)
+        return replace(base, gather=(), reduce_scatter=(), codec_s=0.0, tp_stages=self.tp_stages(w),
+                       backward_factor=base.backward_factor + (1.0 if self.cac else 0.0))
 
     def tp_stages(self, w: Workload) -> tuple[Stage, ...]:
         """The TP group's collectives of one layer, forward, on the innermost level (bytes to each
@@ -102,10 +108,11 @@ class TedSpec(HybridEPSpec):
     def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
         from hybridep.parallel.ted import parallelize_ted
 
-        return parallelize_ted(model, comm, self.tp, self.dtd)
+        return parallelize_ted(model, comm, self.tp, self.dtd, cac=self.cac)
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "shortcut": self.shortcut}
+        return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "cac": self.cac,
+                "shortcut": self.shortcut}
 
 
 def _tp_groups(world: int, tp: int) -> list[list[int]]:
@@ -136,21 +143,18 @@ def parse(name: str, topology: Topology) -> TedSpec:
     m = _NAME.match(name)
     if m is None:
         raise StrategyError(f"strategy {name!r}: allowed: {FORMS}")
-    tp, dtd = None, False
+    tp, flags = None, set()
     for item in filter(None, m.group("args").split(",")):
         key, sep, val = item.partition("=")
         if key == "tp" and sep and val.isdigit() and tp is None:
             tp = int(val)
-        elif item == "dtd" and not dtd:
-            dtd = True
-        elif item == "cac":
-            raise StrategyError(f"strategy {name!r}: cac (communication-aware activation checkpointing) is not "
-                                f"built; allowed: {FORMS}")
+        elif item in ("dtd", "cac") and item not in flags:
+            flags.add(item)
         else:
             raise StrategyError(f"strategy {name!r}: cannot read {item!r}; allowed: {FORMS}")
     if tp is None:
         raise StrategyError(f"strategy {name!r}: tp=N is required; allowed: {FORMS}")
-    return TedSpec(topology, tuple(1 for _ in topology.counts), tp=tp, dtd=dtd)
+    return TedSpec(topology, tuple(1 for _ in topology.counts), tp=tp, dtd="dtd" in flags, cac="cac" in flags)
 
 
 @dataclass(frozen=True)
