@@ -42,8 +42,8 @@ def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
     """Counted cross-DC all-to-all bytes: with DTD, each copy routed to the other DC crosses once in
     each of the four exchanges (dispatch, combine and their backward); without, once per TP rank --
     tp = 2 times as many. The schedule says the same ratio."""
-    with_dtd = run_local(ted_bytes, 4, (True,), timeout_s=120)
-    without = run_local(ted_bytes, 4, (False,), timeout_s=120)
+    per_rank = run_local(ted_bytes, 4, (), timeout_s=120)
+    with_dtd, without = [r[0] for r in per_rank], [r[1] for r in per_rank]
     crossing = sum(c for _, c in with_dtd) / 2  # both TP ranks of a group route the same copies
     assert sum(b for b, _ in with_dtd) == 4 * crossing
     assert sum(b for b, _ in without) == 2 * 4 * crossing
@@ -53,23 +53,19 @@ def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
     assert dc["ted(tp=2)"] == pytest.approx(2 * dc["ted(tp=2,dtd)"])
 
 
-@pytest.mark.parametrize("dtd", [True, False])
-def test_the_language_model_under_ted_is_the_single_process_model(dtd):
+def test_the_language_model_under_ted_is_the_single_process_model_and_cac_sends_nothing_more():
     """Attention and dense FFNs tensor-parallel (PyTorch's parallelize_module), experts sharded by EP
-    position and FFN slice: loss and every parameter gradient within 1e-10 in float64."""
-    for loss, ref_loss, worst, _ in run_local(ted_lm_errors, 4, (dtd,), timeout_s=120):
-        assert loss == pytest.approx(ref_loss, rel=1e-12)
-        assert worst < 1e-10
-
-
-def test_communication_aware_checkpointing_recomputes_without_a_second_exchange():
-    """With its MoE blocks checkpointed, the model recomputes them in backward: plain checkpointing
+    position and FFN slice, with and without DTD: loss and every parameter gradient within 1e-10 in
+    float64. With the MoE blocks checkpointed the backward recomputes them: plain checkpointing
     repeats every all-to-all of the forward (2 more per layer), CAC replays the recorded outputs and
-    makes exactly as many all-to-all calls as the run without checkpointing. Gradients stay exact."""
-    calls = {}
-    for name, cac, checkpoint in (("none", False, False), ("checkpoint", False, True), ("cac", True, True)):
-        results = run_local(ted_lm_errors, 4, (True, cac, checkpoint), timeout_s=120)
-        assert all(worst < 1e-10 and loss == pytest.approx(ref, rel=1e-12) for loss, ref, worst, _ in results)
-        calls[name] = results[0][3]
+    makes exactly as many all-to-all calls as the run without checkpointing; gradients stay exact."""
+    modes = {"dtd": (True, False, False), "no dtd": (False, False, False), "checkpoint": (True, False, True),
+             "cac": (True, True, True)}
+    per_rank = run_local(ted_lm_errors, 4, (list(modes.values()),), timeout_s=180)
+    for results in per_rank:
+        for loss, ref_loss, worst, _ in results:
+            assert loss == pytest.approx(ref_loss, rel=1e-12)
+            assert worst < 1e-10
+    calls = dict(zip(modes, [r[3] for r in per_rank[0]], strict=True))
     layers = 2
-    assert calls["cac"] == calls["none"] and calls["checkpoint"] == calls["none"] + 2 * layers
+    assert calls["cac"] == calls["dtd"] and calls["checkpoint"] == calls["dtd"] + 2 * layers

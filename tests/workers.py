@@ -532,14 +532,19 @@ def shortcut_timeline(rank, world):
     return spans, events, dict(comm.traffic.calls_by_op)
 
 
-def ted_bytes(rank, world, dtd):
+def ted_bytes(rank, world):
+    """``_ted_bytes`` with and without DTD, on one communicator (one launch)."""
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
+    return [_ted_bytes(comm, rank, dtd) for dtd in (True, False)]
+
+
+def _ted_bytes(comm, rank, dtd):
     """One forward and backward of a one-layer stack under TED (tp 2) on 2 DCs x 2; this rank's
     counted all-to-all payload bytes over the DC level, and the copies it routed to experts whose EP
     position lies in the other DC, times the bytes of one row."""
     from hybridep.parallel.ted import parallelize_ted
 
-    topo = Topology(("dc", "gpu"), (2, 2))
-    comm = Communicator(topo, 60.0)
+    comm.traffic.reset()
     torch.manual_seed(0)
     model = MoEStack(1, 16, 8, 4, 2).double()
     parallelize_ted(model, comm, 2, dtd)
@@ -553,7 +558,13 @@ def ted_bytes(rank, world, dtd):
     return comm.traffic.bytes_by_level(["a2a"]).get("dc", 0), crossing * 16 * 8
 
 
-def ted_lm_errors(rank, world, dtd, cac=False, checkpoint=False):
+def ted_lm_errors(rank, world, modes):
+    """Per mode (dtd, cac, checkpoint): ``_ted_lm_errors`` on one communicator (one launch)."""
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
+    return [_ted_lm_errors(comm, rank, *mode) for mode in modes]
+
+
+def _ted_lm_errors(comm, rank, dtd, cac, checkpoint):
     """One forward and backward of the language model (attention and dense FFNs tensor-parallel with
     parallelize_module, experts TED-sharded; ``checkpoint``: MoE blocks recomputed in backward,
     ``cac``: their collectives replayed) against the single-process reference in float64: the loss,
@@ -564,7 +575,6 @@ def ted_lm_errors(rank, world, dtd, cac=False, checkpoint=False):
     from hybridep.lm.model import LMConfig, MoELM
     from hybridep.parallel.ted import parallelize_ted, replica_ranks
 
-    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
     torch.manual_seed(0)
     cfg = LMConfig(seq_len=8, hidden=16, heads=4, layers=2, ffn=12, experts=4, dense_blocks=1, expert_kind="swiglu")
     model = MoELM(cfg).double()

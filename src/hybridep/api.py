@@ -34,7 +34,9 @@ from hybridep.config import Config, load_config
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import ExpertParallelStyle, data_parallel, expert_param_names, prefetch_all
+from hybridep.parallel.ted import replica_ranks
 from hybridep.planfile import Plan, load_plan, make_plan, resolved_dense_sync
+from hybridep.strategies import TedSpec
 from hybridep.strategies.dense_sync import parse_dense_sync
 
 __all__ = ["Parallelized", "init_distributed", "load_plan", "parallelize", "plan", "shutdown"]
@@ -123,5 +125,7 @@ def parallelize(model: nn.Module, plan: Plan, timeout_s: float = 600.0, config: 
         sr = SRSettings(spec.sr_ratio, b.sr_basis, cfg.moe.sr_values if cfg.moe else "float16", b.sr_decode,
                         spec.sr_grads)
     styles = spec.apply(model, comm, sr, cfg.moe.a2a_chunks if cfg.moe else 1)
-    ddp = data_parallel(model, comm, parse_dense_sync(resolved_dense_sync(cfg, plan.document)))
+    # under ted a TP group's ranks hold the same tokens: feed them the same batch; DDP over the replicas
+    replicas = replica_ranks(comm, spec.tp) if isinstance(spec, TedSpec) else None
+    ddp = data_parallel(model, comm, parse_dense_sync(resolved_dense_sync(cfg, plan.document)), replicas=replicas)
     return Parallelized(ddp, model, comm, plan, styles)

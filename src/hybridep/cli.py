@@ -487,6 +487,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_trainable(spec, cfg: Config, plan_path: str | None) -> None:
+    """``train`` runs a plan's strategy on the configured model: TED is not trainable here yet (its
+    TP groups share a batch and its DTensor shards have no checkpoint path), and a plan for
+    shortcut-connected blocks needs ``moe.shortcut`` to build them (and the reverse)."""
+    from hybridep.strategies import TedSpec
+
+    if spec is None:
+        return
+    if isinstance(spec, TedSpec):
+        raise ConfigError([("--plan", plan_path, f"{spec}: train under ted is not built (it runs in bench, verify "
+                                                 "and simulate); allowed: a plan of ep, hybridep or hierarchical")])
+    if spec.shortcut != cfg.moe.shortcut:
+        raise ConfigError([("moe.shortcut", cfg.moe.shortcut, f"the plan's {spec} is for "
+                            f"{'shortcut-connected' if spec.shortcut else 'standard'} MoE blocks; allowed: "
+                            f"{spec.shortcut}, or a plan made for this model")])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the byte-level MoE language model under a plan (the planner's choice unless --plan)."""
     import os
@@ -513,6 +530,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError([("--resume", args.resume, str(err))]) from None
     _check_dense_sync(cfg)
     spec = _plan_spec(args, cfg)
+    _check_trainable(spec, cfg, args.plan)
     plan = make_plan(cfg, _flops(cfg))
     document = plan.document if spec is None else _with_strategy(plan.document, spec, args.plan)
     out = Path(args.out)

@@ -41,7 +41,7 @@ def model_config(cfg: Config) -> LMConfig:
     m = cfg.moe
     return LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
                     experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind, dense_blocks=m.blocks_before_moe,
-                    aux_loss_coef=cfg.train.aux_loss_coef)
+                    shortcut=m.shortcut, aux_loss_coef=cfg.train.aux_loss_coef)
 
 
 def global_batch_size(cfg: Config) -> int:
