@@ -62,3 +62,25 @@ def test_bench_runs_ep_and_the_choice_shortcut_connected_beside_the_standard_one
     assert not any("shortcut" in str(s) for s in bench_strategies(off, plan(off)))
     every = load_config(None, ["moe.blocks_before_moe=1", "moe.shortcut=true", "compute.flops=1e12"])
     assert all(s.shortcut for s in bench_strategies(every, plan(every)))
+
+
+def test_the_planner_weighs_shortcut_blocks_only_when_allowed():
+    """planner.allow: [shortcut] adds every candidate on shortcut-connected blocks (a different model,
+    so never silently); where the exchange is slow and the block's attention long, one of them wins,
+    its prediction being its own schedule's; EP on the configured blocks stays the baseline."""
+    from pathlib import Path
+
+    from hybridep.costmodel import Network, evaluate
+
+    path = Path(__file__).parents[1] / "configs" / "bench_shortcut.yaml"
+    over = ["moe.ffn=256", "moe.experts=256", "topology.levels.0.bandwidth=30Mbit/s"]
+    standard, allowed = load_config(path, over), load_config(path, [*over, "planner.allow=[shortcut]"])
+    p0, p1 = plan(standard), plan(allowed)
+    assert not any(c.shortcut for c in p0.candidates)
+    assert len(p1.candidates) == 2 * len(p0.candidates) and str(p1.ep.spec) == "ep"
+    spec = p1.choice.spec
+    assert spec.shortcut and p1.choice.prediction.iteration_s < p0.choice.prediction.iteration_s
+    own = evaluate(spec.schedule(spec.workload(allowed)), Network.from_config(allowed), allowed.terms)
+    assert own.iteration_s == pytest.approx(p1.choice.prediction.iteration_s, rel=1e-12)
+    with pytest.raises(ConfigError, match=r"planner\.allow\.0"):
+        load_config(None, ["planner.allow=[shortcut]", "moe.blocks_before_moe=0"])

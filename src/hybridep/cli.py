@@ -489,8 +489,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _check_trainable(spec, cfg: Config, plan_path: str | None) -> None:
     """``train`` runs a plan's strategy on the configured model: TED is not trainable here yet (its
-    TP groups share a batch and its DTensor shards have no checkpoint path), and a plan for
-    shortcut-connected blocks needs ``moe.shortcut`` to build them (and the reverse)."""
+    TP groups share a batch and its DTensor shards have no checkpoint path); a plan for
+    shortcut-connected blocks builds them (it needs a block before each MoE block), and a model
+    configured shortcut-connected needs a plan made for it."""
     from hybridep.strategies import TedSpec
 
     if spec is None:
@@ -498,10 +499,12 @@ def _check_trainable(spec, cfg: Config, plan_path: str | None) -> None:
     if isinstance(spec, TedSpec):
         raise ConfigError([("--plan", plan_path, f"{spec}: train under ted is not built (it runs in bench, verify "
                                                  "and simulate); allowed: a plan of ep, hybridep or hierarchical")])
-    if spec.shortcut != cfg.moe.shortcut:
-        raise ConfigError([("moe.shortcut", cfg.moe.shortcut, f"the plan's {spec} is for "
-                            f"{'shortcut-connected' if spec.shortcut else 'standard'} MoE blocks; allowed: "
-                            f"{spec.shortcut}, or a plan made for this model")])
+    if cfg.moe.shortcut and not spec.shortcut:
+        raise ConfigError([("moe.shortcut", True, f"the plan's {spec} is for standard MoE blocks; allowed: "
+                            "false, or a plan made for this model")])
+    if spec.shortcut and cfg.moe.blocks_before_moe < 1:
+        raise ConfigError([("moe.blocks_before_moe", 0, f"the plan's {spec} is for shortcut-connected MoE "
+                            "blocks, which need a block before each MoE block; allowed: >= 1")])
 
 
 def cmd_train(args: argparse.Namespace) -> int:

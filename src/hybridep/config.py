@@ -453,13 +453,28 @@ def _dense_sync(value: object, auto: bool = True) -> object:
     return str(parse_dense_sync(value))
 
 
+SHORTCUT_CHOICE = "shortcut"
+"""``planner.allow``'s name for shortcut-connected MoE blocks (a different model: its quality differs)."""
+
+
+def _allowed(value: object) -> object:
+    """A ``planner.allow`` entry: ``shortcut`` or a dense-sync mode (canonical name)."""
+    if isinstance(value, str) and value.strip() == SHORTCUT_CHOICE:
+        return SHORTCUT_CHOICE
+    try:
+        return _dense_sync(value, auto=False)
+    except ValueError as err:
+        raise ValueError(f"{SHORTCUT_CHOICE}, or {err}") from None
+
+
 class PlannerConfig(_Strict):
     """What the planner may choose beyond the exact strategies."""
 
-    allow: Annotated[list[Annotated[str, BeforeValidator(lambda v: _dense_sync(v, auto=False))]],
-                     Field(max_length=16)] = []
-    """Lossy choices the planner may make (never silently): dense-sync modes such as
-    ``powersgd(rank=4)``. ``ring`` and ``hierarchical`` are exact and always candidates."""
+    allow: Annotated[list[Annotated[str, BeforeValidator(_allowed)]], Field(max_length=16)] = []
+    """Choices that change the result, which the planner makes only when listed here (never
+    silently): lossy dense-sync modes such as ``powersgd(rank=4)``, and ``shortcut`` (the model's MoE
+    blocks shortcut-connected, every strategy weighed with and without). ``ring`` and
+    ``hierarchical`` are exact and always candidates."""
 
 
 class Config(_Strict):
@@ -489,6 +504,11 @@ class Config(_Strict):
             raise _FieldError("moe.a2a_chunks", self.moe.a2a_chunks,
                               "1 with bench.sr_decode 'expert' (experts decoded one at a time are recomputed in "
                               "backward, which the chunked exchange does not do), or bench.sr_decode 'layer'")
+        if SHORTCUT_CHOICE in self.planner.allow and (self.moe is None or self.moe.blocks_before_moe < 1):
+            i = self.planner.allow.index(SHORTCUT_CHOICE)
+            raise _FieldError(f"planner.allow.{i}", SHORTCUT_CHOICE,
+                              "shortcut-connected blocks need model dimensions with moe.blocks_before_moe >= 1 "
+                              "(an MoE block's shortcut reads the block before it)")
         if self.moe is not None and self.moe.experts % self.topology.world_size:
             g = self.topology.world_size
             raise _FieldError("moe.experts", self.moe.experts,

@@ -5,9 +5,11 @@ with the one-stage exchange and -- where it deduplicates (the rails cross a leve
 innermost) and the model's dimensions are known -- the hierarchical one (``+hier``), each with
 every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
 ``hierarchical`` and the lossy modes ``planner.allow`` lists; else the configured one). Plain EP
-(all sizes 1) is always among them, so the choice is never predicted slower than EP. Ties (within
-1e-9 relative) go to the smaller expert domain (less memory, closer to EP), then to the earlier
-dense-sync mode (``ring`` first), then to the one-stage exchange.
+(all sizes 1) is always among them, so the choice is never predicted slower than EP. With
+``planner.allow: [shortcut]`` every candidate is also weighed on shortcut-connected MoE blocks (a
+different model, so only when allowed). Ties (within 1e-9 relative) go to the smaller expert domain
+(less memory, closer to EP), then to the earlier dense-sync mode (``ring`` first), then to the
+one-stage exchange, then to the standard blocks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from hybridep.config import Config, CostTerms
+from hybridep.config import SHORTCUT_CHOICE, Config, CostTerms
 from hybridep.costmodel import (
     Network,
     Prediction,
@@ -156,10 +158,16 @@ def dense_sync_modes(cfg: Config) -> list[str]:
 
 def plan(cfg: Config, flops: float | None = None) -> PlanResult:
     """Evaluate every feasible partition of ``cfg``'s topology under every allowed dense-sync mode
-    and choose the fastest."""
+    -- on standard and, where ``planner.allow`` lists ``shortcut``, on shortcut-connected MoE
+    blocks -- and choose the fastest (EP on the configured blocks is the baseline)."""
     net = Network.from_config(cfg)
     w = workload_from_config(cfg, flops)
-    return plan_workload(net, w, cfg.terms, dense_sync_modes(cfg))
+    result = plan_workload(net, w, cfg.terms, dense_sync_modes(cfg))
+    if SHORTCUT_CHOICE in cfg.planner.allow and not cfg.moe.shortcut:
+        short = plan_workload(net, workload_from_config(cfg, flops, shortcut=True), cfg.terms, dense_sync_modes(cfg))
+        cands = result.candidates + short.candidates
+        result = PlanResult(cands, _choose(cands, dense_sync_modes(cfg)), result.ep, result.closed_form)
+    return result
 
 
 def _exchanges(dom: Domains, w: Workload, hier: bool) -> list[bool]:
@@ -191,10 +199,17 @@ def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] 
             dom = Domains(topo, sizes)
             cands += [Candidate(dom, _predict(dom, wm, net, terms, h), mode, h, shortcut)
                       for h in _exchanges(dom, wm, hier)]
-    order = {m: i for i, m in enumerate(modes or [w.dense_sync])}
-    best_t = min(c.prediction.iteration_s for c in cands)
-    tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
-    choice = min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier))
+    choice = _choose(cands, modes or [w.dense_sync])
     ep = next(c for c in cands if all(s == 1 for s in c.domains.sizes) and c.dense_sync == choice.dense_sync
               and not c.hier)
     return PlanResult(cands, choice, ep, closed_form(topo, w, net))
+
+
+def _choose(cands: list[Candidate], modes: list[str]) -> Candidate:
+    """The fastest candidate; ties (within 1e-9 relative) to the smaller expert domain, the earlier
+    dense-sync mode, the one-stage exchange, the standard blocks."""
+    order = {m: i for i, m in enumerate(modes)}
+    best_t = min(c.prediction.iteration_s for c in cands)
+    tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
+    return min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier,
+                                    c.shortcut))

@@ -36,12 +36,13 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 """Parameter dtype per ``moe.dtype``; bfloat16 and float16 train in float32 under autocast."""
 
 
-def model_config(cfg: Config) -> LMConfig:
-    """The language model's dimensions from ``moe`` (and ``bench.heads``)."""
+def model_config(cfg: Config, shortcut: bool = False) -> LMConfig:
+    """The language model's dimensions from ``moe`` (and ``bench.heads``); shortcut-connected blocks
+    under ``moe.shortcut`` or ``shortcut`` (a plan's choice, ``planner.allow: [shortcut]``)."""
     m = cfg.moe
     return LMConfig(seq_len=m.seq_len, hidden=m.hidden, heads=cfg.bench.heads, layers=m.layers, ffn=m.ffn,
                     experts=m.experts, top_k=m.top_k, expert_kind=m.expert_kind, dense_blocks=m.blocks_before_moe,
-                    shortcut=m.shortcut, aux_loss_coef=cfg.train.aux_loss_coef)
+                    shortcut=m.shortcut or shortcut, aux_loss_coef=cfg.train.aux_loss_coef)
 
 
 def global_batch_size(cfg: Config) -> int:
@@ -100,7 +101,7 @@ def train(rank: int, world: int, config: dict, plan_document: dict, out_dir: str
     corpus = load_corpus() if data is None else _corpus(data)
     torch.manual_seed(t.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    model = MoELM(model_config(cfg)).to(DTYPES[cfg.moe.dtype]).to(device)
+    model = MoELM(model_config(cfg, plan.spec.shortcut)).to(DTYPES[cfg.moe.dtype]).to(device)
     par = parallelize(model, plan, timeout_s=t.timeout_s, config=cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     step = checkpoint.load(resume, par, opt) if resume else 0
