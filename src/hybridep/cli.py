@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -53,7 +54,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hybridep.planner import plan
 
     cfg = load_config(args.config, args.overrides)
-    result = plan(cfg, _flops(cfg))
+    flops = _flops(cfg)
+    start = time.perf_counter()
+    result = plan(cfg, flops)
+    seconds = time.perf_counter() - start
     names = cfg.topology.levels
     console.print("topology: " + " x ".join(
         f"{lv.count} {lv.name} ({fmt_bandwidth(lv.bandwidth_bps)}, {fmt_time(lv.latency_s)})" for lv in names)
@@ -89,7 +93,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     snapped = f", snapped to domain size {cf['snapped_domain_size']}" if "snapped_domain_size" in cf else ""
     console.print(f"paper closed form ({'exact' if cf['exact'] else 'flattened to one level'}): "
                   f"p* = {cf['p']:.3f} (domain size {cf['domain_size']:.2f}){snapped}")
-    _write_json(args.json, result.to_dict())
+    console.print(f"scored {len(result.candidates)} candidates in {seconds:.2f} s")
+    _write_json(args.json, {**result.to_dict(), "scored": len(result.candidates), "planning_s": seconds})
     if args.out:
         write_plan(args.out, plan_document(cfg, result))
         console.print(f"wrote plan {args.out}: {result.choice.spec} (run it with --plan {args.out})")

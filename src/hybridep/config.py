@@ -455,16 +455,18 @@ def _dense_sync(value: object, auto: bool = True) -> object:
 
 SHORTCUT_CHOICE = "shortcut"
 """``planner.allow``'s name for shortcut-connected MoE blocks (a different model: its quality differs)."""
+SR_CHOICE = "sr"
+"""``planner.allow``'s name for SR-compressed gathers at ``planner.sr_ratios`` (lossy)."""
 
 
 def _allowed(value: object) -> object:
-    """A ``planner.allow`` entry: ``shortcut`` or a dense-sync mode (canonical name)."""
-    if isinstance(value, str) and value.strip() == SHORTCUT_CHOICE:
-        return SHORTCUT_CHOICE
+    """A ``planner.allow`` entry: ``shortcut``, ``sr`` or a dense-sync mode (canonical name)."""
+    if isinstance(value, str) and value.strip() in (SHORTCUT_CHOICE, SR_CHOICE):
+        return value.strip()
     try:
         return _dense_sync(value, auto=False)
     except ValueError as err:
-        raise ValueError(f"{SHORTCUT_CHOICE}, or {err}") from None
+        raise ValueError(f"{SHORTCUT_CHOICE}, {SR_CHOICE}, or {err}") from None
 
 
 class PlannerConfig(_Strict):
@@ -472,9 +474,14 @@ class PlannerConfig(_Strict):
 
     allow: Annotated[list[Annotated[str, BeforeValidator(_allowed)]], Field(max_length=16)] = []
     """Choices that change the result, which the planner makes only when listed here (never
-    silently): lossy dense-sync modes such as ``powersgd(rank=4)``, and ``shortcut`` (the model's MoE
-    blocks shortcut-connected, every strategy weighed with and without). ``ring`` and
-    ``hierarchical`` are exact and always candidates."""
+    silently): lossy dense-sync modes such as ``powersgd(rank=4)``, ``shortcut`` (the model's MoE
+    blocks shortcut-connected, every strategy weighed with and without) and ``sr`` (SR-compressed
+    gathers at each of ``sr_ratios``). ``ring`` and ``hierarchical`` are exact and always candidates."""
+    sr_ratios: Annotated[list[_real(1, 1e6)], Field(min_length=1, max_length=16)] = [10.0, 50.0]
+    """The compression ratios weighed when ``allow`` lists ``sr``."""
+    a2a_chunks: Annotated[list[Annotated[Int, Field(ge=1, le=64)]], Field(min_length=1, max_length=16)] | None = None
+    """Chunk counts of the pipelined exchange to weigh (exact: no permission needed); None = the
+    configured ``moe.a2a_chunks`` only."""
 
 
 class Config(_Strict):

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from hybridep.config import SHORTCUT_CHOICE, Config, CostTerms
+from hybridep.config import SHORTCUT_CHOICE, SR_CHOICE, Config, CostTerms
 from hybridep.costmodel import (
     Network,
     Prediction,
@@ -42,12 +42,18 @@ class Candidate:
     """The hierarchical token exchange (family ``hierarchical``) on this partition."""
     shortcut: bool = False
     """The model's MoE blocks are shortcut-connected (``moe.shortcut``)."""
+    sr_ratio: float | None = None
+    """SR-compressed gathers at this ratio (``planner.allow: [sr]``); None: uncompressed."""
+    a2a_chunks: int | None = None
+    """Chunks of the pipelined exchange (``planner.a2a_chunks``); None: as configured."""
 
     @property
     def spec(self) -> HybridEPSpec:
-        """The strategy this candidate is (uncompressed, chunks and prefetch as configured)."""
-        cls = HierarchicalSpec if self.hier else HybridEPSpec
-        return cls(self.domains.topology, self.domains.sizes, shortcut=self.shortcut)
+        """The strategy this candidate is (prefetch as configured)."""
+        topo, sizes = self.domains.topology, self.domains.sizes
+        if self.hier:
+            return HierarchicalSpec(topo, sizes, shortcut=self.shortcut)
+        return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
 
     def to_dict(self) -> dict:
         names = self.domains.topology.names
@@ -160,14 +166,32 @@ def plan(cfg: Config, flops: float | None = None) -> PlanResult:
     """Evaluate every feasible partition of ``cfg``'s topology under every allowed dense-sync mode
     -- on standard and, where ``planner.allow`` lists ``shortcut``, on shortcut-connected MoE
     blocks -- and choose the fastest (EP on the configured blocks is the baseline)."""
-    net = Network.from_config(cfg)
-    w = workload_from_config(cfg, flops)
-    result = plan_workload(net, w, cfg.terms, dense_sync_modes(cfg))
-    if SHORTCUT_CHOICE in cfg.planner.allow and not cfg.moe.shortcut:
-        short = plan_workload(net, workload_from_config(cfg, flops, shortcut=True), cfg.terms, dense_sync_modes(cfg))
-        cands = result.candidates + short.candidates
-        result = PlanResult(cands, _choose(cands, dense_sync_modes(cfg)), result.ep, result.closed_form)
-    return result
+    net, modes = Network.from_config(cfg), dense_sync_modes(cfg)
+    result = plan_workload(net, workload_from_config(cfg, flops), cfg.terms, modes)
+    cands = list(result.candidates)
+    for w, fields, hier in _variants(cfg, flops):
+        more = plan_workload(net, w, cfg.terms, modes, hier).candidates
+        if fields.get("sr_ratio") is not None:  # compression acts on gathers: domains only
+            more = [c for c in more if c.domains.domain_size > 1]
+        cands += [dataclasses.replace(c, **fields) for c in more]
+    if len(cands) == len(result.candidates):
+        return result
+    return PlanResult(cands, _choose(cands, modes), result.ep, result.closed_form)
+
+
+def _variants(cfg: Config, flops: float | None) -> list[tuple[Workload, dict, bool]]:
+    """The workloads the planner weighs beside the configured one, with the candidate fields they
+    set and whether the hierarchical exchange is weighed on them: every ``planner.a2a_chunks``
+    count; shortcut blocks (``allow: [shortcut]``); each ``planner.sr_ratios`` (``allow: [sr]``)."""
+    p, m = cfg.planner, cfg.moe
+    out = []
+    for c in p.a2a_chunks or []:
+        out.append((dataclasses.replace(workload_from_config(cfg, flops), a2a_chunks=c), {"a2a_chunks": c}, False))
+    if SHORTCUT_CHOICE in p.allow and m is not None and not m.shortcut:
+        out.append((workload_from_config(cfg, flops, shortcut=True), {"shortcut": True}, True))
+    if SR_CHOICE in p.allow:
+        out += [(workload_from_config(cfg, flops, sr_ratio=r), {"sr_ratio": r}, False) for r in p.sr_ratios]
+    return out
 
 
 def _exchanges(dom: Domains, w: Workload, hier: bool) -> list[bool]:
@@ -207,9 +231,10 @@ def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] 
 
 def _choose(cands: list[Candidate], modes: list[str]) -> Candidate:
     """The fastest candidate; ties (within 1e-9 relative) to the smaller expert domain, the earlier
-    dense-sync mode, the one-stage exchange, the standard blocks."""
+    dense-sync mode, the one-stage exchange, the standard blocks, no compression, the configured
+    chunks."""
     order = {m: i for i, m in enumerate(modes)}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
     return min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier,
-                                    c.shortcut))
+                                    c.shortcut, c.sr_ratio is not None, c.a2a_chunks is not None))

@@ -1,0 +1,57 @@
+"""The planner's search space beyond the partitions: chunk counts, SR ratios and shortcut blocks
+from configured lists, each only where allowed, each candidate priced by its own schedule."""
+
+import time
+
+import pytest
+
+from hybridep.config import ConfigError, load_config
+from hybridep.costmodel import Network, evaluate
+from hybridep.planner import plan
+
+
+def _own(cfg, candidate) -> float:
+    spec = candidate.spec
+    w = spec.workload(cfg)
+    if candidate.dense_sync != w.dense_sync:
+        import dataclasses
+
+        w = dataclasses.replace(w, dense_sync=candidate.dense_sync)
+    return evaluate(spec.schedule(w), Network.from_config(cfg), cfg.terms).iteration_s
+
+
+def test_chunk_counts_and_sr_ratios_are_weighed_only_as_listed_and_allowed():
+    base = load_config(None, [])
+    listed = load_config(None, ["planner.a2a_chunks=[1,2,4]", "planner.allow=[sr]", "planner.sr_ratios=[10,50]"])
+    p0, p1 = plan(base), plan(listed)
+    names0 = {str(c.spec) for c in p0.candidates}
+    names1 = {str(c.spec) for c in p1.candidates}
+    assert not any("+sr" in n or "+chunks" in n for n in names0)
+    assert {"ep+chunks2", "ep+chunks4", "hybridep+sr10(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)"} <= names1
+    assert not any(n.startswith(("ep+sr", "hierarchical+")) for n in names1)  # compression acts on gathers
+    assert p1.choice.prediction.iteration_s <= p0.choice.prediction.iteration_s
+    for c in p1.candidates:  # every candidate is its own spec, priced by its own schedule
+        if c.spec.a2a_chunks is not None or c.spec.sr_ratio is not None:
+            assert c.prediction.iteration_s == pytest.approx(_own(listed, c), rel=1e-12), str(c.spec)
+    assert str(p1.ep.spec) == "ep"
+
+
+@pytest.mark.parametrize("over,key", [(["planner.a2a_chunks=[0]"], "planner.a2a_chunks.0"),
+                                      (["planner.a2a_chunks=[]"], "planner.a2a_chunks"),
+                                      (["planner.sr_ratios=[]"], "planner.sr_ratios"),
+                                      (["planner.allow=[tutel]"], "planner.allow.0")])
+def test_bad_planner_lists_name_the_key(over, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, over)
+    assert key in str(err.value)
+
+
+def test_planning_1000_dcs_over_the_whole_space_stays_interactive():
+    """1000 DCs x 8 GPUs, every partition x {one-stage, +hier} x dense-sync modes x 3 chunk counts x
+    2 SR ratios: scored in seconds (the figure goes to the notes; the assert is loose, not a timing
+    target)."""
+    cfg = load_config(None, ["topology.levels.0.count=1000", "topology.levels.1.count=8", "moe.experts=8000",
+                             "planner.a2a_chunks=[1,2,4]", "planner.allow=[sr]", "compute.flops=1e14"])
+    start = time.perf_counter()
+    result = plan(cfg)
+    assert len(result.candidates) > 100 and time.perf_counter() - start < 60
