@@ -162,3 +162,16 @@ def test_link_calibration_measures_the_gather_while_computing():
         assert [len(t) for t in cal["busy_gather_seconds_by_level"]] == [2, 2]
         assert all(t > 0 for level in cal["busy_gather_seconds_by_level"] for t in level)
         assert 0 < cal["message_s"] < 0.01  # gloo over loopback: microseconds per message, not ms
+
+
+def test_bench_candidates_runs_the_best_of_every_family_instead_of_every_size():
+    cfg = load_config(None, ["bench.candidates=1"])
+    planned = plan(cfg)
+    names = [r["name"] for r in runs(cfg, planned, [], 5)]
+    best = {}
+    for c in sorted(planned.candidates, key=lambda c: c.prediction.iteration_s):
+        best.setdefault(c.spec.family, str(c.spec))
+    assert names[:2] == [COMPUTE_ONLY, "ep"] and set(best.values()) <= set(names)
+    assert set(names) == {COMPUTE_ONLY, "ep", str(planned.choice.spec), *best.values()}
+    two = [r["name"] for r in runs(load_config(None, ["bench.candidates=2"]), planned, [], 5)]
+    assert len(two) > len(names)

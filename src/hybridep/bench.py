@@ -83,7 +83,8 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
     """Our strategies a bench runs: EP, the planner's choice, every other domain size
     (``bench.all_domain_sizes``), the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``,
     (``bench.hierarchical``) the hierarchical exchange on EP's and the choice's partitions and
-    (``bench.shortcut``) EP and the choice on shortcut-connected blocks; with a plan file
+    (``bench.shortcut``) EP and the choice on shortcut-connected blocks -- or, with
+    ``bench.candidates`` N, EP, the choice and the planner's best N of every family; with a plan file
     (``planned_spec``): EP and exactly the planned strategy. Under ``moe.shortcut`` every one of
     them runs shortcut-connected."""
     topo = planned.choice.domains.topology
@@ -93,6 +94,8 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
         return [ep] if planned_spec == ep else [ep, planned_spec]
     choice = planned.choice.spec
     specs = [ep] + ([choice] if choice != ep else [])
+    if b.candidates is not None:
+        return specs + [s for s in best_of_families(planned, b.candidates) if s not in specs]
     if b.all_domain_sizes:
         others = [HybridEPSpec(topo, s, shortcut=m.shortcut) for s in topo.feasible_domain_sizes()]
         specs += [s for s in others if s not in specs]
@@ -109,6 +112,16 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
     if b.ted:  # TP groups of 2 with and without duplicate-token dropping, where the model divides
         specs += [s for s in ted_specs(cfg, topo) if s not in specs]
     return specs
+
+
+def best_of_families(planned: PlanResult, n: int) -> list[HybridEPSpec]:
+    """The planner's ``n`` fastest distinct strategies of every family, fastest first."""
+    out: dict[str, list[HybridEPSpec]] = {}
+    for c in sorted(planned.candidates, key=lambda c: c.prediction.iteration_s):
+        family = out.setdefault(c.spec.family, [])
+        if len(family) < n and c.spec not in family:
+            family.append(c.spec)
+    return [s for family in out.values() for s in family]
 
 
 def ted_specs(cfg: Config, topo: Topology) -> list[TedSpec]:

@@ -317,7 +317,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hybridep.planner import plan
     from hybridep.testbed.netns import TestbedError
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"bench.candidates={args.candidates}"] if args.candidates is not None else [])]
+    cfg = load_config(args.config, overrides)
     steps = args.steps or cfg.bench.steps
     if steps < 2:
         raise ConfigError([("--steps", steps, "at least 2")])
@@ -667,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--plan", metavar="PLAN", help="run exactly the strategy of a plan file (hybridep plan --out)")
     p.add_argument("--steps", type=int, help="training steps per strategy (default: bench.steps)")
+    p.add_argument("--candidates", type=int, metavar="N",
+                   help="run the planner's choice and its best N candidates of every family, instead of every "
+                        "domain size and variant (bench.candidates)")
     p.add_argument("--max-ranks-per-core", type=float, default=4.0, metavar="F",
                    help="refuse to start more than F local ranks per core (default 4)")
     p.add_argument("--testbed", choices=["auto", "on", "off"], default="auto",

@@ -364,6 +364,9 @@ class BenchConfig(_Strict):
     hierarchical: StrictBool = True
     """Also run the hierarchical token exchange (``hierarchical``, ``<choice>+hier``) where it
     deduplicates (tokens cross a level above the innermost)."""
+    candidates: Annotated[Int, Field(ge=1, le=64)] | None = None
+    """Run EP, the planner's choice and the planner's best N candidates of every family (by predicted
+    iteration) instead of every domain size and the variants below; None: the variants."""
     ted: StrictBool = True
     """Also run TED with TP groups of 2, with and without duplicate-token dropping (``ted(tp=2,dtd)``,
     ``ted(tp=2)``), where the innermost level's count is even and the model divides by 2."""
