@@ -49,3 +49,22 @@ def plot_losses(losses: dict[str, list[float]], title: str, path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def report(losses: dict[str, list[float]], steps: int, baseline: str, vs_key: str, title: str, plot: str,
+           json_path: str | None, meta: dict) -> dict:
+    """Each curve's final loss and its change against ``baseline``'s (under ``vs_key``), printed, the
+    plot, and (``json_path``) the JSON: summary, steps, ``meta``, losses. Returns the summary."""
+    import json
+    from pathlib import Path
+
+    summary = {m: {"final_loss_mean_last_5pct": v} for m, v in final_losses(losses, steps).items()}
+    base = summary[baseline]["final_loss_mean_last_5pct"]
+    for name, v in summary.items():
+        v[vs_key] = v["final_loss_mean_last_5pct"] / base - 1
+        print(f"{name:>28}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v[vs_key]:+.2%} vs {baseline})")
+    plot_losses(losses, title, plot)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"summary": summary, "steps": steps, **meta, "losses": losses},
+                                              indent=1))
+    return summary

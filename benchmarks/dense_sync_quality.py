@@ -11,10 +11,8 @@ Final loss: the mean of the last 15 steps (5 % of 300).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from curves import final_losses, plot_losses, train_variants
+from curves import report, train_variants
 
 
 def main() -> None:
@@ -29,17 +27,8 @@ def main() -> None:
     modes = ["ring", f"powersgd(rank={args.rank},start={args.start})"]
     losses = train_variants(args.steps, {m: {"dense_sync": m} for m in modes},
                             [f"moe.blocks_before_moe={args.blocks_before_moe}"])
-    summary = {m: {"final_loss_mean_last_5pct": v} for m, v in final_losses(losses, args.steps).items()}
-    ring = summary["ring"]["final_loss_mean_last_5pct"]
-    for mode, v in summary.items():
-        v["vs_ring"] = v["final_loss_mean_last_5pct"] / ring - 1
-        print(f"{mode:>28}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_ring']:+.2%} vs ring)")
-    plot_losses(losses, "MoE LM, 4 ranks, EP: dense gradients by ring vs PowerSGD", args.plot)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "steps": args.steps,
-                                               "blocks_before_moe": args.blocks_before_moe, "losses": losses},
-                                              indent=1))
-
+    report(losses, args.steps, "ring", "vs_ring", "MoE LM, 4 ranks, EP: dense gradients by ring vs PowerSGD",
+           args.plot, args.json, {"blocks_before_moe": args.blocks_before_moe})
 
 if __name__ == "__main__":
     main()

@@ -11,10 +11,8 @@ the model has ``--blocks-before-moe`` (default 1) dense blocks before each MoE b
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from curves import final_losses, plot_losses, train_variants
+from curves import report, train_variants
 
 
 def main() -> None:
@@ -27,17 +25,9 @@ def main() -> None:
     variants = {"ep (standard, top-2)": {"shortcut": False}, "ep+shortcut (top-2)": {"shortcut": True}}
     losses = train_variants(args.steps, variants, [f"moe.blocks_before_moe={args.blocks_before_moe}",
                                                    "moe.top_k=2"])
-    summary = {m: {"final_loss_mean_last_5pct": v} for m, v in final_losses(losses, args.steps).items()}
-    standard = summary["ep (standard, top-2)"]["final_loss_mean_last_5pct"]
-    for name, v in summary.items():
-        v["vs_standard"] = v["final_loss_mean_last_5pct"] / standard - 1
-        print(f"{name:>22}: final loss {v['final_loss_mean_last_5pct']:.4f} ({v['vs_standard']:+.2%} vs standard)")
-    plot_losses(losses, "MoE LM, 4 ranks, EP, top-2: standard vs shortcut-connected blocks", args.plot)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "steps": args.steps,
-                                               "blocks_before_moe": args.blocks_before_moe, "losses": losses},
-                                              indent=1))
-
+    report(losses, args.steps, "ep (standard, top-2)", "vs_standard",
+           "MoE LM, 4 ranks, EP, top-2: standard vs shortcut-connected blocks", args.plot, args.json,
+           {"blocks_before_moe": args.blocks_before_moe})
 
 if __name__ == "__main__":
     main()

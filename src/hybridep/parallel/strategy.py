@@ -179,10 +179,7 @@ class ExpertParallelStyle:
         p = permute(x, routing, self.key_of_expert.to(x.device))
         if self.a2a_chunks > 1:
             return self._pipelined(x, p, experts)
-        counts, recv_counts = self._exchange_counts(p.keys, 1)
-        counts, recv_counts = counts[0], recv_counts[:, 0]
-        send = counts.sum(1).tolist()
-        recv = recv_counts.sum(1).tolist()
+        send, recv, recv_counts = self._splits(p.keys)
         received = AllToAll.apply(p.x, comm, rail, send, recv, "a2a_dispatch")
         weights = self.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
         y = _compute_received(experts, weights, received, recv_counts)
@@ -196,11 +193,16 @@ class ExpertParallelStyle:
         if len(self.rail) == 1 or self.a2a_chunks > 1:
             return Eager(self, x, routing, experts)
         p = permute(x, routing, self.key_of_expert.to(x.device))
-        counts, recv_counts = self._exchange_counts(p.keys, 1)
-        counts, recv_counts = counts[0], recv_counts[:, 0]
-        send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        send, recv, recv_counts = self._splits(p.keys)
         dispatch = AsyncExchange(self.comm, self.rail, send, recv, "a2a_dispatch")
         return InFlight(self, experts, p, x.shape[0], recv_counts, dispatch, IssueAllToAll.apply(p.x, dispatch))
+
+    def _splits(self, keys: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+        """One unchunked exchange's rows to send to and receive from each rail member, and the
+        [members, experts] rows that arrive (see :meth:`_exchange_counts`)."""
+        counts, recv_counts = self._exchange_counts(keys, 1)
+        counts, recv_counts = counts[0], recv_counts[:, 0]
+        return counts.sum(1).tolist(), recv_counts.sum(1).tolist(), recv_counts
 
     def _exchange_counts(self, keys: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows per (chunk, rail member, expert) from sorted row ``keys`` (chunk-major), sent to every
