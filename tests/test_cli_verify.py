@@ -52,7 +52,8 @@ moe: {hidden: 32, ffn: 64, experts: 8, top_k: 2, layers: 1, tokens_per_gpu: 128,
 def test_verify_hierarchical_exchange_and_ted_on_two_and_three_levels(tmp_path):
     """The hierarchical exchange (alone and inside HybridEP's rails at every domain size, deduplicating
     above the innermost level or at every level) and TED (TP groups of 2, with and without
-    duplicate-token dropping) equal the single-process reference in float64 on 2 DCs x 2 ranks and on
+    duplicate-token dropping, with and without CAC, at every partition of the EP positions into
+    expert domains: 2 on 2 x 2, 4 on 2 x 2 x 2) equal the single-process reference in float64 on 2 DCs x 2 ranks and on
     2 DCs x 2 nodes x 2 GPUs, every scenario (top-k 1/2/4, a rank without tokens, skewed routing,
     capacity factors, odd hidden sizes)."""
     cfg = tmp_path / "three.yaml"
@@ -70,8 +71,11 @@ def test_verify_hierarchical_exchange_and_ted_on_two_and_three_levels(tmp_path):
         assert len(partitions) == 2 ** levels  # every feasible partition (each count is 2)
         assert {len(c["dedup"]) for c in hier} == {levels - 1, levels}
         ted = [c for c in data["cases"] if c["strategy"] == "ted"]
-        assert len(ted) == 8 and {(c["tp"], c["dtd"], c["cac"]) for c in ted} == {
+        ted_partitions = {tuple(c["domain_sizes"].values()) for c in ted}
+        assert len(ted_partitions) == 2 ** (levels - 1) and (2,) + (1,) * (levels - 1) in ted_partitions
+        assert len(ted) == 8 * len(ted_partitions) and {(c["tp"], c["dtd"], c["cac"]) for c in ted} == {
             (2, dtd, cac) for dtd in (True, False) for cac in (True, False)}
+        assert any(c["prefetch"] for c in ted)  # a domain's gathers prefetched
         assert {c["scenario"]["top_k"] for c in data["cases"]} >= {1, 2, 4}
         assert any(0 in c["scenario"]["tokens"] for c in data["cases"])
         assert max(c["max_rel_err"] for c in data["cases"]) <= 1e-10

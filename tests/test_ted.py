@@ -8,13 +8,13 @@ from hybridep.config import load_config
 from hybridep.launch import run_local
 from hybridep.strategies import StrategyError, TedSpec, parse
 from hybridep.topology import Topology
-from tests.workers import ted_bytes, ted_lm_errors
+from tests.workers import ted_bytes, ted_domain_traffic, ted_lm_errors
 
 TOPO = Topology(("dc", "gpu"), (2, 2))
 
 
 @pytest.mark.parametrize("name", ["ted(tp=2,dtd)", "ted(tp=2)", "ted(tp=2,dtd)+shortcut", "ted(tp=2,dtd,cac)",
-                                  "ted(tp=2,cac)"])
+                                  "ted(tp=2,cac)", "ted(tp=2,dtd,dc=2,gpu=1)", "ted(tp=2,cac,dc=2,gpu=1)+shortcut"])
 def test_ted_names_read_back(name):
     spec = parse(name, TOPO)
     assert isinstance(spec, TedSpec) and str(spec) == name and spec.tp == 2 and spec.dtd == (",dtd" in name)
@@ -23,7 +23,10 @@ def test_ted_names_read_back(name):
 
 @pytest.mark.parametrize("name,says", [("ted(tp=3)", "must divide the innermost level's count (gpu: 2)"),
                                        ("ted(dtd)", "tp=N is required"), ("ted(tp=2,dtd,dtd)", "cannot read 'dtd'"),
-                                       ("ted(tp=2,x)", "cannot read 'x'")])
+                                       ("ted(tp=2,x)", "cannot read 'x'"),
+                                       ("ted(tp=2,gpu=2)", "gpu domain size 2 must divide the EP positions of "
+                                                           "that level (1); allowed: [1]"),
+                                       ("ted(tp=2,dc=3)", "dc domain size 3 must divide")])
 def test_bad_ted_names_say_what_is_allowed(name, says):
     with pytest.raises(StrategyError, match=re.escape(says)):
         parse(name, TOPO)
@@ -60,7 +63,8 @@ def test_the_language_model_under_ted_is_the_single_process_model_and_cac_sends_
     repeats every all-to-all of the forward (2 more per layer), CAC replays the recorded outputs and
     makes exactly as many all-to-all calls as the run without checkpointing; gradients stay exact."""
     modes = {"dtd": (True, False, False), "no dtd": (False, False, False), "checkpoint": (True, False, True),
-             "cac": (True, True, True)}
+             "cac": (True, True, True), "domains": (True, False, False, (2, 1)),
+             "domains cac": (True, True, True, (2, 1))}
     per_rank = run_local(ted_lm_errors, 4, (list(modes.values()),), timeout_s=180)
     for results in per_rank:
         for loss, ref_loss, worst, _ in results:
@@ -69,3 +73,24 @@ def test_the_language_model_under_ted_is_the_single_process_model_and_cac_sends_
     calls = dict(zip(modes, [r[3] for r in per_rank[0]], strict=True))
     layers = 2
     assert calls["cac"] == calls["dtd"] and calls["checkpoint"] == calls["dtd"] + 2 * layers
+    assert calls["domains cac"] == calls["domains"]
+
+
+def test_ted_inside_expert_domains_gathers_shards_and_its_schedule_says_so():
+    """TED with both EP positions of 2 DCs x 2 in one expert domain: no token crosses the DC link;
+    each rank's expert shards cross it once as the gather and once as the gradients' reduce-scatter
+    (counted), only between ranks of one TP index -- and the schedule's gather is one stage over the
+    DC level, one peer, one rank's experts' bytes, in those groups, with no cross-DC exchange."""
+    per_rank = run_local(ted_domain_traffic, 4, (), timeout_s=120)
+    for by, shard in per_rank:
+        assert by.get("a2a/dc", 0) == 0 and by.get("ag/dc") == shard and by.get("rs/dc") == shard
+        assert by.get("ag/gpu", 0) == 0 and by.get("tp/gpu", 0) > 0  # no gather inside the TP group
+    cfg = load_config(None, ["bench.heads=4"])
+    spec = parse("ted(tp=2,dtd,dc=2)", TOPO)
+    w = spec.workload(cfg, 1e12)
+    s = spec.schedule(w)
+    assert [(st.level, st.peers, st.flow_bytes) for st in s.gather] == [(0, 1, w.sent_expert_bytes)]
+    assert sorted(s.gather[0].groups()) == [[0, 2], [1, 3]]
+    assert s.exchanges[0].ports[0].total_bytes == 0
+    ep = parse("ep", TOPO)
+    assert spec.schedule(w).expert_s.max() < ep.schedule(ep.workload(cfg, 1e12)).expert_s.max()

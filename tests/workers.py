@@ -558,18 +558,37 @@ def _ted_bytes(comm, rank, dtd):
     return comm.traffic.bytes_by_level(["a2a"]).get("dc", 0), crossing * 16 * 8
 
 
+def ted_domain_traffic(rank, world):
+    """One forward and backward of a one-layer stack under TED (tp 2, DTD) on 2 DCs x 2 with both EP
+    positions in one expert domain: this rank's counted bytes per (operation, level) and the bytes
+    of its expert shards."""
+    from hybridep.parallel.ted import parallelize_ted
+
+    comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
+    torch.manual_seed(0)
+    model = MoEStack(1, 16, 8, 4, 2).double()
+    parallelize_ted(model, comm, 2, True, domain_sizes=(2, 1))
+    x = torch.randn(13, 16, generator=torch.Generator().manual_seed(rank // 2), dtype=torch.float64)
+    model(x.requires_grad_()).square().sum().backward()
+    comm.quiesce()
+    shard = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
+    by = {f"{op}/{lv}": b for (op, lv), b in comm.traffic.bytes_by_op_level.items()}
+    return by, shard
+
+
 def ted_lm_errors(rank, world, modes):
     """Per mode (dtd, cac, checkpoint): ``_ted_lm_errors`` on one communicator (one launch)."""
     comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
     return [_ted_lm_errors(comm, rank, *mode) for mode in modes]
 
 
-def _ted_lm_errors(comm, rank, dtd, cac, checkpoint):
+def _ted_lm_errors(comm, rank, dtd, cac, checkpoint, domain_sizes=None):
     """One forward and backward of the language model (attention and dense FFNs tensor-parallel with
     parallelize_module, experts TED-sharded; ``checkpoint``: MoE blocks recomputed in backward,
-    ``cac``: their collectives replayed) against the single-process reference in float64: the loss,
-    the largest relative error of any parameter gradient (a TP shard as its whole DTensor, an expert
-    shard against the matching slice) and the all-to-all calls this rank made."""
+    ``cac``: their collectives replayed; ``domain_sizes``: expert domains of the EP positions)
+    against the single-process reference in float64: the loss, the largest relative error of any
+    parameter gradient (a TP shard as its whole DTensor, an expert shard against the matching slice)
+    and the all-to-all calls this rank made."""
     from torch.distributed.tensor import DTensor
 
     from hybridep.lm.model import LMConfig, MoELM
@@ -581,12 +600,13 @@ def _ted_lm_errors(comm, rank, dtd, cac, checkpoint):
     ref = copy.deepcopy(model)
     data = [(torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(g)),) * 2 for g in range(2)]
     (sum(ref(x, y) for x, y in data) / 2).backward()  # the replicas' mean
-    parallelize_ted(model, comm, 2, dtd, cac=cac, checkpoint=checkpoint)
+    parallelize_ted(model, comm, 2, dtd, cac=cac, checkpoint=checkpoint, domain_sizes=domain_sizes)
     ddp = data_parallel(model, comm, replicas=replica_ranks(comm, 2))
     x, y = data[rank // 2]  # the TP group's batch
     comm.traffic.reset()
     loss = ddp(x, y)
     loss.backward()
+    comm.quiesce()  # the domain's reduce-scatters have landed
     calls = comm.traffic.calls_by_op.get("a2a", 0)
     ref_params, experts = dict(ref.named_parameters()), set(expert_param_names(model))
     worst = 0.0

@@ -258,3 +258,9 @@ class Domains:
         """
         per = self.rail_factors if kind == "a2a" else self.sizes
         return [(per[lv] - 1) * math.prod(per[lv + 1:]) for lv in range(len(per))]
+
+
+def position_topology(topology: Topology, tp: int) -> Topology:
+    """The topology of the EP positions: ``topology`` with its innermost count divided by ``tp``
+    (position p = ranks ``p*tp .. p*tp+tp-1``)."""
+    return Topology(topology.names, (*topology.counts[:-1], topology.counts[-1] // tp))

@@ -21,7 +21,7 @@ from hybridep.moe.stack import MoEStack
 from hybridep.parallel.comm import Communicator
 from hybridep.parallel.strategy import data_parallel, expert_param_names, parallelize, prefetch_all
 from hybridep.parallel.ted import parallelize_ted, replica_ranks
-from hybridep.topology import Domains, Topology
+from hybridep.topology import Domains, Topology, position_topology
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 AUX_COEF = 0.01
@@ -137,8 +137,10 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
 
     # distributed
     if case.tp > 1:
-        parallelize_ted(model, comm, case.tp, case.dtd, cac=case.cac)
+        styles = parallelize_ted(model, comm, case.tp, case.dtd, cac=case.cac, domain_sizes=case.domain_sizes)
         ddp = data_parallel(model, comm, replicas=replica_ranks(comm, case.tp))
+        if case.prefetch:
+            prefetch_all(styles, model)
     else:
         domains = Domains(topology, case.domain_sizes)
         styles = parallelize(model, comm, domains, a2a_chunks=case.a2a_chunks, dedup=case.dedup)
@@ -202,8 +204,10 @@ partition (deduplicating at every level but the innermost, and at none) and on e
 
 def _partitions(topology: Topology, strategy: str) -> list[tuple[int, ...]]:
     ones = tuple(1 for _ in topology.counts)
-    if strategy in ("ep", "hierarchical", "ted"):
+    if strategy in ("ep", "hierarchical"):
         return [ones]
+    if strategy == "ted":  # TP groups of 2: every partition of the EP positions
+        return position_topology(topology, 2).feasible_domain_sizes() if topology.counts[-1] % 2 == 0 else []
     if strategy in ("hybridep", "hybridep+hier"):
         return [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
     raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -228,8 +232,8 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
                     if strategy == "ted":  # TP groups of 2 (inside the innermost level), DTD on and off;
                         # hidden and FFN rounded up to what 2 shards divide
                         even = dataclasses.replace(sc, hidden=sc.hidden + sc.hidden % 2, ffn=sc.ffn + sc.ffn % 2)
-                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1)
-                                  for dtd in (True, False)]
+                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1,
+                                       prefetch=any(x > 1 for x in sizes) and i % 2 == 0) for dtd in (True, False)]
                         continue
                     if hier:  # odd scenarios deduplicate at every level (the innermost too)
                         dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))

@@ -437,3 +437,63 @@ class Communicator:
             return
         _, secs = self._run(op, ranks, lambda: work.wait())
         self._add_seconds(op, secs)
+
+
+class RankView:
+    """A :class:`Communicator` seen from inside one of several alike rank sets (``families``: a
+    partition of the ranks into equal, sorted lists -- TED's expert-parallel groups, one per TP
+    index): member i of this rank's set is rank i here, so a strategy written for a world of
+    ``len(set)`` ranks runs unchanged on it. Every call goes to the communicator with the ranks
+    translated (counted and timed there, per topology level); process groups are created for the
+    corresponding ranks of every set, as torch.distributed wants every rank to create each group."""
+
+    def __init__(self, comm: Communicator, families: Sequence[Sequence[int]]):
+        mine = [list(f) for f in families if comm.rank in f]
+        if len(mine) != 1 or len({len(f) for f in families}) != 1:
+            raise ValueError(f"families must be equal-sized rank sets, rank {comm.rank} in exactly one")
+        self.base, self.families, self.members = comm, [list(f) for f in families], mine[0]
+        self.rank, self.world_size = self.members.index(comm.rank), len(self.members)
+
+    def __getattr__(self, name: str):  # counters, spans, background thread: the communicator's own
+        return getattr(self.base, name)
+
+    def _ranks(self, ranks: Sequence[int]) -> list[int]:
+        return [self.members[r] for r in ranks]
+
+    def create_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        self.base.create_groups([[f[r] for r in g] for f in self.families for g in groups])
+
+    def group(self, ranks: Sequence[int]):
+        return self.base.group(self._ranks(ranks))
+
+    def all_to_all(self, out, inp, out_splits, in_splits, ranks, op="a2a") -> None:
+        self.base.all_to_all(out, inp, out_splits, in_splits, self._ranks(ranks), op)
+
+    def all_to_all_start(self, out, inp, out_splits, in_splits, ranks, op="a2a"):
+        return self.base.all_to_all_start(out, inp, out_splits, in_splits, self._ranks(ranks), op)
+
+    def post(self, recvs, sends, ranks, op) -> Requests:
+        def peer(items):
+            return [(buf, self.members[p], tag) for buf, p, tag in items]
+        return self.base.post(peer(recvs), peer(sends), self._ranks(ranks), op)
+
+    def note_outer_interval(self, ranks, start, end) -> None:
+        self.base.note_outer_interval(self._ranks(ranks), start, end)
+
+    def all_gather(self, out, inp, ranks, op="ag") -> None:
+        self.base.all_gather(out, inp, self._ranks(ranks), op)
+
+    def reduce_scatter(self, out, inp, ranks, op="rs") -> None:
+        self.base.reduce_scatter(out, inp, self._ranks(ranks), op)
+
+    def all_reduce(self, tensor, ranks, op="allreduce", async_op=False):
+        return self.base.all_reduce(tensor, self._ranks(ranks), op, async_op)
+
+    def count_allreduce(self, tensor, ranks, op, seconds=0.0) -> None:
+        self.base.count_allreduce(tensor, self._ranks(ranks), op, seconds)
+
+    def wait(self, work, op, ranks) -> None:
+        self.base.wait(work, op, self._ranks(ranks))
+
+    def result(self, future, op, ranks):
+        return self.base.result(future, op, self._ranks(ranks))

@@ -503,15 +503,16 @@ class GatherEncoded(torch.autograd.Function):
 class GatherExperts(torch.autograd.Function):
     """Forward: the domain's experts (decoded copies, own slot exact). Backward: dense gradients of
     all copies reduce-scattered to the owners (straight-through for decoded copies); ``accumulate``
-    receives this rank's summed shard when the backward pass ends."""
+    receives this rank's summed shard when the backward pass ends. ``cache``: an
+    :class:`ExchangeCache` that may hand the forward's gather back instead (recomputation)."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, gatherer: ExpertGatherer, pending: PendingGather | None,
-                accumulate: Callable[[torch.Tensor], None]) -> torch.Tensor:
+                accumulate: Callable[[torch.Tensor], None], cache: ExchangeCache | None = None) -> torch.Tensor:
         ctx.gatherer, ctx.accumulate = gatherer, accumulate
-        return pending.result() if pending is not None else gatherer.gather(local)
+        return once(cache, lambda: pending.result() if pending is not None else gatherer.gather(local))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         _reduce_scatter_to_owners(ctx.gatherer, grad.contiguous(), ctx.accumulate)
-        return None, None, None, None
+        return None, None, None, None, None

@@ -40,6 +40,7 @@ from hybridep.parallel.functional import (
     AsyncExchange,
     ChunkPlan,
     EncodedExperts,
+    ExchangeCache,
     ExpertGatherer,
     GatherEncoded,
     GatherExperts,
@@ -86,6 +87,9 @@ class ExpertParallelStyle:
         self._pending: PendingGather | None = None
         self.next_prefetch: Callable[[], None] | None = None
         """Issues the next layer's gather; called when this layer takes a prefetched gather."""
+        self.cache: ExchangeCache | None = None
+        """Communication-aware activation checkpointing: the gather's output kept for the
+        recomputation (set by TED, :mod:`hybridep.parallel.ted`)."""
 
     # --- experts -------------------------------------------------------------------------
     def shard(self, experts: GroupedExperts) -> None:
@@ -162,7 +166,7 @@ class ExpertParallelStyle:
             out = EncodedExperts(self.gatherer, local, functools.partial(_split_row, own))
             out.anchor = GatherEncoded.apply(local, self.gatherer, pending, self._accumulate(experts), out)
         else:
-            flat = GatherExperts.apply(local, self.gatherer, pending, self._accumulate(experts))
+            flat = GatherExperts.apply(local, self.gatherer, pending, self._accumulate(experts), self.cache)
             out = _split_row(own, flat.view(s * self.n_local, -1))
         if pending is not None and self.next_prefetch is not None:
             self.next_prefetch()  # the chain: the next layer's gather goes out now

@@ -7,11 +7,20 @@ TP index j), owns the experts of EP position g (``n = E / R`` of them) and holds
 the FFN dimension split in ``tp`` slices (``w1[:, :, slice]``, ``w2[:, slice, :]``), so an expert's
 output is the sum of its shards' partial outputs.
 
+TED composes with HybridEP: each EP group is a HybridEP world of R ranks on the *position topology*
+(the innermost count divided by ``tp``; :func:`~hybridep.topology.position_topology`) with expert domains of
+positions. The members of a domain with the same TP index all-gather their shards (each rank then
+holds shard j of every expert of its domain; the gathered copies' gradients are reduce-scattered
+back to the owners), and tokens travel only inside the *rail* -- the EP group's members at this
+rank's offsets in the domains -- as in :mod:`hybridep.parallel.strategy`, which does that part on a
+:class:`~hybridep.parallel.comm.RankView` of the EP group. With every domain size 1 the rail is the
+whole EP group (plain EP among the positions).
+
 One MoE layer, every TP rank routing the same (replicated) tokens:
 
 * with duplicate-token dropping (``dtd``): TP rank j takes the j-th of ``tp`` row blocks of the
-  layer's token copies (sorted by token slice, then destination) and sends only those over its EP
-  group -- each copy crosses the slow links once instead of ``tp`` times. The owner's TP group
+  layer's token copies (sorted by token slice, then destination) and sends only those over its
+  rail -- each copy crosses the slow links once instead of ``tp`` times. The owner's TP group
   all-gathers what its members received, each member runs its expert shards on all of it, and a
   reduce-scatter sums the partial outputs back to the member that received the rows. The combine
   returns them; an all-gather inside the TP group gives every member every copy's output, and the
@@ -31,7 +40,8 @@ replica's tokens and are scaled by 1/R (the loss is the replicas' mean).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,8 +49,10 @@ from torch import nn
 from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
-from hybridep.parallel.comm import Communicator
+from hybridep.parallel.comm import Communicator, RankView
 from hybridep.parallel.functional import AllToAll, ExchangeCache, once
+from hybridep.parallel.strategy import ExpertParallelStyle, _compute_received
+from hybridep.topology import Domains, position_topology
 
 
 def _gather_rows(comm: Communicator, x: torch.Tensor, counts: list[int], group: Sequence[int], op: str) -> torch.Tensor:
@@ -147,12 +159,15 @@ class CopyToShards(torch.autograd.Function):
 
 
 class TedStyle:
-    """The dispatcher of one MoE layer under TED (see the module docstring)."""
+    """The dispatcher of one MoE layer under TED (see the module docstring). ``domain_sizes``: the
+    HybridEP expert domains of the EP positions (per level, counted in positions: the innermost
+    level has ``count / tp`` of them; default all ones, plain EP among the positions)."""
 
-    def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True, cac: bool = False):
-        g = comm.world_size
-        if tp < 1 or g % tp:
-            raise ValueError(f"tp ({tp}) must divide the world size ({g})")
+    def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True, cac: bool = False,
+                 domain_sizes: Sequence[int] | None = None):
+        g, inner = comm.world_size, comm.topology.counts[-1]
+        if tp < 1 or inner % tp:
+            raise ValueError(f"tp ({tp}) must divide the innermost level's count ({inner})")
         replicas = g // tp
         if num_experts % replicas:
             raise ValueError(f"experts ({num_experts}) must be divisible by the expert-parallel world "
@@ -160,40 +175,57 @@ class TedStyle:
         self.comm, self.tp, self.dtd = comm, tp, dtd
         self.cache = ExchangeCache() if cac else None
         """CAC: the layer's collectives' outputs, kept for activation checkpointing's recomputation."""
-        self.replicas, self.n_local = replicas, num_experts // replicas
+        self.replicas = replicas
         self.position, self.tp_index = divmod(comm.rank, tp)
         self.tp_group = [self.position * tp + j for j in range(tp)]
-        self.ep_group = [p * tp + self.tp_index for p in range(replicas)]
         comm.create_groups([[p * tp + j for j in range(tp)] for p in range(replicas)])
-        comm.create_groups([[p * tp + j for p in range(replicas)] for j in range(tp)])
-        self.key_of_expert = torch.arange(num_experts)
+        view = RankView(comm, [[p * tp + j for p in range(replicas)] for j in range(tp)])
+        positions = position_topology(comm.topology, tp)
+        sizes = tuple(domain_sizes) if domain_sizes is not None else tuple(1 for _ in positions.counts)
+        self.ep = ExpertParallelStyle(view, Domains(positions, sizes), num_experts)
+        """The expert-parallel group of this TP index as a HybridEP world of ``replicas`` ranks: expert
+        ownership, the domain's gathers (of this TP shard) and the rails."""
+        self.ep.cache = self.cache
+        self.n_local = self.ep.n_local
+        self.rail = [view.members[r] for r in self.ep.rail]
+        """The ranks this one exchanges tokens with (its TP index, its offsets in the domains)."""
+
+    @property
+    def next_prefetch(self) -> Callable[[], None] | None:
+        return self.ep.next_prefetch
+
+    @next_prefetch.setter
+    def next_prefetch(self, issue: Callable[[], None] | None) -> None:
+        self.ep.next_prefetch = issue
+
+    def prefetch(self, experts: GroupedExperts) -> None:
+        """Issue this layer's gather of the domain's shards now (nothing without domains)."""
+        self.ep.prefetch(experts)
 
     def shard(self, experts: GroupedExperts) -> None:
         """Keep this rank's TP shard of its EP position's experts (gradients scaled by 1/R)."""
         if experts.ffn % self.tp:
             raise ValueError(f"ffn ({experts.ffn}) must be divisible by tp ({self.tp})")
-        lo, width = self.position * self.n_local, experts.ffn // self.tp
+        width = experts.ffn // self.tp
         cols = slice(self.tp_index * width, (self.tp_index + 1) * width)
-        scale = 1.0 / self.replicas
         for name in experts.weight_names:
-            full = getattr(experts, name).detach()[lo: lo + self.n_local]
-            local = nn.Parameter((full[:, cols] if name == "w2" else full[:, :, cols]).clone())
-            local.register_hook(lambda grad: grad * scale)
-            setattr(experts, name, local)
+            full = getattr(experts, name).detach()
+            setattr(experts, name, nn.Parameter((full[:, cols] if name == "w2" else full[:, :, cols]).clone()))
+        self.ep.shard(experts)
 
     def __call__(self, x: torch.Tensor, routing: Routing, experts: GroupedExperts) -> torch.Tensor:
         comm, tp = self.comm, self.tp
+        keys = self.ep.key_of_expert.to(x.device)
         if self.replicas == 1:  # one EP position: every expert here, only the TP collectives
             y = compute_in_place(CopyToShards.apply(x, comm, self.tp_group, "tp"), routing, experts,
-                                 experts.weights(), self.key_of_expert)
+                                 experts.weights(), keys)
             return SumPartials.apply(y, comm, self.tp_group, "tp", self.cache)
         if not self.dtd:
-            p = permute(x, routing, self.key_of_expert.to(x.device))
+            p = permute(x, routing, keys)
             y = self._exchange(CopyToShards.apply(p.x, comm, self.tp_group, "tp"), p.keys, experts)
             return unpermute(y, p, x.shape[0])
         # copies sorted by (token slice, destination): TP member j sends the j-th block
         slice_of_token = torch.arange(x.shape[0], device=x.device) * tp // max(1, x.shape[0])
-        keys = self.key_of_expert.to(x.device)
         p = permute(x, routing, keys)
         order = torch.argsort(slice_of_token[p.token_idx] * len(keys) + p.keys, stable=True)
         p.x, p.token_idx, p.weights, p.keys = p.x[order], p.token_idx[order], p.weights[order], p.keys[order]
@@ -203,22 +235,25 @@ class TedStyle:
         return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own", self.cache), p, x.shape[0])
 
     def _exchange(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-        """Dispatch ``rows`` (sorted by expert ``keys``) over the EP group, run the expert shards (on
-        the TP group's rows with DTD), combine; the expert outputs in ``rows``' order."""
-        comm, ep, n, cache, tp = self.comm, self.ep_group, self.n_local, self.cache, self.tp
-        counts = torch.bincount(keys, minlength=len(ep) * n).view(len(ep), n)
-        recv_counts = once(cache, lambda: _exchange_counts(comm, counts, ep))
+        """Dispatch ``rows`` (sorted by expert ``keys``) over the rail, run the domain's expert shards
+        (on the TP group's rows with DTD), combine; the expert outputs in ``rows``' order."""
+        comm, rail, cache, tp = self.comm, self.rail, self.cache, self.tp
+        per_dest = len(self.ep.domain) * self.n_local
+        counts = torch.bincount(keys, minlength=len(rail) * per_dest).view(len(rail), per_dest)
+        recv_counts = once(cache, lambda: _exchange_counts(comm, counts, rail))
         send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        received = AllToAll.apply(rows, comm, ep, send, recv, "a2a_dispatch", cache)
+        received = AllToAll.apply(rows, comm, rail, send, recv, "a2a_dispatch", cache)
+        weights = self.ep.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
         if self.dtd:  # the TP group's rows: every member's, member order
             all_counts = once(cache, lambda: _exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
             by_member = all_counts.view(tp, -1).sum(1).tolist()
             rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum", cache)
-            partial = _compute(experts, rows_in, all_counts)
+            partial = _compute_received(experts, weights, rows_in, all_counts)
             y = ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp", cache)
         else:
-            y = SumPartials.apply(_compute(experts, received, recv_counts), comm, self.tp_group, "tp", cache)
-        return AllToAll.apply(y, comm, ep, recv, send, "a2a_combine", cache)
+            partial = _compute_received(experts, weights, received, recv_counts)
+            y = SumPartials.apply(partial, comm, self.tp_group, "tp", cache)
+        return AllToAll.apply(y, comm, rail, recv, send, "a2a_combine", cache)
 
 
 def _exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
@@ -227,14 +262,6 @@ def _exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int
     per = rows.shape[0] // len(group)
     comm.all_to_all(out, rows, [per] * len(group), [per] * len(group), group, "meta")
     return out
-
-
-def _compute(experts: GroupedExperts, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The local expert shards on rows grouped by source and, within each, by expert (``counts``:
-    [sources, experts]); partial outputs in the rows' order."""
-    from hybridep.parallel.strategy import _compute_received
-
-    return _compute_received(experts, experts.weights(), rows, counts)
 
 
 def _tp_plan(model: nn.Module) -> dict[str, object]:
@@ -266,14 +293,16 @@ def _tp_plan(model: nn.Module) -> dict[str, object]:
 
 
 def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = True, cac: bool = False,
-                    checkpoint: bool | None = None) -> list[TedStyle]:
+                    checkpoint: bool | None = None, domain_sizes: Sequence[int] | None = None) -> list[TedStyle]:
     """Apply TED to ``model`` (in place): the dense part tensor-parallel over each TP group with
     PyTorch's ``parallelize_module`` (a 2-D device mesh: replicas x tp), every MoE layer's experts
     sharded (EP position, FFN slice) with :class:`TedStyle` as dispatcher. The DTensor parameters'
     gradients are averaged over the replicas by :func:`sync_replicas` hooks (DDP, which handles the
     rest, takes no DTensor). ``checkpoint`` (default: ``cac``): activation checkpointing of every
     block that holds an MoE layer (recomputed in backward); ``cac``: its recomputation takes the
-    layer's collectives' outputs from the forward pass instead of communicating again."""
+    layer's collectives' outputs from the forward pass instead of communicating again;
+    ``domain_sizes``: HybridEP expert domains of the EP positions (see :class:`TedStyle`), whose
+    gathers the returned styles prefetch as a chain (:func:`~hybridep.parallel.strategy.prefetch_all`)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -283,11 +312,13 @@ def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = T
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (comm.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
     parallelize_module(model, mesh["tp"], _tp_plan(model))
-    styles = []
+    styles: list[TedStyle] = []
     for layer in moe_layers(model):
-        style = TedStyle(comm, tp, layer.experts.num_experts, dtd, cac)
+        style = TedStyle(comm, tp, layer.experts.num_experts, dtd, cac, domain_sizes)
         style.shard(layer.experts)
         layer.dispatcher = style
+        if styles:  # the prefetch chain, as parallelize's
+            styles[-1].next_prefetch = functools.partial(style.prefetch, layer.experts)
         styles.append(style)
     if cac if checkpoint is None else checkpoint:
         checkpoint_moe_blocks(model)

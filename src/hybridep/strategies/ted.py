@@ -25,22 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+import numpy as np
 from torch import nn
 
 from hybridep.config import Config
-from hybridep.costmodel import Workload
+from hybridep.costmodel import Workload, held_weights_s
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.schedule import Schedule, Stage
 from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
-from hybridep.topology import Domains, Topology, divisors
+from hybridep.topology import Domains, Topology, divisors, position_topology
 
-FORMS = "ted(tp=N[,dtd][,cac]) with N a divisor (>= 2) of the innermost level's count"
+FORMS = ("ted(tp=N[,dtd][,cac][,LEVEL=SIZE...]) with N a divisor (>= 2) of the innermost level's count and "
+         "expert-domain sizes counted in EP positions (the innermost level has count/N of them; default 1)")
 _NAME = re.compile(r"^ted\((?P<args>[^()]*)\)$")
 
 
@@ -60,11 +63,18 @@ class TedSpec(HybridEPSpec):
             raise StrategyError(f"strategy ted: tp={self.tp!r} must divide the innermost level's count "
                                 f"({self.topology.names[-1]}: {inner}); allowed: "
                                 f"{[d for d in divisors(inner) if d >= 2] or 'none (the level has one rank)'}")
-        if any(s != 1 for s in self.domain_sizes) or self.sr_ratio is not None:
-            raise StrategyError("strategy ted: takes no domain sizes and no compression")
+        positions = position_topology(self.topology, self.tp)
+        for name, count, s in zip(positions.names, positions.counts, self.domain_sizes, strict=True):
+            if s not in divisors(count):
+                raise StrategyError(f"strategy ted(tp={self.tp}): {name} domain size {s!r} must divide the EP "
+                                    f"positions of that level ({count}); allowed: {divisors(count)}")
+        if self.sr_ratio is not None or self.a2a_chunks not in (None, 1):
+            raise StrategyError("strategy ted: takes no compression and no chunked exchange")
 
     def __str__(self) -> str:
         flags = (",dtd" if self.dtd else "") + (",cac" if self.cac else "")
+        if any(s > 1 for s in self.domain_sizes):
+            flags += "".join(f",{n}={s}" for n, s in zip(self.topology.names, self.domain_sizes, strict=True))
         return f"ted(tp={self.tp}{flags})" + (SHORTCUT if self.shortcut else "")
 
     @property
@@ -75,8 +85,9 @@ class TedSpec(HybridEPSpec):
         return "ted"
 
     def exchange_domains(self) -> Domains:
-        """The partition whose rails are TED's expert-parallel groups (domain size ``tp`` innermost)."""
-        return Domains(self.topology, (*self.domain_sizes[:-1], self.tp))
+        """The partition of the ranks whose rails are TED's rails: a domain holds its EP positions'
+        TP groups (innermost domain size ``tp`` times the positions')."""
+        return Domains(self.topology, (*self.domain_sizes[:-1], self.domain_sizes[-1] * self.tp))
 
     def workload(self, cfg: Config, flops: float | None = None) -> Workload:
         """HybridEP's workload with what one TED rank sends and computes: 1/tp of the dispatch (DTD),
@@ -89,9 +100,37 @@ class TedSpec(HybridEPSpec):
             a2a_chunks=1)
 
     def schedule(self, w: Workload) -> Schedule:
-        base = build_schedule(self.exchange_domains(), w)
-        return replace(base, gather=(), reduce_scatter=(), codec_s=0.0, tp_stages=self.tp_stages(w),
+        """HybridEP's schedule on :meth:`exchange_domains` with TED's gathers (a rank gathers only
+        its TP index's shards: :meth:`shard_stages`), its held experts (its domain's positions'
+        shards, not the TP groups'), its TP stages and CAC's recomputation."""
+        dom = self.exchange_domains()
+        base = build_schedule(dom, w)
+        surplus = held_weights_s(w, dom.domain_size - math.prod(self.domain_sizes))
+        return replace(base, gather=self.shard_stages(base.gather),
+                       reduce_scatter=self.shard_stages(base.reduce_scatter),
+                       expert_s=base.expert_s - surplus, codec_s=0.0, tp_stages=self.tp_stages(w),
                        backward_factor=base.backward_factor + (1.0 if self.cac else 0.0))
+
+    def shard_stages(self, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        """HybridEP's gather (or reduce-scatter) stages on :meth:`exchange_domains` as TED runs them:
+        over the innermost level only the members with this rank's TP index take part (the
+        positions' domain size less one peers, groups split by TP index; none when it is 1); the
+        outer levels' stages already pair ranks of one TP index. Bytes per flow stay: a rank's TP
+        shard of its positions' experts is one rank's experts' bytes."""
+        inner, tp = self.topology.num_levels - 1, self.tp
+        out = []
+        for st in stages:
+            if st.level != inner:
+                out.append(st)
+            elif self.domain_sizes[-1] > 1:
+                def groups(st=st) -> list[list[int]]:
+                    return [g[j::tp] for g in st.groups() for j in range(tp)]
+
+                def pairs(st=st) -> np.ndarray:
+                    ranks = np.arange(self.topology.counts[0])
+                    return st.top_pairs() & (ranks[:, None] % tp == ranks[None, :] % tp)
+                out.append(replace(st, peers=self.domain_sizes[-1] - 1, groups=groups, top_pairs=pairs))
+        return tuple(out)
 
     def tp_stages(self, w: Workload) -> tuple[Stage, ...]:
         """The TP group's collectives of one layer, forward, on the innermost level (bytes to each
@@ -108,10 +147,11 @@ class TedSpec(HybridEPSpec):
     def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
         from hybridep.parallel.ted import parallelize_ted
 
-        return parallelize_ted(model, comm, self.tp, self.dtd, cac=self.cac)
+        return parallelize_ted(model, comm, self.tp, self.dtd, cac=self.cac, domain_sizes=self.domain_sizes)
 
     def to_dict(self) -> dict:
         return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "cac": self.cac,
+                "domain_sizes": dict(zip(self.topology.names, self.domain_sizes, strict=True)),
                 "shortcut": self.shortcut}
 
 
@@ -143,18 +183,21 @@ def parse(name: str, topology: Topology) -> TedSpec:
     m = _NAME.match(name)
     if m is None:
         raise StrategyError(f"strategy {name!r}: allowed: {FORMS}")
-    tp, flags = None, set()
+    tp, flags, sizes = None, set(), {}
     for item in filter(None, m.group("args").split(",")):
         key, sep, val = item.partition("=")
         if key == "tp" and sep and val.isdigit() and tp is None:
             tp = int(val)
         elif item in ("dtd", "cac") and item not in flags:
             flags.add(item)
+        elif key in topology.names and sep and val.isdigit() and key not in sizes:
+            sizes[key] = int(val)
         else:
             raise StrategyError(f"strategy {name!r}: cannot read {item!r}; allowed: {FORMS}")
     if tp is None:
         raise StrategyError(f"strategy {name!r}: tp=N is required; allowed: {FORMS}")
-    return TedSpec(topology, tuple(1 for _ in topology.counts), tp=tp, dtd="dtd" in flags, cac="cac" in flags)
+    return TedSpec(topology, tuple(sizes.get(n, 1) for n in topology.names), tp=tp, dtd="dtd" in flags,
+                   cac="cac" in flags)
 
 
 @dataclass(frozen=True)
