@@ -5,11 +5,14 @@ with the one-stage exchange and -- where it deduplicates (the rails cross a leve
 innermost) and the model's dimensions are known -- the hierarchical one (``+hier``), each with
 every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
 ``hierarchical`` and the lossy modes ``planner.allow`` lists; else the configured one). Plain EP
-(all sizes 1) is always among them, so the choice is never predicted slower than EP. With
+(all sizes 1) is always among them, so the choice is never predicted slower than EP. TED with
+duplicate-token dropping (``ted(tp=N,dtd,...)``) is weighed at every TP group size the innermost
+level and the model divide by and every partition of its EP positions (at the same global batch:
+a TP group trains on its ranks' batches together). With
 ``planner.allow: [shortcut]`` every candidate is also weighed on shortcut-connected MoE blocks (a
-different model, so only when allowed). Ties (within 1e-9 relative) go to the smaller expert domain
-(less memory, closer to EP), then to the earlier dense-sync mode (``ring`` first), then to the
-one-stage exchange, then to the standard blocks.
+different model, so only when allowed). Ties (within 1e-9 relative) go to no tensor parallelism,
+then to the smaller expert domain (less memory, closer to EP), then to the earlier dense-sync mode
+(``ring`` first), then to the one-stage exchange, then to the standard blocks.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from hybridep.costmodel import (
     paper_closed_form_p,
     workload_from_config,
 )
-from hybridep.strategies import HierarchicalSpec, HybridEPSpec
+from hybridep.strategies import HierarchicalSpec, HybridEPSpec, StrategyError, TedSpec
 from hybridep.strategies.dense_sync import candidates
 from hybridep.strategies.hybridep import predict
-from hybridep.topology import Domains, Topology, divisors
+from hybridep.strategies.ted import check_config
+from hybridep.topology import Domains, Topology, divisors, position_topology
 
 
 @dataclass
@@ -46,11 +50,16 @@ class Candidate:
     """SR-compressed gathers at this ratio (``planner.allow: [sr]``); None: uncompressed."""
     a2a_chunks: int | None = None
     """Chunks of the pipelined exchange (``planner.a2a_chunks``); None: as configured."""
+    tp: int = 1
+    """TED (``ted(tp=N,dtd)``) with TP groups of this many ranks, ``domains`` then partitioning the
+    EP positions; 1: not TED."""
 
     @property
     def spec(self) -> HybridEPSpec:
         """The strategy this candidate is (prefetch as configured)."""
         topo, sizes = self.domains.topology, self.domains.sizes
+        if self.tp > 1:
+            return TedSpec(topo, sizes, tp=self.tp, dtd=True, shortcut=self.shortcut)
         if self.hier:
             return HierarchicalSpec(topo, sizes, shortcut=self.shortcut)
         return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
@@ -63,6 +72,7 @@ class Candidate:
             "family": self.spec.family,
             "dense_sync": self.dense_sync,
             "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
+            "tp": self.tp,
             "p": self.domains.p,
             "p_volume": self.domains.p_volume,
             "predicted_iteration_s": pred.iteration_s,
@@ -168,7 +178,7 @@ def plan(cfg: Config, flops: float | None = None) -> PlanResult:
     blocks -- and choose the fastest (EP on the configured blocks is the baseline)."""
     net, modes = Network.from_config(cfg), dense_sync_modes(cfg)
     result = plan_workload(net, workload_from_config(cfg, flops), cfg.terms, modes)
-    cands = list(result.candidates)
+    cands = list(result.candidates) + _ted_candidates(cfg, flops, net, modes)
     for w, fields, hier in _variants(cfg, flops):
         more = plan_workload(net, w, cfg.terms, modes, hier).candidates
         if fields.get("sr_ratio") is not None:  # compression acts on gathers: domains only
@@ -177,6 +187,30 @@ def plan(cfg: Config, flops: float | None = None) -> PlanResult:
     if len(cands) == len(result.candidates):
         return result
     return PlanResult(cands, _choose(cands, modes), result.ep, result.closed_form)
+
+
+def _ted_candidates(cfg: Config, flops: float | None, net: Network, modes: list[str]) -> list[Candidate]:
+    """TED with duplicate-token dropping (exact; without DTD it only sends more) for every TP group
+    size the innermost level and the model's dimensions allow, at every partition of the EP
+    positions into expert domains, every dense-sync mode and block form (shortcut where allowed);
+    none without model dimensions."""
+    if cfg.moe is None:
+        return []
+    topo, out = net.topology, []
+    forms = [cfg.moe.shortcut] + ([True] if SHORTCUT_CHOICE in cfg.planner.allow and not cfg.moe.shortcut else [])
+    for tp in divisors(topo.counts[-1])[1:]:
+        try:
+            check_config(cfg, tp)
+        except StrategyError:
+            continue
+        for sizes in position_topology(topo, tp).feasible_domain_sizes():
+            for shortcut in forms:
+                spec = TedSpec(topo, sizes, tp=tp, dtd=True, shortcut=shortcut)
+                w = spec.workload(cfg, flops)
+                out += [Candidate(Domains(topo, sizes), evaluate(spec.schedule(dataclasses.replace(w, dense_sync=m)),
+                                                                 net, cfg.terms), m, shortcut=shortcut, tp=tp)
+                        for m in modes]
+    return out
 
 
 def _variants(cfg: Config, flops: float | None) -> list[tuple[Workload, dict, bool]]:
@@ -236,5 +270,5 @@ def _choose(cands: list[Candidate], modes: list[str]) -> Candidate:
     order = {m: i for i, m in enumerate(modes)}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
-    return min(tied, key=lambda c: (c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier,
+    return min(tied, key=lambda c: (c.tp, c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier,
                                     c.shortcut, c.sr_ratio is not None, c.a2a_chunks is not None))

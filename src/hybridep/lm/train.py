@@ -48,7 +48,8 @@ class RunSpec:
     shortcut: bool = False
     """Shortcut-connected MoE blocks (the model's ``shortcut``; already so when the model is)."""
     tp: int = 1
-    """``ted``: ranks per tensor-parallel group (its ranks train on the same batch)."""
+    """``ted``: ranks per tensor-parallel group (its ranks train on the same batch: the ``tp``
+    batches its ranks have under the other strategies, :func:`group_batch`)."""
     dtd: bool = True
     """``ted``: duplicate-token dropping."""
     cac: bool = False
@@ -135,6 +136,15 @@ class DeepSpeedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, self.aux_loss, _ = self.layer(x)
         return y
+
+
+def group_batch(corpus: torch.Tensor, spec: RunSpec, seq_len: int, step: int, rank: int) -> tuple[torch.Tensor, ...]:
+    """This rank's batch at ``step``: its own, or under TED (``spec.tp`` > 1) its TP group's -- the
+    batches the group's ``tp`` ranks have under every other strategy, concatenated -- so every
+    strategy trains on the same global batch."""
+    first = rank // spec.tp * spec.tp
+    parts = [batch(corpus, spec.batch_size, seq_len, spec.seed, step, r) for r in range(first, first + spec.tp)]
+    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
 
 def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.Module, nn.Module, list]:
@@ -239,7 +249,7 @@ def run(cfg: LMConfig, spec: RunSpec, comm: Communicator | None, uplink_counter=
                 before = uplink_counter()
         if step >= spec.warmup:
             stamps.append(time.perf_counter())
-        x, y = batch(corpus, spec.batch_size, cfg.seq_len, spec.seed, step, rank // spec.tp)  # TP: one batch
+        x, y = group_batch(corpus, spec, cfg.seq_len, step, rank)
         opt.zero_grad(set_to_none=True)
         t_fwd = time.perf_counter()
         loss = module(x, y)

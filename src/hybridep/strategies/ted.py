@@ -10,13 +10,16 @@ Names (``str(spec)`` / :func:`parse`)::
     ted(tp=2,dtd)      TP groups of 2, each TP rank dispatching 1/tp of the copies
     ted(tp=2)          the same without DTD (every TP rank sends every copy: the baseline)
     ted(tp=2,dtd,cac)  with communication-aware activation checkpointing
+    ted(tp=2,dtd,dc=2,gpu=1)  inside HybridEP expert domains of EP positions (counted in positions)
 
 Schedule: the token exchange runs among the ranks with the same TP index -- the rails of HybridEP's
-partition with domain size ``tp`` at the innermost level -- so it is HybridEP's exchange on that
-partition, with the dispatch each rank sends divided by ``tp`` under DTD; no expert gather (the
-experts are sharded, not gathered); expert and dense compute divided by ``tp`` (each rank runs 1/tp
-of every expert and of the dense layers); the TP group's own collectives (the dense layers'
-all-reduces, DTD's all-gathers and reduce-scatters) as blocking stages on the innermost level
+partition with domain size ``tp`` x the positions' at the innermost level -- so it is HybridEP's
+exchange on that partition at the same global batch as every family (a TP group trains on its
+ranks' batches together): the dispatch each rank sends is one rank's under DTD and ``tp`` times
+that without; expert and dense compute are one rank's (1/tp of every layer on ``tp`` x the
+tokens); with expert domains, HybridEP's gathers among the ranks of one TP index; the TP group's
+own collectives (the dense layers' all-reduces, DTD's all-gathers and reduce-scatters) as blocking
+stages on the innermost level
 (:meth:`TedSpec.tp_stages`); with ``cac`` the backward computes the experts a third time (the
 recomputation; its attention is not charged) and communicates nothing more.
 """
@@ -90,14 +93,15 @@ class TedSpec(HybridEPSpec):
         return Domains(self.topology, (*self.domain_sizes[:-1], self.domain_sizes[-1] * self.tp))
 
     def workload(self, cfg: Config, flops: float | None = None) -> Workload:
-        """HybridEP's workload with what one TED rank sends and computes: 1/tp of the dispatch (DTD),
-        1/tp of the expert and dense compute."""
+        """HybridEP's workload at the same global batch: a TP group trains on its ``tp`` ranks'
+        batches together (``tp`` x a rank's tokens), each rank computing 1/tp of every expert and
+        dense layer on all of them -- the same compute as a rank's own tokens; the dispatch a rank
+        sends is its 1/tp of the group's copies under DTD (one rank's), all of them without; the
+        dense part's all-reduced outputs cover the group's tokens."""
         check_config(cfg, self.tp)
         w = super().workload(cfg, flops)
-        return dataclasses.replace(
-            w, dispatch_bytes=w.dispatch_bytes / (self.tp if self.dtd else 1), expert_s=w.expert_s / self.tp,
-            pre_expert_s=w.pre_expert_s / self.tp, shortcut_s=tuple(x / self.tp for x in w.shortcut_s),
-            a2a_chunks=1)
+        return dataclasses.replace(w, dispatch_bytes=w.dispatch_bytes * (1 if self.dtd else self.tp),
+                                   dense_outputs_bytes=w.dense_outputs_bytes * self.tp, a2a_chunks=1)
 
     def schedule(self, w: Workload) -> Schedule:
         """HybridEP's schedule on :meth:`exchange_domains` with TED's gathers (a rank gathers only
