@@ -463,9 +463,9 @@ def dense_sync_bytes(rank, world, names, counts, mode, steps):
     return comm.traffic.bytes_by_level(["dense"]), shapes
 
 
-def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens):
+def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens, chunks=1):
     """One forward of an MoE layer under the hierarchical exchange (domain ``sizes``, ``dedup``
-    levels): (all-to-all bytes this rank counted per level, the crossings of each level its own
+    levels, the stages pipelined in ``chunks``): (all-to-all bytes this rank counted per level, the crossings of each level its own
     tokens make -- counted here from the routing, independently of the runtime --, hidden, k)."""
     import numpy as np
 
@@ -477,7 +477,7 @@ def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens):
     experts, hidden = 4 * world, 12
     torch.manual_seed(0)
     layer = MoE(hidden, 8, experts, top_k).double()
-    parallelize(layer, comm, dom, dedup=dedup)
+    parallelize(layer, comm, dom, a2a_chunks=chunks, dedup=dedup)
     x = torch.randn(tokens, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     comm.traffic.reset()
     with torch.no_grad():

@@ -44,13 +44,13 @@ The exchange, gather and reduce-scatter are whatever the Schedule says: the Hybr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from hybridep.config import Config, CostTerms
 from hybridep.lm.model import LMConfig, dense_shapes
-from hybridep.schedule import CountExchange, Exchange, GradSync, Schedule, Stage
+from hybridep.schedule import CountExchange, Exchange, ExchangePorts, GradSync, Schedule, Stage
 from hybridep.topology import Topology
 
 
@@ -371,12 +371,32 @@ def interleaved(ex: Exchange, terms: CostTerms) -> bool:
 
 def _a2a_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, list[float], list[float]]:
     """One dispatch (see :func:`_stage_phase`); a dispatch in stages (``ex.then``) takes its stages
-    one after the other: seconds, bytes and busy seconds add up."""
-    parts = [_stage_phase(stage, net, terms) for stage in ex.stages()]
+    one after the other: seconds, bytes and busy seconds add up. Stages pipelined in C chunks
+    (``ex.chunks``; MoNTA): every chunk's first stage is issued at once and streams over its links
+    (b_0 seconds per chunk past one latency a_0); each chunk's later stages (w seconds per chunk,
+    one after the other) run once it is in and the previous chunk's are done: a_0 + b_0 + w +
+    (C - 1) max(b_0, w), each a chunk's share (1/C of the bytes and messages)."""
+    stages = ex.stages()
+    parts = [_stage_phase(stage, net, terms) for stage in stages]
     if len(parts) == 1:
         return parts[0]
-    return (sum(t for t, _, _ in parts), [float(sum(x)) for x in zip(*(b for _, b, _ in parts), strict=True)],
+    seconds = sum(t for t, _, _ in parts)
+    if ex.chunks > 1:
+        tau = [_stage_phase(_one_chunk(stage, ex.chunks), net, terms)[0] for stage in stages]
+        level0 = next((lv for lv, n in enumerate(stages[0].peers_by_level) if n > 0), 0)
+        a0 = net.latency_s[level0] if terms.latency else 0.0
+        b0, w = max(0.0, tau[0] - a0), sum(tau[1:])
+        seconds = a0 + b0 + w + (ex.chunks - 1) * max(b0, w)
+    return (seconds, [float(sum(x)) for x in zip(*(b for _, b, _ in parts), strict=True)],
             [float(sum(x)) for x in zip(*(b for _, _, b in parts), strict=True)])
+
+
+def _one_chunk(ex: Exchange, chunks: int) -> Exchange:
+    """One stage of ``ex`` as one of ``chunks`` equal chunks carries it (bytes and messages / C)."""
+    ports = tuple(ExchangePorts(p.egress_bytes / chunks, p.ingress_bytes / chunks, p.total_bytes / chunks)
+                  for p in ex.ports)
+    return replace(ex, ports=ports, flow_bytes=ex.flow_bytes / chunks, messages=ex.messages / chunks, chunks=1,
+                   top_pair_bytes=lambda: ex.top_pair_bytes() / chunks, then=None)
 
 
 def _stage_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, list[float], list[float]]:

@@ -235,10 +235,11 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
                         cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1,
                                        prefetch=any(x > 1 for x in sizes) and i % 2 == 0) for dtd in (True, False)]
                         continue
-                    if hier:  # odd scenarios deduplicate at every level (the innermost too)
+                    if hier:  # odd scenarios deduplicate at every level (the innermost too); the
+                        # first and the last pipeline the stages in chunks
                         dedup = outer if i % 2 == 0 else tuple(range(topology.num_levels))
                         cases.append(Case(strategy, sizes, dtype, sc, prefetch=i % 2 == 1, dedup=dedup,
-                                          shortcut=short))
+                                          shortcut=short, a2a_chunks=(3, 1, 1, 2)[i % 4]))
                         continue
                     # every other scenario pipelines its exchange in 3 chunks
                     cases.append(Case(strategy, sizes, dtype, sc, prefetch=(strategy == "hybridep" and i % 2 == 1),

@@ -25,6 +25,8 @@ no token moves (the rail is the rank alone).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +37,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import Branch, Eager, compute_in_place
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.functional import AllToAll
+from hybridep.parallel.functional import AllToAll, AsyncExchange, IssueAllToAll, WaitAllToAll
 from hybridep.parallel.strategy import ExpertParallelStyle
 from hybridep.topology import Domains
 
@@ -60,8 +62,12 @@ class HierarchicalStyle(ExpertParallelStyle):
     (see the module docstring); ``dedup``: the level indices that deduplicate."""
 
     def __init__(self, comm: Communicator, domains: Domains, num_experts: int, sr: SRSettings | None = None,
-                 dedup: tuple[int, ...] = ()):
+                 dedup: tuple[int, ...] = (), chunks: int = 1):
         super().__init__(comm, domains, num_experts, sr, a2a_chunks=1)
+        if not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"a2a_chunks must be a positive integer, got {chunks!r}")
+        self.chunks = domains.exchange_chunks(chunks)
+        """Chunks of the pipelined exchange (:meth:`_pipelined`; 1: the stages once, whole)."""
         self.dedup = set(dedup)
         self.levels = domains.rail_levels()
         self.groups = {}
@@ -87,18 +93,74 @@ class HierarchicalStyle(ExpertParallelStyle):
             return compute_in_place(x, routing, experts, self.expert_weights(experts), self.key_of_expert)
         ids = torch.where(routing.kept, routing.expert_idx, -1).to(torch.int32)
         weights = (routing.weights * routing.kept).to(x.dtype)
-        packets, hops = torch.cat([x, weights], dim=1), []
-        for lv in self.levels:
+        packets = torch.cat([x, weights], dim=1)
+        if self.chunks > 1:
+            return self._pipelined(packets, ids, experts, x.shape[1])
+        # the domain's experts taken after the dispatch: the gather lands meanwhile
+        return self._through(self.levels, packets, ids, experts, x.shape[1], lambda: self.expert_weights(experts))
+
+    def _pipelined(self, packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts,
+                   hidden: int) -> torch.Tensor:
+        """The exchange in ``chunks`` chunks of this rank's tokens, pipelined over the stages (MoNTA):
+        every chunk's first (outermost) stage is issued at once, after one exchange of all their
+        row counts; chunk c's later stages, experts and inner combine stages run as soon as its
+        first stage is in -- while the chunks after it still cross the slow links -- and its
+        first-stage combine is issued at once; the results are summed into their tokens when every
+        chunk is back. The backward mirrors it (the combines' gradients all issued first, each
+        chunk's dispatch gradient waited for only when autograd reaches it). The domain's experts
+        are taken before the dispatch."""
+        comm, first, n = self.comm, self.levels[0], packets.shape[0]
+        weights = self.expert_weights(experts)
+        bounds = [n * c // self.chunks for c in range(self.chunks + 1)]
+        routed = [self._children(packets[a:b], ids[a:b], first) for a, b in itertools.pairwise(bounds)]
+        group = routed[0][2].group
+        for (_, _, hop), recv in zip(routed, self._recv_counts([h.send for _, _, h in routed], group), strict=True):
+            hop.recv = recv
+        flights = []
+        for child, child_ids, hop in routed:
+            ex = AsyncExchange(comm, group, hop.send, hop.recv, "a2a_dispatch")
+            out_ids = child_ids.new_empty((sum(hop.recv), ids.shape[1]))
+            ids_work = comm.all_to_all_start(out_ids, child_ids.contiguous(), hop.recv, hop.send, group, "a2a_ids")
+            flights.append((ex, IssueAllToAll.apply(child, ex), out_ids, ids_work, hop))
+        returns = []
+        for ex, token, out_ids, ids_work, hop in flights:
+            rows = WaitAllToAll.apply(token, ex)
+            comm.wait(ids_work, "a2a_ids", group)
+            y = self._through(self.levels[1:], rows, out_ids, experts, hidden, lambda: weights)
+            back = AsyncExchange(comm, group, hop.recv, hop.send, "a2a_combine")
+            returns.append((back, IssueAllToAll.apply(y, back), hop))
+        out = []
+        for back, token, hop in returns:
+            y = WaitAllToAll.apply(token, back)
+            out.append(y.new_zeros(hop.parents, y.shape[1]).index_add(0, hop.parent, y))
+        return torch.cat(out)
+
+    def _through(self, levels: list[int], packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts,
+                 hidden: int, weights: Callable[[], object]) -> torch.Tensor:
+        """Dispatch through the stages of ``levels``, the experts (the domain's ``weights()``, taken
+        after the dispatch) and the combine back: one output row per packet."""
+        hops = []
+        for lv in levels:
             packets, ids, hop = self._dispatch(packets, ids, lv)
             hops.append(hop)
-        y = self._experts(packets, ids, experts, x.shape[1])
+        y = self._experts(packets, ids, experts, hidden, weights())
         for hop in reversed(hops):
             y = self._combine(y, hop)
         return y
 
     def _dispatch(self, packets: torch.Tensor, ids: torch.Tensor, lv: int) -> tuple[torch.Tensor, torch.Tensor, Hop]:
-        """One stage: each packet's children (one per distinct destination member at ``lv`` when it
-        deduplicates, else one per pair), sorted by member, exchanged in the stage group."""
+        """One stage: each packet's children (see :meth:`_children`), exchanged in the stage group."""
+        child, child_ids, hop = self._children(packets, ids, lv)
+        hop.recv = self._recv_counts([hop.send], hop.group)[0]
+        out = AllToAll.apply(child, self.comm, hop.group, hop.send, hop.recv, "a2a_dispatch")
+        out_ids = child_ids.new_empty((sum(hop.recv), ids.shape[1]))
+        self.comm.all_to_all(out_ids, child_ids.contiguous(), hop.recv, hop.send, hop.group, "a2a_ids")
+        return out, out_ids, hop
+
+    def _children(self, packets: torch.Tensor, ids: torch.Tensor, lv: int) -> tuple[torch.Tensor, torch.Tensor, Hop]:
+        """Each packet's children at stage level ``lv`` (one per distinct destination member there
+        when it deduplicates, else one per pair), sorted by member: their rows, their expert ids and
+        the stage's :class:`Hop` (its ``recv`` still to be exchanged)."""
         group, k = self.groups[lv], ids.shape[1]
         hidden = packets.shape[1] - k
         valid = ids >= 0
@@ -118,19 +180,21 @@ class HierarchicalStyle(ExpertParallelStyle):
         rows = packets[parent]
         child = torch.cat([rows[:, :hidden], rows[:, hidden:] * mask.to(rows.dtype)], dim=1)
         child_ids = torch.where(mask, ids[parent], -1)
-        send = torch.bincount(member, minlength=len(group))
+        send = torch.bincount(member, minlength=len(group)).tolist()
+        return child, child_ids, Hop(group, send, [], parent, packets.shape[0])
+
+    def _recv_counts(self, sends: list[list[int]], group: list[int]) -> list[list[int]]:
+        """Rows each member sends here, for several exchanges in ``group`` at once (one message per
+        member): ``sends[c][j]`` rows go to member j in exchange c."""
+        send = torch.tensor(sends, dtype=torch.int64).T.contiguous()  # [member, exchange]
         recv = torch.empty_like(send)
         self.comm.all_to_all(recv, send, [1] * len(group), [1] * len(group), group, "meta")
-        send_l, recv_l = send.tolist(), recv.tolist()
-        out = AllToAll.apply(child, self.comm, group, send_l, recv_l, "a2a_dispatch")
-        out_ids = child_ids.new_empty((sum(recv_l), k))
-        self.comm.all_to_all(out_ids, child_ids.contiguous(), recv_l, send_l, group, "a2a_ids")
-        return out, out_ids, Hop(group, send_l, recv_l, parent, packets.shape[0])
+        return recv.T.tolist()
 
-    def _experts(self, packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts,
-                 hidden: int) -> torch.Tensor:
-        """Each arrived packet's experts, their outputs weighted and summed: one row per packet."""
-        weights = self.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
+    def _experts(self, packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts, hidden: int,
+                 weights) -> torch.Tensor:
+        """Each arrived packet's experts (the domain's ``weights``), their outputs weighted and
+        summed: one row per packet."""
         rows, slots = (ids >= 0).nonzero(as_tuple=True)
         local = self.local_row.to(ids.device)[ids[rows, slots]]
         order = torch.argsort(local, stable=True)

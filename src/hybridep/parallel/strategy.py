@@ -297,13 +297,14 @@ def parallelize(model: nn.Module, comm: Communicator, domains: Domains, sr: SRSe
     :class:`~hybridep.migration.sr.SRSettings`); ``a2a_chunks``: split each rank's tokens into that
     many chunks whose dispatch, experts and combine pipeline (one chunk's combine overlaps the next
     ones' dispatch; 1 = one exchange); ``dedup``: the hierarchical token exchange instead, deduplicating
-    at these level indices (:mod:`hybridep.parallel.hierarchical`)."""
+    at these level indices (:mod:`hybridep.parallel.hierarchical`; ``a2a_chunks`` then pipelines its
+    stages)."""
     from hybridep.parallel.hierarchical import HierarchicalStyle
 
     styles: list[ExpertParallelStyle] = []
     for layer in moe_layers(model):
         if dedup is not None:
-            style = HierarchicalStyle(comm, domains, layer.experts.num_experts, sr, dedup)
+            style = HierarchicalStyle(comm, domains, layer.experts.num_experts, sr, dedup, a2a_chunks)
         else:
             style = ExpertParallelStyle(comm, domains, layer.experts.num_experts, sr, a2a_chunks)
         style.shard(layer.experts)

@@ -56,6 +56,8 @@ class Batch:
     on_delivered: Callable[[np.ndarray, float], None] | None = None
     """Called with the indices of classes delivered at a time (once per distinct time)."""
     on_all_delivered: Callable[[float], None] | None = None
+    on_sent: Callable[[np.ndarray, float], None] | None = None
+    """Called with the indices of classes whose last byte left at a time (before their latency)."""
     label: str = ""
 
     def __post_init__(self) -> None:
@@ -179,6 +181,8 @@ class Engine:
         b.state[idx] = 2
         b.remaining[idx] = 0.0
         b.rate[idx] = 0.0
+        if b.on_sent is not None:
+            b.on_sent(idx, self.now)
         for lat in np.unique(b.latency[idx]):
             sub = idx[b.latency[idx] == lat]
             self.at(self.now + float(lat), lambda b=b, sub=sub: self._deliver(b, sub))

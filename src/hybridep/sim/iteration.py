@@ -352,6 +352,9 @@ class IterationSim:
         (and its layer's experts gathered), the combine's stages in reverse once every rank's experts
         are done (a forwarder sums what its children send back before it sends on). Unchunked."""
         stages = self.s.exchanges[layer].stages()
+        if stages[0].chunks > 1:
+            return self._pipelined_stages(layer, name, compute_factor, need_experts, then, on_experts, on_launch,
+                                          hidden)
         start, ranks = self.eng.now, np.arange(self.G)
         done = {"experts": start}
 
@@ -388,6 +391,77 @@ class IterationSim:
             self._collective(batch, "a2a", lambda tt: combine(i - 1, tt))
 
         dispatch(0, start)
+
+    def _pipelined_stages(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
+                          on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
+        """A dispatch in stages pipelined in C chunks (MoNTA), as the runtime runs it: the chunks'
+        first (outermost) stage one after the other on its connections (1/C of the bytes each); one
+        chunk at a time, in order, once its first stage is in and the previous chunk's work is done,
+        the later stages, the experts (1/C of the expert time, its layer's experts gathered) and the
+        inner combine stages, then its first-stage combine is issued; ``then(t)`` when every chunk's
+        combine is back (and ``hidden[1]`` after the last experts)."""
+        stages = self.s.exchanges[layer].stages()
+        chunks, start, ranks = stages[0].chunks, self.eng.now, np.arange(self.G)
+        st = {"arrived": {}, "next": 0, "busy": False, "free": start, "back": 0, "expert_start": math.inf,
+              "expert_end": start}
+
+        def batch(c: int, i: int, toward: bool, t: float):
+            kind = "dispatch" if toward else "combine"
+            return self._a2a_batch("a2a", layer, toward, ranks, np.full(self.G, t),
+                                   f"{kind} {name} chunk {c} stage {i}", 1.0 / chunks, stage=stages[i])
+
+        firsts = [batch(c, 0, True, start if c == 0 else np.inf) for c in range(chunks)]
+        for c, b in enumerate(firsts):  # each chunk's flows follow the previous chunk's on their connections
+            if c + 1 < chunks:
+                b.on_sent = functools.partial(lambda nxt, idx, t: self.eng.release_at(nxt, idx, np.full(len(idx), t)),
+                                              firsts[c + 1])
+            self._collective(b, "a2a", functools.partial(lambda c, t: arrived(c, t), c))
+
+        def arrived(c: int, t: float) -> None:
+            st["arrived"][c] = t
+            pump()
+
+        def pump() -> None:
+            c = st["next"]
+            if st["busy"] or c >= chunks or c not in st["arrived"]:
+                return
+            st["busy"], st["next"] = True, c + 1
+            self._after(max(st["arrived"][c], st["free"]), lambda t: dispatch(c, 1, t))
+
+        def dispatch(c: int, i: int, t: float) -> None:
+            if i == len(stages):
+                return experts(c, max(t, start + hidden[0]))
+            self._collective(batch(c, i, True, t), "a2a", lambda tt: dispatch(c, i + 1, tt))
+
+        def experts(c: int, t: float) -> None:
+            if need_experts is not None and need_experts not in self.ag_done:
+                self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: compute(c, tt)))
+                return
+            compute(c, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+
+        def compute(c: int, t: float) -> None:
+            if c == 0 and on_launch is not None:
+                on_launch(t)
+            end = t + float((compute_factor * self.expert_s[layer]).max()) / chunks
+            st["expert_start"], st["expert_end"] = min(st["expert_start"], t), end
+            if c == chunks - 1:
+                self._span("compute", f"experts {name}", st["expert_start"], end)
+                if on_experts is not None:
+                    on_experts(end)
+            self.eng.at(end, lambda: combine(c, len(stages) - 1, end))
+
+        def combine(c: int, i: int, t: float) -> None:
+            if i > 0:
+                return self._collective(batch(c, i, False, t), "a2a", lambda tt: combine(c, i - 1, tt))
+            self._collective(batch(c, 0, False, t), "a2a", back)
+            st["busy"], st["free"] = False, t
+            pump()
+
+        def back(t: float) -> None:
+            st["back"] += 1
+            if st["back"] == chunks:
+                self._span("a2a", f"dispatch..combine {name}", start, t)
+                self._after(max(t, st["expert_end"] + hidden[1]), then)
 
     def _after(self, t: float, then) -> None:
         """``then(t)`` at time ``t`` (now or later: the callee reads the clock)."""

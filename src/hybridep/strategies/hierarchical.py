@@ -2,8 +2,9 @@
 Hybrid-EP's dispatch, across DCs), alone or inside HybridEP's rails.
 
 Parameters (:class:`HierarchicalSpec`): HybridEP's (domain sizes, compression, prefetch) and the
-levels that deduplicate (default: every level above the innermost). The runtime is
-:mod:`hybridep.parallel.hierarchical`; it runs unchunked (pipelining the stages is not built).
+levels that deduplicate (default: every level above the innermost), and ``a2a_chunks``: the stages
+pipelined in that many chunks of the tokens (MoNTA: chunk c's inner stages run while chunk c+1
+crosses the outer level). The runtime is :mod:`hybridep.parallel.hierarchical`.
 
 Names (``str(spec)`` / :func:`parse`)::
 
@@ -11,6 +12,7 @@ Names (``str(spec)`` / :func:`parse`)::
     hierarchical(dedup=dc+node)         dedup at these levels (``dedup=none``: at none)
     hybridep(dc=1,gpu=2)+hier           inside HybridEP's rails (any HybridEP name before ``+hier``)
     hybridep(dc=1,gpu=2)+hier(dedup=dc)
+    ep+chunks4+hier                     the stages pipelined in 4 chunks (any +chunksC before +hier)
 
 Bytes (the schedule): at stage level l a token crosses once per distinct destination worker there
 (prefix of domain ids d_0..d_l) other than its own, when l and every stage level before it
@@ -37,7 +39,6 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
-from hybridep.config import Config
 from hybridep.costmodel import Workload
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
@@ -67,9 +68,6 @@ class HierarchicalSpec(HybridEPSpec):
         if self.dedup is not None and any(not 0 <= lv < levels for lv in self.dedup):
             raise StrategyError(f"strategy hierarchical: dedup levels {self.dedup}; allowed: indices of "
                                 f"{', '.join(self.topology.names)}")
-        if self.a2a_chunks not in (None, 1):
-            raise StrategyError(f"strategy {self}: +chunks{self.a2a_chunks}; the hierarchical exchange runs "
-                                "unchunked (allowed: no +chunks, or +chunks1)")
 
     @property
     def dedup_levels(self) -> tuple[int, ...]:
@@ -99,9 +97,6 @@ class HierarchicalSpec(HybridEPSpec):
     def uncompressed(self) -> HierarchicalSpec:
         return replace(self, sr_ratio=None, sr_grads="dense")
 
-    def workload(self, cfg: Config, flops: float | None = None) -> Workload:
-        return dataclasses.replace(super().workload(cfg, flops), a2a_chunks=1)
-
     def schedule(self, w: Workload) -> Schedule:
         return build_schedule_hier(self.domains(), w, self.dedup_levels)
 
@@ -109,7 +104,9 @@ class HierarchicalSpec(HybridEPSpec):
         """The runtime face: HybridEP's gathers, the hierarchical token exchange."""
         from hybridep.parallel.strategy import parallelize
 
-        return parallelize(model, comm, self.domains(), sr if self.compressed else None, dedup=self.dedup_levels)
+        chunks = self.a2a_chunks if self.a2a_chunks is not None else a2a_chunks
+        sr = sr if self.compressed else None
+        return parallelize(model, comm, self.domains(), sr, chunks, dedup=self.dedup_levels)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "family": self.family, "name": str(self),
@@ -230,12 +227,14 @@ def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer
             for lv, hits in destination_hits(dom, w, dedup, layer).items()}
 
 
-def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Exchange | None) -> Exchange:
+def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Exchange | None,
+           chunks: int = 1) -> Exchange:
     """The all-to-all of one stage over ``lv`` (``hits``: :func:`destination_hits` there;
     ``token_bytes``: the bytes of all of a rank's tokens as packets). A level-l port of the workers
     with domain ids X receives the crossings into X from origins elsewhere at l and sends those of
     the tokens it holds into X's siblings, shared by the workers alike but for their offsets; two
-    messages to and from each stage peer (the rows, the ids); ``then``: the next stage."""
+    messages to and from each stage peer (the rows, the ids) per chunk; ``then``: the next stage;
+    ``chunks``: the stages pipelined in that many chunks."""
     topo = dom.topology
     g, r = topo.world_size, dom.rail_factors[lv]
     alike = math.prod(dom.sizes[: lv + 1])  # topology workers per destination worker
@@ -253,7 +252,7 @@ def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Ex
     return Exchange(ports=tuple(ports), peers_by_level=tuple(r - 1 if x == lv else 0 for x in range(topo.num_levels)),
                     flow_bytes=flow, groups=functools.partial(dom.rail_stage_groups, lv),
                     top_pair_bytes=functools.partial(_top_pairs, dom, lv, float(ingress.mean()) / (r - 1)),
-                    messages=4 * (r - 1), chunks=1, interleaved_top=False, delay_levels=(), then=then)
+                    messages=4 * (r - 1) * chunks, chunks=chunks, interleaved_top=False, delay_levels=(), then=then)
 
 
 def _top_pairs(dom: Domains, lv: int, pair_bytes: float) -> np.ndarray:
@@ -276,19 +275,21 @@ def packet_bytes(w: Workload) -> float:
 
 
 def staged_exchange(dom: Domains, w: Workload, dedup: tuple[int, ...], layer: int = 0) -> Exchange:
-    """One layer's dispatch in stages, outermost first (each crossing :func:`packet_bytes`)."""
+    """One layer's dispatch in stages, outermost first (each crossing :func:`packet_bytes`), pipelined
+    in :func:`~hybridep.strategies.hybridep.exchange_chunks` chunks."""
     tokens = w.dispatch_bytes / (w.top_k * w.token_bytes)
+    chunks = hybridep.exchange_chunks(dom, w)
     ex = None
     for lv, hits in reversed(destination_hits(dom, w, dedup, layer).items()):
-        ex = _stage(dom, lv, hits, tokens * packet_bytes(w), ex)
+        ex = _stage(dom, lv, hits, tokens * packet_bytes(w), ex, chunks)
     return ex
 
 
 def build_schedule_hier(dom: Domains, w: Workload, dedup: tuple[int, ...]) -> Schedule:
     """HybridEP's iteration (:func:`~hybridep.strategies.hybridep.build_schedule`: gathers, compute,
-    dense sync) with each layer's exchange in stages and one split-size exchange per stage. A
-    shortcut block's compute does not overlap it: the runtime runs the stages when the experts are
-    needed."""
+    dense sync) with each layer's exchange in stages (pipelined in chunks where configured) and one
+    split-size exchange per stage. A shortcut block's compute does not overlap it: the runtime runs
+    the stages when the experts are needed."""
     base = build_schedule(dom, w)
     if dom.rail_size == 1:
         return base
