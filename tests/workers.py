@@ -465,8 +465,9 @@ def dense_sync_bytes(rank, world, names, counts, mode, steps):
 
 def hierarchical_bytes(rank, world, names, counts, sizes, dedup, top_k, tokens, chunks=1):
     """One forward of an MoE layer under the hierarchical exchange (domain ``sizes``, ``dedup``
-    levels, the stages pipelined in ``chunks``): (all-to-all bytes this rank counted per level, the crossings of each level its own
-    tokens make -- counted here from the routing, independently of the runtime --, hidden, k)."""
+    levels, the stages pipelined in ``chunks``): (all-to-all bytes this rank counted per level, the
+    crossings of each level its own tokens make -- counted here from the routing, independently of
+    the runtime --, hidden, k)."""
     import numpy as np
 
     from hybridep.moe import MoE
