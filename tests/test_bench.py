@@ -22,7 +22,7 @@ def test_run_list_has_compute_only_ep_choice_every_size_and_peers():
     assert str(planned.choice.spec) == names[2]
     assert set(names) == {COMPUTE_ONLY, "ep", "hybridep(dc=1,gpu=2)", "hybridep(dc=2,gpu=1)",
                           "hybridep(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)", "hierarchical", "ted(tp=2,dtd)",
-                          "ted(tp=2)", "deepspeed"}
+                          "ted(tp=2)", "ted(tp=2,dtd,dc=2,gpu=1)", "deepspeed"}
     entry = next(r for r in runs(cfg, planned, [], 5) if r["name"] == "ted(tp=2,dtd)")
     assert (entry["strategy"], entry["tp"], entry["dtd"]) == ("ted", 2, True)
     entry = next(r for r in runs(cfg, planned, [], 5) if r["name"] == "hierarchical")

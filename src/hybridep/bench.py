@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -109,8 +110,8 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
                 specs.append(hier)
     if b.shortcut and not m.shortcut and m.blocks_before_moe >= 1:
         specs += [s for s in dict.fromkeys(dataclasses.replace(x, shortcut=True) for x in (ep, choice))]
-    if b.ted:  # TP groups of 2 with and without duplicate-token dropping, where the model divides
-        specs += [s for s in ted_specs(cfg, topo) if s not in specs]
+    if b.ted:  # TP groups of 2 with and without duplicate-token dropping (and in the choice's domains)
+        specs += [s for s in ted_specs(cfg, topo, choice) if s not in specs]
     return specs
 
 
@@ -124,17 +125,24 @@ def best_of_families(planned: PlanResult, n: int) -> list[HybridEPSpec]:
     return [s for family in out.values() for s in family]
 
 
-def ted_specs(cfg: Config, topo: Topology) -> list[TedSpec]:
+def ted_specs(cfg: Config, topo: Topology, choice: HybridEPSpec | None = None) -> list[TedSpec]:
     """``ted(tp=2,dtd)`` and ``ted(tp=2)`` when the innermost level has an even count and the model's
-    dimensions divide by 2 (:func:`hybridep.strategies.ted.check_config`), else none."""
+    dimensions divide by 2 (:func:`hybridep.strategies.ted.check_config`), else none; and, when the
+    planner's ``choice`` has expert domains, ``ted(tp=2,dtd)`` inside the closest domains of EP
+    positions (its sizes, the innermost one cut to what the positions there divide)."""
     if topo.counts[-1] % 2:
         return []
     try:
         check_config(cfg, 2)
     except StrategyError:
         return []
-    return [TedSpec(topo, tuple(1 for _ in topo.counts), tp=2, dtd=dtd, shortcut=cfg.moe.shortcut)
-            for dtd in (True, False)]
+    ones = tuple(1 for _ in topo.counts)
+    out = [TedSpec(topo, ones, tp=2, dtd=dtd, shortcut=cfg.moe.shortcut) for dtd in (True, False)]
+    if choice is not None:
+        sizes = (*choice.domain_sizes[:-1], math.gcd(choice.domain_sizes[-1], topo.counts[-1] // 2))
+        if sizes != ones:
+            out.append(TedSpec(topo, sizes, tp=2, dtd=True, shortcut=cfg.moe.shortcut))
+    return out
 
 
 def runs(cfg: Config, planned: PlanResult, peers: list[str], steps: int,

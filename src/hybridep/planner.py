@@ -61,7 +61,7 @@ class Candidate:
         if self.tp > 1:
             return TedSpec(topo, sizes, tp=self.tp, dtd=True, shortcut=self.shortcut)
         if self.hier:
-            return HierarchicalSpec(topo, sizes, shortcut=self.shortcut)
+            return HierarchicalSpec(topo, sizes, a2a_chunks=self.a2a_chunks, shortcut=self.shortcut)
         return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
 
     def to_dict(self) -> dict:
@@ -219,8 +219,8 @@ def _variants(cfg: Config, flops: float | None) -> list[tuple[Workload, dict, bo
     count; shortcut blocks (``allow: [shortcut]``); each ``planner.sr_ratios`` (``allow: [sr]``)."""
     p, m = cfg.planner, cfg.moe
     out = []
-    for c in p.a2a_chunks or []:
-        out.append((dataclasses.replace(workload_from_config(cfg, flops), a2a_chunks=c), {"a2a_chunks": c}, False))
+    for c in p.a2a_chunks or []:  # the one-stage exchange's pipeline and the hierarchical stages' (MoNTA)
+        out.append((dataclasses.replace(workload_from_config(cfg, flops), a2a_chunks=c), {"a2a_chunks": c}, True))
     if SHORTCUT_CHOICE in p.allow and m is not None and not m.shortcut:
         out.append((workload_from_config(cfg, flops, shortcut=True), {"shortcut": True}, True))
     if SR_CHOICE in p.allow:
@@ -240,8 +240,7 @@ def _predict(dom: Domains, w: Workload, net: Network, terms: CostTerms, hier: bo
     if not hier:
         return predict(dom, w, net, terms)
     spec = HierarchicalSpec(dom.topology, dom.sizes)
-    w1 = dataclasses.replace(w, a2a_chunks=1)
-    return dataclasses.replace(evaluate(spec.schedule(w1), net, terms), domain_sizes=dom.sizes)
+    return dataclasses.replace(evaluate(spec.schedule(w), net, terms), domain_sizes=dom.sizes)
 
 
 def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] | None = None,
