@@ -117,12 +117,7 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
 
 def best_of_families(planned: PlanResult, n: int) -> list[HybridEPSpec]:
     """The planner's ``n`` fastest distinct strategies of every family, fastest first."""
-    out: dict[str, list[HybridEPSpec]] = {}
-    for c in sorted(planned.candidates, key=lambda c: c.prediction.iteration_s):
-        family = out.setdefault(c.spec.family, [])
-        if len(family) < n and c.spec not in family:
-            family.append(c.spec)
-    return [s for family in out.values() for s in family]
+    return [c.spec for top in planned.top_by_family(n).values() for c in top]
 
 
 def ted_specs(cfg: Config, topo: Topology, choice: HybridEPSpec | None = None) -> list[TedSpec]:

@@ -101,17 +101,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_families(result, top: str) -> None:
-    """The fastest candidate of each family with the terms that decide between them."""
-    table = Table(title="best of each family")
+def _print_families(result, top: str, per_family: int = 3) -> None:
+    """The ``per_family`` fastest strategies of each family with the terms that decide between them:
+    exchange seconds, exposed gather seconds, and the bytes crossing each level's ports."""
+    levels = list(result.choice.prediction.bytes_by_level)
+    table = Table(title=f"best {per_family} of each family")
     for col in ("family", "strategy", "dense sync", "iteration", "exchange", "exposed gather",
-                f"exchange bytes on {top}", f"dense-sync bytes on {top}"):
+                *[f"bytes on {lv}" for lv in levels], f"dense-sync bytes on {top}"):
         table.add_column(col, justify="right")
-    for family, c in result.best_by_family().items():
-        pr, on_top = c.prediction, c.prediction.bytes_by_level[top]
-        table.add_row(family, str(c.spec), c.dense_sync, fmt_time(pr.iteration_s), fmt_time(pr.a2a_s),
-                      fmt_time(max(0.0, pr.exposed_ag_s)), fmt_bytes(on_top["total"]),
-                      fmt_bytes(on_top.get("dense", 0.0)))
+    for family, cands in result.top_by_family(per_family).items():
+        for c in cands:
+            pr = c.prediction
+            table.add_row(family, str(c.spec), c.dense_sync, fmt_time(pr.iteration_s), fmt_time(pr.a2a_s),
+                          fmt_time(max(0.0, pr.exposed_ag_s)),
+                          *[fmt_bytes(pr.bytes_by_level[lv]["total"]) for lv in levels],
+                          fmt_bytes(pr.bytes_by_level[top].get("dense", 0.0)))
     console.print(table)
 
 

@@ -102,10 +102,17 @@ class PlanResult:
         return ep / choice
 
     def best_by_family(self) -> dict[str, Candidate]:
-        """The fastest candidate of each strategy family (``hybridep``, ``hierarchical``)."""
-        out: dict[str, Candidate] = {}
+        """The fastest candidate of each strategy family (``hybridep``, ``hierarchical``, ``ted``)."""
+        return {family: top[0] for family, top in self.top_by_family(1).items()}
+
+    def top_by_family(self, n: int) -> dict[str, list[Candidate]]:
+        """The ``n`` fastest distinct strategies of each family (each under its fastest dense-sync
+        mode), fastest first."""
+        out: dict[str, list[Candidate]] = {}
         for c in sorted(self.candidates, key=lambda c: c.prediction.iteration_s):
-            out.setdefault(c.spec.family, c)
+            family = out.setdefault(c.spec.family, [])
+            if len(family) < n and all(c.spec != o.spec for o in family):
+                family.append(c)
         return out
 
     def to_dict(self) -> dict:

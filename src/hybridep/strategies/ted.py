@@ -106,11 +106,15 @@ class TedSpec(HybridEPSpec):
     def schedule(self, w: Workload) -> Schedule:
         """HybridEP's schedule on :meth:`exchange_domains` with TED's gathers (a rank gathers only
         its TP index's shards: :meth:`shard_stages`), its held experts (its domain's positions'
-        shards, not the TP groups'), its TP stages and CAC's recomputation."""
+        shards, not the TP groups'), its TP stages and CAC's recomputation. Its rails do not
+        interleave on a DC uplink (HybridEP's rails inside a DC drift apart; TED's members of a TP
+        group wait for each other at every layer's TP collectives)."""
         dom = self.exchange_domains()
         base = build_schedule(dom, w)
         surplus = held_weights_s(w, dom.domain_size - math.prod(self.domain_sizes))
-        return replace(base, gather=self.shard_stages(base.gather),
+        # the TP groups' collectives keep their members' rails in lockstep: no drifting apart
+        exchanges = tuple(replace(ex, interleaved_top=False) for ex in base.exchanges)
+        return replace(base, exchanges=exchanges, gather=self.shard_stages(base.gather),
                        reduce_scatter=self.shard_stages(base.reduce_scatter),
                        expert_s=base.expert_s - surplus, codec_s=0.0, tp_stages=self.tp_stages(w),
                        backward_factor=base.backward_factor + (1.0 if self.cac else 0.0))
