@@ -27,7 +27,9 @@ def test_chunk_counts_and_sr_ratios_are_weighed_only_as_listed_and_allowed():
     names0 = {str(c.spec) for c in p0.candidates}
     names1 = {str(c.spec) for c in p1.candidates}
     assert not any("+sr" in n or "+chunks" in n for n in names0)
-    assert {"ep+chunks2", "ep+chunks4", "hybridep+sr10(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)"} <= names1
+    assert {"ep+chunks2", "ep+chunks4", "hybridep+sr10(dc=2,gpu=2)", "hybridep+sr50(dc=2,gpu=2)",
+            "ep+chunks2+hier", "ep+chunks4+hier"} <= names1  # the hierarchical stages pipelined too
+    assert not any("+chunks1" in n for n in names1)  # the configured count: the base candidates
     assert not any(n.startswith(("ep+sr", "hierarchical+")) for n in names1)  # compression acts on gathers
     assert p1.choice.prediction.iteration_s <= p0.choice.prediction.iteration_s
     for c in p1.candidates:  # every candidate is its own spec, priced by its own schedule

@@ -85,14 +85,18 @@ def bench_strategies(cfg: Config, planned: PlanResult, planned_spec: HybridEPSpe
     (``bench.all_domain_sizes``), the choice with SR at every ``bench.sr_ratios`` x ``bench.sr_grads``,
     (``bench.hierarchical``) the hierarchical exchange on EP's and the choice's partitions and
     (``bench.shortcut``) EP and the choice on shortcut-connected blocks -- or, with
-    ``bench.candidates`` N, EP, the choice and the planner's best N of every family; with a plan file
-    (``planned_spec``): EP and exactly the planned strategy. Under ``moe.shortcut`` every one of
+    ``bench.candidates`` N, EP, the choice and the planner's best N of every family; with
+    ``bench.strategies``: EP and exactly those; with a plan file (``planned_spec``): EP and exactly the
+    planned strategy. Under ``moe.shortcut`` every one of
     them runs shortcut-connected."""
     topo = planned.choice.domains.topology
     m, b = cfg.moe, cfg.bench
     ep = HybridEPSpec.ep(topo, shortcut=m.shortcut)
     if planned_spec is not None:
         return [ep] if planned_spec == ep else [ep, planned_spec]
+    if b.strategies is not None:  # exactly these (checked against the topology when loaded)
+        named = [parse(name, topo) for name in b.strategies]
+        return [ep] + [s for s in dict.fromkeys(named) if s != ep]
     choice = planned.choice.spec
     specs = [ep] + ([choice] if choice != ep else [])
     if b.candidates is not None:

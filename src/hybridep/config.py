@@ -364,6 +364,9 @@ class BenchConfig(_Strict):
     hierarchical: StrictBool = True
     """Also run the hierarchical token exchange (``hierarchical``, ``<choice>+hier``) where it
     deduplicates (tokens cross a level above the innermost)."""
+    strategies: Annotated[list[str], Field(min_length=1, max_length=64)] | None = None
+    """Run EP and exactly these strategies (names as ``docs/cli.md`` lists them) instead of the
+    planner's choice and the variants below; None: the planner's."""
     candidates: Annotated[Int, Field(ge=1, le=64)] | None = None
     """Run EP, the planner's choice and the planner's best N candidates of every family (by predicted
     iteration) instead of every domain size and the variants below; None: the variants."""
@@ -523,7 +526,18 @@ class Config(_Strict):
             g = self.topology.world_size
             raise _FieldError("moe.experts", self.moe.experts,
                            f"must be divisible by the number of devices; allowed: a multiple of {g}")
+        self._check_bench_strategies()
         return self
+
+    def _check_bench_strategies(self) -> None:
+        """Every ``bench.strategies`` name is a strategy of this topology (``docs/cli.md``)."""
+        from hybridep.strategies import StrategyError, parse
+
+        for i, name in enumerate(self.bench.strategies or []):
+            try:
+                parse(name, self.topology.as_topology())
+            except StrategyError as err:
+                raise _FieldError(f"bench.strategies.{i}", name, str(err)) from None
 
     @property
     def terms(self) -> CostTerms:

@@ -190,6 +190,8 @@ def plan(cfg: Config, flops: float | None = None) -> PlanResult:
         more = plan_workload(net, w, cfg.terms, modes, hier).candidates
         if fields.get("sr_ratio") is not None:  # compression acts on gathers: domains only
             more = [c for c in more if c.domains.domain_size > 1]
+        if fields.get("a2a_chunks") is not None:  # chunks act on rails across the outermost level only
+            more = [c for c in more if c.domains.exchange_chunks(fields["a2a_chunks"]) > 1]
         cands += [dataclasses.replace(c, **fields) for c in more]
     if len(cands) == len(result.candidates):
         return result
@@ -226,7 +228,10 @@ def _variants(cfg: Config, flops: float | None) -> list[tuple[Workload, dict, bo
     count; shortcut blocks (``allow: [shortcut]``); each ``planner.sr_ratios`` (``allow: [sr]``)."""
     p, m = cfg.planner, cfg.moe
     out = []
+    configured = m.a2a_chunks if m is not None else 1
     for c in p.a2a_chunks or []:  # the one-stage exchange's pipeline and the hierarchical stages' (MoNTA)
+        if c == configured:  # the configured count is the base candidates' already
+            continue
         out.append((dataclasses.replace(workload_from_config(cfg, flops), a2a_chunks=c), {"a2a_chunks": c}, True))
     if SHORTCUT_CHOICE in p.allow and m is not None and not m.shortcut:
         out.append((workload_from_config(cfg, flops, shortcut=True), {"shortcut": True}, True))
