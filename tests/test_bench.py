@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from hybridep.bench import COMPUTE_ONLY, lm_config, our_spec, runs
-from hybridep.config import load_config
+from hybridep.config import ConfigError, load_config
 from hybridep.planner import plan
 
 
@@ -175,3 +175,13 @@ def test_bench_candidates_runs_the_best_of_every_family_instead_of_every_size():
     assert set(names) == {COMPUTE_ONLY, "ep", str(planned.choice.spec), *best.values()}
     two = [r["name"] for r in runs(load_config(None, ["bench.candidates=2"]), planned, [], 5)]
     assert len(two) > len(names)
+
+
+def test_bench_strategies_runs_exactly_the_named_ones_and_refuses_a_bad_name():
+    cfg = load_config(None, ["moe.top_k=4", "moe.experts=16",
+                             'bench.strategies=[hierarchical, "ep+chunks4+hier", ep, "ted(tp=2,dtd,dc=2,gpu=1)"]'])
+    names = [r["name"] for r in runs(cfg, plan(cfg), ["deepspeed"], 5)]
+    assert names == [COMPUTE_ONLY, "ep", "hierarchical", "ep+chunks4+hier", "ted(tp=2,dtd,dc=2,gpu=1)", "deepspeed"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['bench.strategies=[ep, "hybridep(dc=3,gpu=1)"]'])
+    assert "bench.strategies.1" in str(err.value) and "allowed: [1, 2]" in str(err.value)

@@ -21,16 +21,16 @@ import json
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from hybridep import trace
 from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, config_to_dict
-from hybridep.costmodel import Network, evaluate, workload_from_config
+from hybridep.costmodel import Network, evaluate
 from hybridep.lm.model import LMConfig
-from hybridep.planner import PlanResult, plan_workload
+from hybridep.planner import PlanResult, plan
 from hybridep.strategies import HierarchicalSpec, HybridEPSpec, StrategyError, TedSpec, parse
 from hybridep.strategies.ted import check_config
 from hybridep.topology import Topology
@@ -198,6 +198,13 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
     return out
 
 
+def calibrated_choice(cfg: Config, model: tuple[Network, float], ran: Collection[str]) -> str | None:
+    """The planner's choice on the calibrated ``model`` (network, FLOP/s) among the strategies that
+    ran (its whole search space, the configured workload), or None when none of them is a candidate."""
+    cands = [c for c in plan(cfg, model[1], model[0]).candidates if str(c.spec) in ran]
+    return str(min(cands, key=lambda c: c.prediction.iteration_s).spec) if cands else None
+
+
 def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_choice: str,
             calibration: dict | None = None, from_plan: bool = False) -> dict:
     """Per-strategy figures for the report and JSON.
@@ -209,11 +216,8 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     model = calibrated_model(cfg, results, rates_bps, calibration) if rates_bps is not None else None
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
-    if model is not None and not from_plan:  # the calibrated planner, among the strategies that ran
-        cal = plan_workload(model[0], workload_from_config(cfg, flops=model[1]), cfg.terms)
-        ran = [c for c in cal.candidates if str(c.spec) in results]
-        if ran:
-            planner_choice = str(min(ran, key=lambda c: c.prediction.iteration_s).spec)
+    if model is not None and not from_plan:
+        planner_choice = calibrated_choice(cfg, model, results) or config_choice
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
     n_uplinks = top.count

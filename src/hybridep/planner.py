@@ -179,11 +179,12 @@ def dense_sync_modes(cfg: Config) -> list[str]:
             if not (flat and m.mode == "hierarchical") and not (cfg.workload is not None and m.mode == "powersgd")]
 
 
-def plan(cfg: Config, flops: float | None = None) -> PlanResult:
+def plan(cfg: Config, flops: float | None = None, net: Network | None = None) -> PlanResult:
     """Evaluate every feasible partition of ``cfg``'s topology under every allowed dense-sync mode
     -- on standard and, where ``planner.allow`` lists ``shortcut``, on shortcut-connected MoE
-    blocks -- and choose the fastest (EP on the configured blocks is the baseline)."""
-    net, modes = Network.from_config(cfg), dense_sync_modes(cfg)
+    blocks -- and choose the fastest (EP on the configured blocks is the baseline). ``net``: the
+    network to price on (default: the configuration's; a bench's calibrated one)."""
+    net, modes = net or Network.from_config(cfg), dense_sync_modes(cfg)
     result = plan_workload(net, workload_from_config(cfg, flops), cfg.terms, modes)
     cands = list(result.candidates) + _ted_candidates(cfg, flops, net, modes)
     for w, fields, hier in _variants(cfg, flops):

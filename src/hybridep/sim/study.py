@@ -21,7 +21,7 @@ from pathlib import Path
 from hybridep import trace
 from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
 from hybridep.config import Config, ConfigError, _parse_scalar, config_from_dict
-from hybridep.costmodel import Network, Workload, evaluate, lower_bound
+from hybridep.costmodel import Network, Prediction, Workload, evaluate, lower_bound
 from hybridep.planner import plan_workload
 from hybridep.sim.iteration import TRACKS, SimResult, run_schedule
 from hybridep.strategies import StrategyError, StrategySpec, parse, parse_request
@@ -274,11 +274,21 @@ def calibrate(bench_json: str | Path, report: dict | None = None) -> dict:
         w = measured_workload(cfg, flops, spec, m, report.get("calibration"))
         schedule = spec.schedule(w)
         sim = run_schedule(schedule, net, cfg.terms, fold_for(cfg, w)).iteration_s
-        model_s = evaluate(schedule, net, cfg.terms).iteration_s
+        pred = evaluate(schedule, net, cfg.terms)
+        model_s = pred.iteration_s
         rows.append({"strategy": name, "measured_s": m["median_iter_s"], "simulated_s": sim, "model_s": model_s,
-                     "sim_error": sim / m["median_iter_s"] - 1, "model_error": model_s / m["median_iter_s"] - 1})
+                     "sim_error": sim / m["median_iter_s"] - 1, "model_error": model_s / m["median_iter_s"] - 1,
+                     "model_exposed_a2a_s": exposed_exchange_s(pred)})
     return {"bench_json": str(bench_json), "flops": flops, "link_bytes_per_s": list(net.port_bytes_per_s),
             "strategies": rows, **_error_summary(rows)}
+
+
+def exposed_exchange_s(pred: Prediction) -> float:
+    """The seconds per iteration a prediction leaves to the token exchanges on the critical path:
+    the iteration less the compute and the exposed gathers, reduce-scatters and dense sync (what a
+    bench run reports per rank as ``exposed_a2a_s_by_rank``)."""
+    return max(0.0, pred.iteration_s - pred.compute_s - max(0.0, pred.exposed_ag_s) - pred.exposed_rs_s
+               - pred.exposed_grad_sync_s)
 
 
 def calibrate_runs(bench_jsons: list[str | Path]) -> dict:
