@@ -53,7 +53,8 @@ def test_verify_hierarchical_exchange_and_ted_on_two_and_three_levels(tmp_path):
     """The hierarchical exchange (alone and inside HybridEP's rails at every domain size, deduplicating
     above the innermost level or at every level) and TED (TP groups of 2, with and without
     duplicate-token dropping, with and without CAC, at every partition of the EP positions into
-    expert domains: 2 on 2 x 2, 4 on 2 x 2 x 2) equal the single-process reference in float64 on 2 DCs x 2 ranks and on
+    expert domains: 2 on 2 x 2, 4 on 2 x 2 x 2, the exchange pipelined in 2 and 3 chunks where CAC
+    is off) equal the single-process reference in float64 on 2 DCs x 2 ranks and on
     2 DCs x 2 nodes x 2 GPUs, every scenario (top-k 1/2/4, a rank without tokens, skewed routing,
     capacity factors, odd hidden sizes)."""
     cfg = tmp_path / "three.yaml"
@@ -76,6 +77,7 @@ def test_verify_hierarchical_exchange_and_ted_on_two_and_three_levels(tmp_path):
         assert len(ted) == 8 * len(ted_partitions) and {(c["tp"], c["dtd"], c["cac"]) for c in ted} == {
             (2, dtd, cac) for dtd in (True, False) for cac in (True, False)}
         assert any(c["prefetch"] for c in ted)  # a domain's gathers prefetched
+        assert {c["a2a_chunks"] for c in ted} == {1, 2, 3}  # the exchange pipelined (MoNTA) in some
         assert {c["scenario"]["top_k"] for c in data["cases"]} >= {1, 2, 4}
         assert any(0 in c["scenario"]["tokens"] for c in data["cases"])
         assert max(c["max_rel_err"] for c in data["cases"]) <= 1e-10

@@ -15,7 +15,8 @@ TOPO = Topology(("dc", "gpu"), (2, 2))
 
 
 @pytest.mark.parametrize("name", ["ted(tp=2,dtd)", "ted(tp=2)", "ted(tp=2,dtd)+shortcut", "ted(tp=2,dtd,cac)",
-                                  "ted(tp=2,cac)", "ted(tp=2,dtd,dc=2,gpu=1)", "ted(tp=2,cac,dc=2,gpu=1)+shortcut"])
+                                  "ted(tp=2,cac)", "ted(tp=2,dtd,dc=2,gpu=1)", "ted(tp=2,cac,dc=2,gpu=1)+shortcut",
+                                  "ted(tp=2,dtd,chunks=4)"])
 def test_ted_names_read_back(name):
     spec = parse(name, TOPO)
     assert isinstance(spec, TedSpec) and str(spec) == name and spec.tp == 2 and spec.dtd == (",dtd" in name)
@@ -27,7 +28,8 @@ def test_ted_names_read_back(name):
                                        ("ted(tp=2,x)", "cannot read 'x'"),
                                        ("ted(tp=2,gpu=2)", "gpu domain size 2 must divide the EP positions of "
                                                            "that level (1); allowed: [1]"),
-                                       ("ted(tp=2,dc=3)", "dc domain size 3 must divide")])
+                                       ("ted(tp=2,dc=3)", "dc domain size 3 must divide"),
+                                       ("ted(tp=2,dtd,cac,chunks=2)", "chunks=2 with cac; allowed: chunks=1")])
 def test_bad_ted_names_say_what_is_allowed(name, says):
     with pytest.raises(StrategyError, match=re.escape(says)):
         parse(name, TOPO)
@@ -44,10 +46,11 @@ def test_dimensions_ted_cannot_shard_are_named(key, value, says):
 
 def test_duplicate_token_dropping_sends_each_copy_over_the_slow_link_once():
     """Counted cross-DC all-to-all bytes: with DTD, each copy routed to the other DC crosses once in
-    each of the four exchanges (dispatch, combine and their backward); without, once per TP rank --
-    tp = 2 times as many. The schedule says the same ratio."""
+    each of the four exchanges (dispatch, combine and their backward), pipelined in chunks or not;
+    without, once per TP rank -- tp = 2 times as many. The schedule says the same ratio."""
     per_rank = run_local(ted_bytes, 4, (), timeout_s=120)
     with_dtd, without = [r[0] for r in per_rank], [r[1] for r in per_rank]
+    assert [r[2] for r in per_rank] == with_dtd  # pipelined in chunks (MoNTA): the same bytes
     crossing = sum(c for _, c in with_dtd) / 2  # both TP ranks of a group route the same copies
     assert sum(b for b, _ in with_dtd) == 4 * crossing
     assert sum(b for b, _ in without) == 2 * 4 * crossing

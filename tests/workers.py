@@ -534,12 +534,13 @@ def shortcut_timeline(rank, world):
 
 
 def ted_bytes(rank, world):
-    """``_ted_bytes`` with and without DTD, on one communicator (one launch)."""
+    """``_ted_bytes`` with and without DTD, and with DTD pipelined in 3 chunks, on one communicator
+    (one launch)."""
     comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
-    return [_ted_bytes(comm, rank, dtd) for dtd in (True, False)]
+    return [_ted_bytes(comm, rank, dtd, chunks) for dtd, chunks in ((True, 1), (False, 1), (True, 3))]
 
 
-def _ted_bytes(comm, rank, dtd):
+def _ted_bytes(comm, rank, dtd, chunks=1):
     """One forward and backward of a one-layer stack under TED (tp 2) on 2 DCs x 2; this rank's
     counted all-to-all payload bytes over the DC level, and the copies it routed to experts whose EP
     position lies in the other DC, times the bytes of one row."""
@@ -548,7 +549,7 @@ def _ted_bytes(comm, rank, dtd):
     comm.traffic.reset()
     torch.manual_seed(0)
     model = MoEStack(1, 16, 8, 4, 2).double()
-    parallelize_ted(model, comm, 2, dtd)
+    parallelize_ted(model, comm, 2, dtd, chunks=chunks)
     g = torch.Generator().manual_seed(rank // 2)  # the TP group's tokens
     x = torch.randn(13, 16, generator=g, dtype=torch.float64, requires_grad=True)
     model(x).square().sum().backward()

@@ -18,6 +18,7 @@ then to the smaller expert domain (less memory, closer to EP), then to the earli
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ class Candidate:
         """The strategy this candidate is (prefetch as configured)."""
         topo, sizes = self.domains.topology, self.domains.sizes
         if self.tp > 1:
-            return TedSpec(topo, sizes, tp=self.tp, dtd=True, shortcut=self.shortcut)
+            return TedSpec(topo, sizes, a2a_chunks=self.a2a_chunks, tp=self.tp, dtd=True, shortcut=self.shortcut)
         if self.hier:
             return HierarchicalSpec(topo, sizes, a2a_chunks=self.a2a_chunks, shortcut=self.shortcut)
         return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
@@ -186,7 +187,8 @@ def plan(cfg: Config, flops: float | None = None, net: Network | None = None) ->
     network to price on (default: the configuration's; a bench's calibrated one)."""
     net, modes = net or Network.from_config(cfg), dense_sync_modes(cfg)
     result = plan_workload(net, workload_from_config(cfg, flops), cfg.terms, modes)
-    cands = list(result.candidates) + _ted_candidates(cfg, flops, net, modes)
+    best_s = min(c.prediction.iteration_s for c in result.candidates)
+    cands = list(result.candidates) + _ted_candidates(cfg, flops, net, modes, best_s)
     for w, fields, hier in _variants(cfg, flops):
         more = plan_workload(net, w, cfg.terms, modes, hier).candidates
         if fields.get("sr_ratio") is not None:  # compression acts on gathers: domains only
@@ -199,27 +201,47 @@ def plan(cfg: Config, flops: float | None = None, net: Network | None = None) ->
     return PlanResult(cands, _choose(cands, modes), result.ep, result.closed_form)
 
 
-def _ted_candidates(cfg: Config, flops: float | None, net: Network, modes: list[str]) -> list[Candidate]:
+def _ted_candidates(cfg: Config, flops: float | None, net: Network, modes: list[str],
+                    best_s: float = math.inf) -> list[Candidate]:
     """TED with duplicate-token dropping (exact; without DTD it only sends more) for every TP group
     size the innermost level and the model's dimensions allow, at every partition of the EP
-    positions into expert domains, every dense-sync mode and block form (shortcut where allowed);
-    none without model dimensions."""
+    positions into expert domains, every dense-sync mode, block form (shortcut where allowed) and
+    ``planner.a2a_chunks`` count (where the rails cross the outermost level); none without model
+    dimensions. Pruned: a chunk count is scored only where the unchunked candidate, less all its
+    exchange seconds and exposed gathers and reduce-scatters (the most pipelining can hide), could
+    still beat ``best_s`` (seconds; the fastest candidate so far)."""
     if cfg.moe is None:
         return []
-    topo, out = net.topology, []
+    topo, out, workloads = net.topology, [], {}
     forms = [cfg.moe.shortcut] + ([True] if SHORTCUT_CHOICE in cfg.planner.allow and not cfg.moe.shortcut else [])
+    chunk_counts = [c for c in cfg.planner.a2a_chunks or [] if c != cfg.moe.a2a_chunks]
+
+    def candidate(spec: TedSpec, mode: str) -> Candidate:
+        """One TED spec priced under dense-sync ``mode`` (its workload depends on tp, blocks, chunks only)."""
+        key = (spec.tp, spec.shortcut, spec.a2a_chunks)
+        if key not in workloads:
+            workloads[key] = spec.workload(cfg, flops)
+        w = dataclasses.replace(workloads[key], dense_sync=mode)
+        return Candidate(Domains(topo, spec.domain_sizes), evaluate(spec.schedule(w), net, cfg.terms), mode,
+                         shortcut=spec.shortcut, a2a_chunks=spec.a2a_chunks, tp=spec.tp)
+
     for tp in divisors(topo.counts[-1])[1:]:
         try:
             check_config(cfg, tp)
         except StrategyError:
             continue
-        for sizes in position_topology(topo, tp).feasible_domain_sizes():
-            for shortcut in forms:
-                spec = TedSpec(topo, sizes, tp=tp, dtd=True, shortcut=shortcut)
-                w = spec.workload(cfg, flops)
-                out += [Candidate(Domains(topo, sizes), evaluate(spec.schedule(dataclasses.replace(w, dense_sync=m)),
-                                                                 net, cfg.terms), m, shortcut=shortcut, tp=tp)
-                        for m in modes]
+        for sizes, shortcut, mode in itertools.product(position_topology(topo, tp).feasible_domain_sizes(), forms,
+                                                       modes):
+            base = candidate(TedSpec(topo, sizes, tp=tp, shortcut=shortcut), mode)
+            out.append(base)
+            best_s = min(best_s, base.prediction.iteration_s)
+            pr = base.prediction
+            if pr.iteration_s - pr.a2a_s - max(0.0, pr.exposed_ag_s) - pr.exposed_rs_s >= best_s:
+                continue
+            for chunks in chunk_counts:
+                spec = TedSpec(topo, sizes, a2a_chunks=chunks, tp=tp, shortcut=shortcut)
+                if spec.exchange_domains().exchange_chunks(chunks) > 1:  # else: the same strategy
+                    out.append(candidate(spec, mode))
     return out
 
 

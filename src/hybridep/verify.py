@@ -137,7 +137,8 @@ def run_case(comm: Communicator, topology: Topology, case: Case, experts: int) -
 
     # distributed
     if case.tp > 1:
-        styles = parallelize_ted(model, comm, case.tp, case.dtd, cac=case.cac, domain_sizes=case.domain_sizes)
+        styles = parallelize_ted(model, comm, case.tp, case.dtd, cac=case.cac, domain_sizes=case.domain_sizes,
+                                 chunks=case.a2a_chunks)
         ddp = data_parallel(model, comm, replicas=replica_ranks(comm, case.tp))
         if case.prefetch:
             prefetch_all(styles, model)
@@ -232,8 +233,10 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
                     if strategy == "ted":  # TP groups of 2 (inside the innermost level), DTD on and off;
                         # hidden and FFN rounded up to what 2 shards divide
                         even = dataclasses.replace(sc, hidden=sc.hidden + sc.hidden % 2, ffn=sc.ffn + sc.ffn % 2)
+                        # the scenarios without CAC pipeline the exchange in 3 and 2 chunks
                         cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1,
-                                       prefetch=any(x > 1 for x in sizes) and i % 2 == 0) for dtd in (True, False)]
+                                       prefetch=any(x > 1 for x in sizes) and i % 2 == 0,
+                                       a2a_chunks=(3, 1, 2, 1)[i % 4]) for dtd in (True, False)]
                         continue
                     if hier:  # odd scenarios deduplicate at every level (the innermost too); the
                         # first and the last pipeline the stages in chunks

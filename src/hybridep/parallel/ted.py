@@ -50,7 +50,14 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator, RankView
-from hybridep.parallel.functional import AllToAll, ExchangeCache, once
+from hybridep.parallel.functional import (
+    AllToAll,
+    AsyncExchange,
+    ExchangeCache,
+    IssueAllToAll,
+    WaitAllToAll,
+    once,
+)
 from hybridep.parallel.strategy import ExpertParallelStyle, _compute_received
 from hybridep.topology import Domains, position_topology
 
@@ -164,10 +171,12 @@ class TedStyle:
     level has ``count / tp`` of them; default all ones, plain EP among the positions)."""
 
     def __init__(self, comm: Communicator, tp: int, num_experts: int, dtd: bool = True, cac: bool = False,
-                 domain_sizes: Sequence[int] | None = None):
+                 domain_sizes: Sequence[int] | None = None, chunks: int = 1):
         g, inner = comm.world_size, comm.topology.counts[-1]
         if tp < 1 or inner % tp:
             raise ValueError(f"tp ({tp}) must divide the innermost level's count ({inner})")
+        if not isinstance(chunks, int) or chunks < 1 or (cac and chunks > 1):
+            raise ValueError(f"chunks must be a positive integer, 1 with cac; got {chunks!r}")
         replicas = g // tp
         if num_experts % replicas:
             raise ValueError(f"experts ({num_experts}) must be divisible by the expert-parallel world "
@@ -189,6 +198,9 @@ class TedStyle:
         self.n_local = self.ep.n_local
         self.rail = [view.members[r] for r in self.ep.rail]
         """The ranks this one exchanges tokens with (its TP index, its offsets in the domains)."""
+        self.chunks = chunks if self.ep.domains.rail_factors[0] > 1 else 1
+        """Chunks of the pipelined exchange (MoNTA, :meth:`_pipelined`; 1: one exchange) -- where
+        the rail crosses the outermost level."""
 
     @property
     def next_prefetch(self) -> Callable[[], None] | None:
@@ -222,7 +234,8 @@ class TedStyle:
             return SumPartials.apply(y, comm, self.tp_group, "tp", self.cache)
         if not self.dtd:
             p = permute(x, routing, keys)
-            y = self._exchange(CopyToShards.apply(p.x, comm, self.tp_group, "tp"), p.keys, experts)
+            y = self._exchange(CopyToShards.apply(p.x, comm, self.tp_group, "tp"), p.keys, experts,
+                               p.token_idx * self.chunks // max(1, x.shape[0]))
             return unpermute(y, p, x.shape[0])
         # copies sorted by (token slice, destination): TP member j sends the j-th block
         slice_of_token = torch.arange(x.shape[0], device=x.device) * tp // max(1, x.shape[0])
@@ -231,29 +244,71 @@ class TedStyle:
         p.x, p.token_idx, p.weights, p.keys = p.x[order], p.token_idx[order], p.weights[order], p.keys[order]
         blocks = torch.bincount(slice_of_token[p.token_idx], minlength=tp).tolist()
         mine = SplitRows.apply(p.x, comm, self.tp_group, blocks, "tp")
-        y = self._exchange(mine, _own_block(p.keys, blocks, self.tp_index), experts)
+        chunk = p.token_idx * self.chunks // max(1, x.shape[0])
+        y = self._exchange(mine, _own_block(p.keys, blocks, self.tp_index), experts,
+                           _own_block(chunk, blocks, self.tp_index))
         return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own", self.cache), p, x.shape[0])
 
-    def _exchange(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+    def _exchange(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts,
+                  chunk: torch.Tensor) -> torch.Tensor:
         """Dispatch ``rows`` (sorted by expert ``keys``) over the rail, run the domain's expert shards
-        (on the TP group's rows with DTD), combine; the expert outputs in ``rows``' order."""
-        comm, rail, cache, tp = self.comm, self.rail, self.cache, self.tp
+        (on the TP group's rows with DTD), combine; the expert outputs in ``rows``' order. ``chunk``:
+        each row's chunk of the pipelined exchange (its token's)."""
+        if self.chunks > 1:
+            return self._pipelined(rows, keys, experts, chunk)
+        comm, rail, cache = self.comm, self.rail, self.cache
         per_dest = len(self.ep.domain) * self.n_local
         counts = torch.bincount(keys, minlength=len(rail) * per_dest).view(len(rail), per_dest)
         recv_counts = once(cache, lambda: _exchange_counts(comm, counts, rail))
         send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         received = AllToAll.apply(rows, comm, rail, send, recv, "a2a_dispatch", cache)
         weights = self.ep.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
-        if self.dtd:  # the TP group's rows: every member's, member order
-            all_counts = once(cache, lambda: _exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
-            by_member = all_counts.view(tp, -1).sum(1).tolist()
-            rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum", cache)
-            partial = _compute_received(experts, weights, rows_in, all_counts)
-            y = ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp", cache)
-        else:
-            partial = _compute_received(experts, weights, received, recv_counts)
-            y = SumPartials.apply(partial, comm, self.tp_group, "tp", cache)
+        y = self._shards(received, recv_counts, experts, weights)
         return AllToAll.apply(y, comm, rail, recv, send, "a2a_combine", cache)
+
+    def _shards(self, received: torch.Tensor, recv_counts: torch.Tensor, experts: GroupedExperts,
+                weights) -> torch.Tensor:
+        """The expert shards on the rows this rank received (``recv_counts``: [rail members,
+        experts]): with DTD on the TP group's rows (gathered; the partial outputs reduce-scattered
+        back), else on its own (the partial outputs all-reduced); outputs in ``received``'s order."""
+        comm, cache, tp = self.comm, self.cache, self.tp
+        if not self.dtd:
+            partial = _compute_received(experts, weights, received, recv_counts)
+            return SumPartials.apply(partial, comm, self.tp_group, "tp", cache)
+        all_counts = once(cache, lambda: _exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
+        by_member = all_counts.view(tp, -1).sum(1).tolist()
+        rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum", cache)
+        partial = _compute_received(experts, weights, rows_in, all_counts)
+        return ReduceScatterRows.apply(partial, comm, self.tp_group, by_member, "tp", cache)
+
+    def _pipelined(self, rows: torch.Tensor, keys: torch.Tensor, experts: GroupedExperts,
+                   chunk: torch.Tensor) -> torch.Tensor:
+        """The exchange in ``chunks`` chunks of the tokens, pipelined (MoNTA): every chunk's dispatch
+        is issued at once (one row-count exchange for all), and chunk by chunk, as its rows land,
+        the TP group's collectives and the expert shards run -- while the later chunks still cross
+        the slow links -- and its combine is issued at once. The backward mirrors it (the Issue /
+        Wait Functions). The domain's experts are taken before the dispatch."""
+        comm, rail, chunks = self.comm, self.rail, self.chunks
+        per_dest = len(rail) * len(self.ep.domain) * self.n_local
+        key = chunk * per_dest + keys
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=chunks * per_dest).view(chunks, len(rail), -1)
+        recv_counts = _exchange_counts(comm, counts.transpose(0, 1).reshape(len(rail), -1), rail)
+        recv_counts = recv_counts.view(len(rail), chunks, -1)
+        weights = self.ep.expert_weights(experts)
+        parts = torch.split(rows[order], counts.sum((1, 2)).tolist())
+        flights = []
+        for c, part in enumerate(parts):
+            ex = AsyncExchange(comm, rail, counts[c].sum(1).tolist(), recv_counts[:, c].sum(1).tolist(),
+                               "a2a_dispatch")
+            flights.append((ex, IssueAllToAll.apply(part, ex)))
+        returns = []
+        for c, (ex, token) in enumerate(flights):
+            y = self._shards(WaitAllToAll.apply(token, ex), recv_counts[:, c], experts, weights)
+            back = AsyncExchange(comm, rail, ex.recv, ex.send, "a2a_combine")
+            returns.append((back, IssueAllToAll.apply(y, back)))
+        out = torch.cat([WaitAllToAll.apply(token, back) for back, token in returns])
+        return out[torch.argsort(order)]
 
 
 def _exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
@@ -293,7 +348,8 @@ def _tp_plan(model: nn.Module) -> dict[str, object]:
 
 
 def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = True, cac: bool = False,
-                    checkpoint: bool | None = None, domain_sizes: Sequence[int] | None = None) -> list[TedStyle]:
+                    checkpoint: bool | None = None, domain_sizes: Sequence[int] | None = None,
+                    chunks: int = 1) -> list[TedStyle]:
     """Apply TED to ``model`` (in place): the dense part tensor-parallel over each TP group with
     PyTorch's ``parallelize_module`` (a 2-D device mesh: replicas x tp), every MoE layer's experts
     sharded (EP position, FFN slice) with :class:`TedStyle` as dispatcher. The DTensor parameters'
@@ -302,7 +358,8 @@ def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = T
     block that holds an MoE layer (recomputed in backward); ``cac``: its recomputation takes the
     layer's collectives' outputs from the forward pass instead of communicating again;
     ``domain_sizes``: HybridEP expert domains of the EP positions (see :class:`TedStyle`), whose
-    gathers the returned styles prefetch as a chain (:func:`~hybridep.parallel.strategy.prefetch_all`)."""
+    gathers the returned styles prefetch as a chain (:func:`~hybridep.parallel.strategy.prefetch_all`);
+    ``chunks``: the exchange pipelined in that many chunks (MoNTA; 1 with ``cac``)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
@@ -314,7 +371,7 @@ def parallelize_ted(model: nn.Module, comm: Communicator, tp: int, dtd: bool = T
     parallelize_module(model, mesh["tp"], _tp_plan(model))
     styles: list[TedStyle] = []
     for layer in moe_layers(model):
-        style = TedStyle(comm, tp, layer.experts.num_experts, dtd, cac, domain_sizes)
+        style = TedStyle(comm, tp, layer.experts.num_experts, dtd, cac, domain_sizes, chunks)
         style.shard(layer.experts)
         layer.dispatcher = style
         if styles:  # the prefetch chain, as parallelize's

@@ -11,16 +11,18 @@ Names (``str(spec)`` / :func:`parse`)::
     ted(tp=2)          the same without DTD (every TP rank sends every copy: the baseline)
     ted(tp=2,dtd,cac)  with communication-aware activation checkpointing
     ted(tp=2,dtd,dc=2,gpu=1)  inside HybridEP expert domains of EP positions (counted in positions)
+    ted(tp=2,dtd,chunks=4)    the exchange pipelined in 4 chunks (MoNTA; left out: moe.a2a_chunks)
 
 Schedule: the token exchange runs among the ranks with the same TP index -- the rails of HybridEP's
 partition with domain size ``tp`` x the positions' at the innermost level -- so it is HybridEP's
-exchange on that partition at the same global batch as every family (a TP group trains on its
-ranks' batches together): the dispatch each rank sends is one rank's under DTD and ``tp`` times
-that without; expert and dense compute are one rank's (1/tp of every layer on ``tp`` x the
-tokens); with expert domains, HybridEP's gathers among the ranks of one TP index; the TP group's
-own collectives (the dense layers' all-reduces, DTD's all-gathers and reduce-scatters) as blocking
-stages on the innermost level
-(:meth:`TedSpec.tp_stages`); with ``cac`` the backward computes the experts a third time (the
+exchange on that partition (pipelined in chunks as HybridEP's is) at the same global batch as every
+family (a TP group trains on its ranks' batches together): the dispatch each rank sends is one
+rank's under DTD and ``tp`` times that without; expert and dense compute are one rank's (1/tp of
+every layer on ``tp`` x the tokens); with expert domains, HybridEP's gathers among the ranks of one
+TP index; the TP group's own collectives (the dense layers' all-reduces, DTD's all-gathers and
+reduce-scatters) as blocking stages on the innermost level (:meth:`TedSpec.tp_stages`, also when
+pipelined: the model does not credit their overlap with other chunks' transfers); with ``cac`` the
+backward computes the experts a third time (the
 recomputation; its attention is not charged) and communicates nothing more.
 """
 
@@ -45,8 +47,8 @@ from hybridep.strategies.base import SHORTCUT, StrategyError
 from hybridep.strategies.hybridep import HybridEPSpec, build_schedule
 from hybridep.topology import Domains, Topology, divisors, position_topology
 
-FORMS = ("ted(tp=N[,dtd][,cac][,LEVEL=SIZE...]) with N a divisor (>= 2) of the innermost level's count and "
-         "expert-domain sizes counted in EP positions (the innermost level has count/N of them; default 1)")
+FORMS = ("ted(tp=N[,dtd][,cac][,chunks=C][,LEVEL=SIZE...]) with N a divisor (>= 2) of the innermost level's count "
+         "and expert-domain sizes counted in EP positions (the innermost level has count/N of them; default 1)")
 _NAME = re.compile(r"^ted\((?P<args>[^()]*)\)$")
 
 
@@ -71,11 +73,16 @@ class TedSpec(HybridEPSpec):
             if s not in divisors(count):
                 raise StrategyError(f"strategy ted(tp={self.tp}): {name} domain size {s!r} must divide the EP "
                                     f"positions of that level ({count}); allowed: {divisors(count)}")
-        if self.sr_ratio is not None or self.a2a_chunks not in (None, 1):
-            raise StrategyError("strategy ted: takes no compression and no chunked exchange")
+        if self.sr_ratio is not None:
+            raise StrategyError("strategy ted: takes no compression")
+        if self.cac and self.a2a_chunks not in (None, 1):
+            raise StrategyError(f"strategy ted: chunks={self.a2a_chunks} with cac; allowed: chunks=1 with cac (the "
+                                "recomputation replays whole exchanges)")
 
     def __str__(self) -> str:
         flags = (",dtd" if self.dtd else "") + (",cac" if self.cac else "")
+        if self.a2a_chunks is not None:
+            flags += f",chunks={self.a2a_chunks}"
         if any(s > 1 for s in self.domain_sizes):
             flags += "".join(f",{n}={s}" for n, s in zip(self.topology.names, self.domain_sizes, strict=True))
         return f"ted(tp={self.tp}{flags})" + (SHORTCUT if self.shortcut else "")
@@ -101,7 +108,12 @@ class TedSpec(HybridEPSpec):
         check_config(cfg, self.tp)
         w = super().workload(cfg, flops)
         return dataclasses.replace(w, dispatch_bytes=w.dispatch_bytes * (1 if self.dtd else self.tp),
-                                   dense_outputs_bytes=w.dense_outputs_bytes * self.tp, a2a_chunks=1)
+                                   dense_outputs_bytes=w.dense_outputs_bytes * self.tp,
+                                   a2a_chunks=self.chunks(w.a2a_chunks))
+
+    def chunks(self, configured: int) -> int:
+        """Chunks of the pipelined exchange: the name's, else the ``configured`` count; 1 with CAC."""
+        return 1 if self.cac else self.a2a_chunks if self.a2a_chunks is not None else configured
 
     def schedule(self, w: Workload) -> Schedule:
         """HybridEP's schedule on :meth:`exchange_domains` with TED's gathers (a rank gathers only
@@ -155,7 +167,8 @@ class TedSpec(HybridEPSpec):
     def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
         from hybridep.parallel.ted import parallelize_ted
 
-        return parallelize_ted(model, comm, self.tp, self.dtd, cac=self.cac, domain_sizes=self.domain_sizes)
+        return parallelize_ted(model, comm, self.tp, self.dtd, cac=self.cac, domain_sizes=self.domain_sizes,
+                               chunks=self.chunks(a2a_chunks))
 
     def to_dict(self) -> dict:
         return {"family": self.family, "name": str(self), "tp": self.tp, "dtd": self.dtd, "cac": self.cac,
@@ -191,7 +204,7 @@ def parse(name: str, topology: Topology) -> TedSpec:
     m = _NAME.match(name)
     if m is None:
         raise StrategyError(f"strategy {name!r}: allowed: {FORMS}")
-    tp, flags, sizes = None, set(), {}
+    tp, flags, sizes, chunks = None, set(), {}, None
     for item in filter(None, m.group("args").split(",")):
         key, sep, val = item.partition("=")
         if key == "tp" and sep and val.isdigit() and tp is None:
@@ -200,12 +213,15 @@ def parse(name: str, topology: Topology) -> TedSpec:
             flags.add(item)
         elif key in topology.names and sep and val.isdigit() and key not in sizes:
             sizes[key] = int(val)
+        elif key == "chunks" and sep and val.isdigit() and "chunks" not in flags:
+            flags.add("chunks")
+            chunks = int(val)
         else:
             raise StrategyError(f"strategy {name!r}: cannot read {item!r}; allowed: {FORMS}")
     if tp is None:
         raise StrategyError(f"strategy {name!r}: tp=N is required; allowed: {FORMS}")
-    return TedSpec(topology, tuple(sizes.get(n, 1) for n in topology.names), tp=tp, dtd="dtd" in flags,
-                   cac="cac" in flags)
+    return TedSpec(topology, tuple(sizes.get(n, 1) for n in topology.names), a2a_chunks=chunks, tp=tp,
+                   dtd="dtd" in flags, cac="cac" in flags)
 
 
 @dataclass(frozen=True)
