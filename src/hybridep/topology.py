@@ -68,6 +68,13 @@ class Topology:
     def num_levels(self) -> int:
         return len(self.counts)
 
+    @cached_property
+    def all_coords(self) -> np.ndarray:
+        """[rank, level]: every rank's coordinates (row-major over the levels; read-only)."""
+        out = np.stack(np.unravel_index(np.arange(self.world_size), self.counts), axis=1)
+        out.setflags(write=False)
+        return out
+
     def coords(self, rank: int) -> tuple[int, ...]:
         """Coordinates of a global rank (Eq. 13)."""
         if not 0 <= rank < self.world_size:

@@ -350,7 +350,8 @@ class IterationSim:
         """A dispatch in stages (:attr:`~hybridep.schedule.Exchange.then`): each stage's all-to-all
         once the previous one is delivered everywhere, every rank's experts once the last stage is in
         (and its layer's experts gathered), the combine's stages in reverse once every rank's experts
-        are done (a forwarder sums what its children send back before it sends on). Unchunked."""
+        are done (a forwarder sums what its children send back before it sends on); in chunks:
+        :meth:`_pipelined_stages`."""
         stages = self.s.exchanges[layer].stages()
         if stages[0].chunks > 1:
             return self._pipelined_stages(layer, name, compute_factor, need_experts, then, on_experts, on_launch,
@@ -410,16 +411,18 @@ class IterationSim:
             return self._a2a_batch("a2a", layer, toward, ranks, np.full(self.G, t),
                                    f"{kind} {name} chunk {c} stage {i}", 1.0 / chunks, stage=stages[i])
 
-        firsts = [batch(c, 0, True, start if c == 0 else np.inf) for c in range(chunks)]
-        for c, b in enumerate(firsts):  # each chunk's flows follow the previous chunk's on their connections
-            if c + 1 < chunks:
-                b.on_sent = functools.partial(lambda nxt, idx, t: self.eng.release_at(nxt, idx, np.full(len(idx), t)),
-                                              firsts[c + 1])
-            self._collective(b, "a2a", functools.partial(lambda c, t: arrived(c, t), c))
-
         def arrived(c: int, t: float) -> None:
             st["arrived"][c] = t
             pump()
+
+        def follow(nxt, idx: np.ndarray, t: float) -> None:  # the next chunk's flows, once these have left
+            self.eng.release_at(nxt, idx, np.full(len(idx), t))
+
+        firsts = [batch(c, 0, True, start if c == 0 else np.inf) for c in range(chunks)]
+        for c, b in enumerate(firsts):  # each chunk's flows follow the previous chunk's on their connections
+            if c + 1 < chunks:
+                b.on_sent = functools.partial(follow, firsts[c + 1])
+            self._collective(b, "a2a", functools.partial(arrived, c))
 
         def pump() -> None:
             c = st["next"]

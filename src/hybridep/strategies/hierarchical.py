@@ -246,7 +246,7 @@ def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Ex
     ports = [ExchangePorts(egress, ingress, total) if level == lv else
              ExchangePorts(np.zeros(1), np.zeros(1), 0.0) for level in range(topo.num_levels)]
     # per receiving rank: its worker's ingress over the rank's stage peers
-    ids = np.stack(np.unravel_index(np.arange(g), topo.counts), axis=1)[:, : lv + 1] // np.asarray(dom.sizes[: lv + 1])
+    ids = topo.all_coords[:, : lv + 1] // np.asarray(dom.sizes[: lv + 1])
     rank_in = ingress[np.ravel_multi_index(tuple(ids.T), tuple(dom.rail_factors[: lv + 1]))]
     flow = rank_in / topo.ranks_per_worker(lv) / (r - 1)
     return Exchange(ports=tuple(ports), peers_by_level=tuple(r - 1 if x == lv else 0 for x in range(topo.num_levels)),

@@ -435,7 +435,7 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
     topo = dom.topology
     g = topo.world_size
     chunks = exchange_chunks(dom, w)
-    coords = np.stack(np.unravel_index(np.arange(g), topo.counts), axis=1)
+    coords = topo.all_coords
     dom_ids = tuple((coords // np.asarray(dom.sizes)).T)
     distinct = range(w.layers) if w.per_layer else range(1)
     grids = [domain_load_grid(dom, w, lv) for lv in distinct]
