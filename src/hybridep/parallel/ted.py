@@ -244,7 +244,8 @@ class TedStyle:
         p.x, p.token_idx, p.weights, p.keys = p.x[order], p.token_idx[order], p.weights[order], p.keys[order]
         blocks = torch.bincount(slice_of_token[p.token_idx], minlength=tp).tolist()
         mine = SplitRows.apply(p.x, comm, self.tp_group, blocks, "tp")
-        chunk = p.token_idx * self.chunks // max(1, x.shape[0])
+        # a copy's chunk: its token's place within its slice (every member's rows span every chunk)
+        chunk = (p.token_idx * tp - slice_of_token[p.token_idx] * x.shape[0]) * self.chunks // max(1, x.shape[0])
         y = self._exchange(mine, _own_block(p.keys, blocks, self.tp_index), experts,
                            _own_block(chunk, blocks, self.tp_index))
         return unpermute(GatherRows.apply(y, comm, self.tp_group, blocks, "tp", "own", self.cache), p, x.shape[0])
