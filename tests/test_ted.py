@@ -98,3 +98,17 @@ def test_ted_inside_expert_domains_gathers_shards_and_its_schedule_says_so():
     assert s.exchanges[0].ports[0].total_bytes == 0
     held = dataclasses.replace(w, expert_weight_s_per_byte=1e-9)  # a rank holds its domain's 2 shards, not 4
     assert spec.schedule(held).expert_s == pytest.approx(parse("hybridep(dc=2,gpu=1)", TOPO).schedule(held).expert_s)
+
+
+def test_verify_runs_a_ted_plan_at_its_tp_and_partition():
+    """``verify --plan`` with a TED plan runs TED cases at the plan's TP group size and position
+    partition (dimensions rounded up to what tp shards divide)."""
+    from hybridep.cli import _verify_family
+    from hybridep.verify import make_cases
+
+    topo = Topology(("dc", "gpu"), (2, 4))
+    spec = parse("ted(tp=4,dtd,dc=2)", topo)
+    assert _verify_family(spec) == "ted"
+    cases = make_cases(topo, ["ted"], ["float64"], 8, 0, only=[spec.domain_sizes], tp=spec.tp)
+    assert cases and {(c.tp, c.domain_sizes) for c in cases} == {(4, (2, 1))}
+    assert all(c.scenario.hidden % 4 == 0 and c.scenario.ffn % 4 == 0 for c in cases)

@@ -144,9 +144,11 @@ def _plan_spec(args: argparse.Namespace, cfg: Config):
 
 def _verify_family(spec) -> str:
     """The ``verify --strategies`` entry that runs a planned spec's exchange on its partition."""
-    from hybridep.strategies import HierarchicalSpec
+    from hybridep.strategies import HierarchicalSpec, TedSpec
 
     ones = all(s == 1 for s in spec.domain_sizes)
+    if isinstance(spec, TedSpec):
+        return "ted"
     if isinstance(spec, HierarchicalSpec):
         return "hierarchical" if ones else "hybridep+hier"
     return "ep" if ones else "hybridep"
@@ -169,7 +171,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if in_torchrun else args.world_size
     if world is None or world < 1:
         raise ConfigError([("--world-size", world, "a positive number of processes (or run under torchrun)")])
-    partitions, shortcut = None, False
+    partitions, shortcut, tp = None, False, 2
     if args.config or args.overrides or args.plan:
         cfg = load_config(args.config, args.overrides)
         topo = cfg.topology.as_topology()
@@ -183,9 +185,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 console.print(f"{spec} compresses its gathers (lossy): verifying its exact variant "
                               f"{spec.uncompressed()}")
             strategies, partitions = [_verify_family(spec)], [spec.domain_sizes]
+            tp = getattr(spec, "tp", 2)  # TED's TP group size
     else:
         topo = default_topology(world)
-    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions, shortcut)
+    worker_args = (topo.names, topo.counts, strategies, dtypes, args.seed, args.timeout, partitions, shortcut, tp)
     if in_torchrun:
         import torch.distributed as dist
 

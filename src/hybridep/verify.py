@@ -203,26 +203,26 @@ STRATEGIES = ("ep", "hybridep", "hierarchical", "hybridep+hier", "ted")
 partition (deduplicating at every level but the innermost, and at none) and on every other one."""
 
 
-def _partitions(topology: Topology, strategy: str) -> list[tuple[int, ...]]:
+def _partitions(topology: Topology, strategy: str, tp: int = 2) -> list[tuple[int, ...]]:
     ones = tuple(1 for _ in topology.counts)
     if strategy in ("ep", "hierarchical"):
         return [ones]
-    if strategy == "ted":  # TP groups of 2: every partition of the EP positions
-        return position_topology(topology, 2).feasible_domain_sizes() if topology.counts[-1] % 2 == 0 else []
+    if strategy == "ted":  # TP groups of tp: every partition of the EP positions
+        return position_topology(topology, tp).feasible_domain_sizes() if topology.counts[-1] % tp == 0 else []
     if strategy in ("hybridep", "hybridep+hier"):
         return [s for s in topology.feasible_domain_sizes() if any(x > 1 for x in s)]
     raise ValueError(f"strategies: unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
 
 
 def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], experts: int, seed: int,
-               only: list[tuple[int, ...]] | None = None, shortcut: bool = False) -> list[Case]:
+               only: list[tuple[int, ...]] | None = None, shortcut: bool = False, tp: int = 2) -> list[Case]:
     """Every scenario for every partition of the given families (:data:`STRATEGIES`), or only the
     partitions in ``only`` (a plan's). Scenarios 2 and 3 run shortcut-connected blocks (every
-    scenario with ``shortcut``: a configuration's ``moe.shortcut``)."""
+    scenario with ``shortcut``: a configuration's ``moe.shortcut``); ``tp``: TED's TP group size."""
     cases = []
     outer = tuple(range(topology.num_levels - 1))  # the hierarchical default: all but the innermost
     for strategy in strategies:
-        partitions = _partitions(topology, strategy)
+        partitions = _partitions(topology, strategy, tp)
         if only is not None:
             partitions = [s for s in partitions if tuple(s) in {tuple(o) for o in only}]
         hier = strategy in ("hierarchical", "hybridep+hier")
@@ -230,11 +230,11 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
             for dtype in dtypes:
                 for i, sc in enumerate(scenarios(topology.world_size, experts, seed)):
                     short = shortcut or i >= 2
-                    if strategy == "ted":  # TP groups of 2 (inside the innermost level), DTD on and off;
-                        # hidden and FFN rounded up to what 2 shards divide
-                        even = dataclasses.replace(sc, hidden=sc.hidden + sc.hidden % 2, ffn=sc.ffn + sc.ffn % 2)
+                    if strategy == "ted":  # TP groups of tp (inside the innermost level), DTD on and off;
+                        # hidden and FFN rounded up to what tp shards divide
+                        even = dataclasses.replace(sc, hidden=sc.hidden + -sc.hidden % tp, ffn=sc.ffn + -sc.ffn % tp)
                         # the scenarios without CAC pipeline the exchange in 3 and 2 chunks
-                        cases += [Case(strategy, sizes, dtype, even, tp=2, dtd=dtd, shortcut=short, cac=i % 2 == 1,
+                        cases += [Case(strategy, sizes, dtype, even, tp=tp, dtd=dtd, shortcut=short, cac=i % 2 == 1,
                                        prefetch=any(x > 1 for x in sizes) and i % 2 == 0,
                                        a2a_chunks=(3, 1, 2, 1)[i % 4]) for dtd in (True, False)]
                         continue
@@ -252,13 +252,14 @@ def make_cases(topology: Topology, strategies: list[str], dtypes: list[str], exp
 
 def verify_worker(rank: int, world: int, names: tuple[str, ...], counts: tuple[int, ...], strategies: list[str],
                   dtypes: list[str], seed: int, timeout_s: float,
-                  partitions: list[tuple[int, ...]] | None = None, shortcut: bool = False) -> list[dict]:
+                  partitions: list[tuple[int, ...]] | None = None, shortcut: bool = False, tp: int = 2) -> list[dict]:
     """Body of one rank (local spawn or torchrun): every case, results identical on all ranks;
-    ``partitions``: only these domain sizes (a plan's); ``shortcut``: every case shortcut-connected."""
+    ``partitions``: only these domain sizes (a plan's); ``shortcut``: every case shortcut-connected;
+    ``tp``: TED's TP group size (a plan's)."""
     topology = Topology(names, counts)
     comm = Communicator(topology, timeout_s)
     experts = world * max(2, -(-4 // world))  # at least 4 experts, so that top-k 4 is covered
-    cases = make_cases(topology, strategies, dtypes, experts, seed, partitions, shortcut)
+    cases = make_cases(topology, strategies, dtypes, experts, seed, partitions, shortcut, tp)
     return [run_case(comm, topology, c, experts) for c in cases]
 
 
