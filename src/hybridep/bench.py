@@ -72,7 +72,8 @@ def run_entry(spec: HybridEPSpec, cfg: Config, base: dict) -> dict:
     if spec.shortcut:
         entry["shortcut"] = True
     if isinstance(spec, TedSpec):
-        entry.update({"tp": spec.tp, "dtd": spec.dtd, "cac": spec.cac})
+        entry.update({"tp": spec.tp, "dtd": spec.dtd, "cac": spec.cac,
+                      "a2a_chunks": spec.chunks(base.get("a2a_chunks", 1))})
     if spec.compressed:
         b = cfg.bench
         entry.update({"sr_ratio": spec.sr_ratio, "sr_basis": b.sr_basis, "sr_decode": b.sr_decode,

@@ -176,7 +176,8 @@ def dense_sync_modes(cfg: Config) -> list[str]:
         return [cfg.dense_sync]
     topo = cfg.topology.as_topology()
     flat = topo.counts[0] in (1, topo.world_size)  # one DC, or one rank per DC: hierarchical is the ring
-    return [str(m) for m in candidates(cfg.planner.allow)
+    sync_modes = [a for a in cfg.planner.allow if a not in (SHORTCUT_CHOICE, SR_CHOICE)]  # the rest: model choices
+    return [str(m) for m in candidates(sync_modes)
             if not (flat and m.mode == "hierarchical") and not (cfg.workload is not None and m.mode == "powersgd")]
 
 

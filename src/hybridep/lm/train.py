@@ -170,7 +170,7 @@ def build(cfg: LMConfig, spec: RunSpec, comm: Communicator | None) -> tuple[nn.M
     model = MoELM(cfg)
     if spec.strategy == "ted":  # TP groups; expert domains of EP positions when domain_sizes says so
         styles = parallelize_ted(model, comm, spec.tp, spec.dtd, cac=spec.cac, domain_sizes=spec.domain_sizes or None,
-                                 chunks=1 if spec.cac else spec.a2a_chunks)
+                                 chunks=spec.a2a_chunks)
         replicas = replica_ranks(comm, spec.tp)
         return data_parallel(model, comm, parse_dense_sync(spec.dense_sync), replicas=replicas), model, styles
     styles = parallelize(model, comm, Domains(comm.topology, spec.domain_sizes), spec.sr, spec.a2a_chunks,

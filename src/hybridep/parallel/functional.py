@@ -155,6 +155,38 @@ class WaitAllToAll(torch.autograd.Function):
         return grad.new_zeros(()), None
 
 
+def exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """``rows`` ([members x k, ...]: block i for member i) exchanged in ``group``: block i from member
+    i -- the row counts every exchange sends first, so that no padding or agreement is needed."""
+    out = torch.empty_like(rows)
+    per = rows.shape[0] // len(group)
+    comm.all_to_all(out, rows, [per] * len(group), [per] * len(group), group, "meta")
+    return out
+
+
+def pipelined_round_trip(comm: Communicator, group: Sequence[int], parts: Sequence[torch.Tensor],
+                         splits: Sequence[tuple[list[int], list[int]]], work: Callable, side: Callable | None = None
+                         ) -> list[torch.Tensor]:
+    """Chunks of rows out to ``group`` and their results back, pipelined (MoNTA): every chunk
+    ``parts[c]`` is issued at once (``splits[c]``: rows to and from each member) and ``side(c)``
+    right after it (e.g. the chunk's expert ids); then chunk by chunk, as its rows land,
+    ``work(c, rows, side(c)'s result)`` runs -- while the later chunks still travel -- and its result
+    is issued back at once. Returns each chunk's results as they come back, in chunk order. The
+    backward mirrors it through :class:`IssueAllToAll` / :class:`WaitAllToAll`: every result
+    gradient is issued first, each chunk's row gradients waited for when autograd reaches them."""
+    flights = []
+    for c, (part, (send, recv)) in enumerate(zip(parts, splits, strict=True)):
+        ex = AsyncExchange(comm, group, send, recv, "a2a_dispatch")
+        token = IssueAllToAll.apply(part, ex)
+        flights.append((ex, token, side(c) if side is not None else None))
+    returns = []
+    for c, (ex, token, extra) in enumerate(flights):
+        y = work(c, WaitAllToAll.apply(token, ex), extra)
+        back = AsyncExchange(comm, group, ex.recv, ex.send, "a2a_combine")
+        returns.append((back, IssueAllToAll.apply(y, back)))
+    return [WaitAllToAll.apply(token, back) for back, token in returns]
+
+
 @dataclass
 class ChunkPlan:
     """Row counts of a chunked exchange inside one rail (members indexed j = 0 .. r-1).

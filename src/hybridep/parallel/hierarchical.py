@@ -37,7 +37,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import Branch, Eager, compute_in_place
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator
-from hybridep.parallel.functional import AllToAll, AsyncExchange, IssueAllToAll, WaitAllToAll
+from hybridep.parallel.functional import AllToAll, exchange_counts, pipelined_round_trip
 from hybridep.parallel.strategy import ExpertParallelStyle
 from hybridep.topology import Domains
 
@@ -116,24 +116,21 @@ class HierarchicalStyle(ExpertParallelStyle):
         group = routed[0][2].group
         for (_, _, hop), recv in zip(routed, self._recv_counts([h.send for _, _, h in routed], group), strict=True):
             hop.recv = recv
-        flights = []
-        for child, child_ids, hop in routed:
-            ex = AsyncExchange(comm, group, hop.send, hop.recv, "a2a_dispatch")
-            out_ids = child_ids.new_empty((sum(hop.recv), ids.shape[1]))
-            ids_work = comm.all_to_all_start(out_ids, child_ids.contiguous(), hop.recv, hop.send, group, "a2a_ids")
-            flights.append((ex, IssueAllToAll.apply(child, ex), out_ids, ids_work, hop))
-        returns = []
-        for ex, token, out_ids, ids_work, hop in flights:
-            rows = WaitAllToAll.apply(token, ex)
+
+        def ids_of(c: int):  # chunk c's expert ids, right behind its rows
+            child_ids, hop = routed[c][1], routed[c][2]
+            out = child_ids.new_empty((sum(hop.recv), ids.shape[1]))
+            return out, comm.all_to_all_start(out, child_ids.contiguous(), hop.recv, hop.send, group, "a2a_ids")
+
+        def stages(c: int, rows: torch.Tensor, chunk_ids) -> torch.Tensor:
+            out_ids, ids_work = chunk_ids
             comm.wait(ids_work, "a2a_ids", group)
-            y = self._through(self.levels[1:], rows, out_ids, experts, hidden, lambda: weights)
-            back = AsyncExchange(comm, group, hop.recv, hop.send, "a2a_combine")
-            returns.append((back, IssueAllToAll.apply(y, back), hop))
-        out = []
-        for back, token, hop in returns:
-            y = WaitAllToAll.apply(token, back)
-            out.append(y.new_zeros(hop.parents, y.shape[1]).index_add(0, hop.parent, y))
-        return torch.cat(out)
+            return self._through(self.levels[1:], rows, out_ids, experts, hidden, lambda: weights)
+
+        back = pipelined_round_trip(comm, group, [child for child, _, _ in routed],
+                                    [(hop.send, hop.recv) for _, _, hop in routed], stages, ids_of)
+        return torch.cat([y.new_zeros(hop.parents, y.shape[1]).index_add(0, hop.parent, y)
+                          for y, (_, _, hop) in zip(back, routed, strict=True)])
 
     def _through(self, levels: list[int], packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts,
                  hidden: int, weights: Callable[[], object]) -> torch.Tensor:
@@ -187,9 +184,7 @@ class HierarchicalStyle(ExpertParallelStyle):
         """Rows each member sends here, for several exchanges in ``group`` at once (one message per
         member): ``sends[c][j]`` rows go to member j in exchange c."""
         send = torch.tensor(sends, dtype=torch.int64).T.contiguous()  # [member, exchange]
-        recv = torch.empty_like(send)
-        self.comm.all_to_all(recv, send, [1] * len(group), [1] * len(group), group, "meta")
-        return recv.T.tolist()
+        return exchange_counts(self.comm, send, group).T.tolist()
 
     def _experts(self, packets: torch.Tensor, ids: torch.Tensor, experts: GroupedExperts, hidden: int,
                  weights) -> torch.Tensor:

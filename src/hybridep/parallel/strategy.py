@@ -48,6 +48,7 @@ from hybridep.parallel.functional import (
     PendingGather,
     PipelinedExpertExchange,
     WaitAllToAll,
+    exchange_counts,
 )
 from hybridep.strategies.dense_sync import DenseSync, register
 from hybridep.topology import Domains
@@ -215,9 +216,7 @@ class ExpertParallelStyle:
         r, per_dest = len(self.rail), len(self.domain) * self.n_local
         counts = torch.bincount(keys, minlength=chunks * r * per_dest).view(chunks, r, per_dest)
         by_member = counts.transpose(0, 1).reshape(r, chunks * per_dest).contiguous()
-        recv_counts = torch.empty_like(by_member)
-        self.comm.all_to_all(recv_counts, by_member, [1] * r, [1] * r, self.rail, "meta")
-        return counts, recv_counts.view(r, chunks, per_dest)
+        return counts, exchange_counts(self.comm, by_member, self.rail).view(r, chunks, per_dest)
 
     def _pipelined(self, x: torch.Tensor, p: Permuted, experts: GroupedExperts) -> torch.Tensor:
         """The exchange in ``a2a_chunks`` chunks of this rank's tokens, pipelined (see

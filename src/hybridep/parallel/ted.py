@@ -50,14 +50,7 @@ from hybridep.moe.experts import GroupedExperts
 from hybridep.moe.layer import compute_in_place, permute, unpermute
 from hybridep.moe.router import Routing
 from hybridep.parallel.comm import Communicator, RankView
-from hybridep.parallel.functional import (
-    AllToAll,
-    AsyncExchange,
-    ExchangeCache,
-    IssueAllToAll,
-    WaitAllToAll,
-    once,
-)
+from hybridep.parallel.functional import AllToAll, ExchangeCache, exchange_counts, once, pipelined_round_trip
 from hybridep.parallel.strategy import ExpertParallelStyle, _compute_received
 from hybridep.topology import Domains, position_topology
 
@@ -260,7 +253,7 @@ class TedStyle:
         comm, rail, cache = self.comm, self.rail, self.cache
         per_dest = len(self.ep.domain) * self.n_local
         counts = torch.bincount(keys, minlength=len(rail) * per_dest).view(len(rail), per_dest)
-        recv_counts = once(cache, lambda: _exchange_counts(comm, counts, rail))
+        recv_counts = once(cache, lambda: exchange_counts(comm, counts, rail))
         send, recv = counts.sum(1).tolist(), recv_counts.sum(1).tolist()
         received = AllToAll.apply(rows, comm, rail, send, recv, "a2a_dispatch", cache)
         weights = self.ep.expert_weights(experts)  # after the dispatch: the gather lands meanwhile
@@ -276,7 +269,7 @@ class TedStyle:
         if not self.dtd:
             partial = _compute_received(experts, weights, received, recv_counts)
             return SumPartials.apply(partial, comm, self.tp_group, "tp", cache)
-        all_counts = once(cache, lambda: _exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
+        all_counts = once(cache, lambda: exchange_counts(comm, recv_counts.repeat(tp, 1), self.tp_group))
         by_member = all_counts.view(tp, -1).sum(1).tolist()
         rows_in = GatherRows.apply(received, comm, self.tp_group, by_member, "tp", "sum", cache)
         partial = _compute_received(experts, weights, rows_in, all_counts)
@@ -294,30 +287,14 @@ class TedStyle:
         key = chunk * per_dest + keys
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(key, minlength=chunks * per_dest).view(chunks, len(rail), -1)
-        recv_counts = _exchange_counts(comm, counts.transpose(0, 1).reshape(len(rail), -1), rail)
+        recv_counts = exchange_counts(comm, counts.transpose(0, 1).reshape(len(rail), -1), rail)
         recv_counts = recv_counts.view(len(rail), chunks, -1)
         weights = self.ep.expert_weights(experts)
         parts = torch.split(rows[order], counts.sum((1, 2)).tolist())
-        flights = []
-        for c, part in enumerate(parts):
-            ex = AsyncExchange(comm, rail, counts[c].sum(1).tolist(), recv_counts[:, c].sum(1).tolist(),
-                               "a2a_dispatch")
-            flights.append((ex, IssueAllToAll.apply(part, ex)))
-        returns = []
-        for c, (ex, token) in enumerate(flights):
-            y = self._shards(WaitAllToAll.apply(token, ex), recv_counts[:, c], experts, weights)
-            back = AsyncExchange(comm, rail, ex.recv, ex.send, "a2a_combine")
-            returns.append((back, IssueAllToAll.apply(y, back)))
-        out = torch.cat([WaitAllToAll.apply(token, back) for back, token in returns])
-        return out[torch.argsort(order)]
-
-
-def _exchange_counts(comm: Communicator, rows: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
-    """``rows`` ([members x k, ...]: block i for member i) exchanged: block i from member i."""
-    out = torch.empty_like(rows)
-    per = rows.shape[0] // len(group)
-    comm.all_to_all(out, rows, [per] * len(group), [per] * len(group), group, "meta")
-    return out
+        splits = [(counts[c].sum(1).tolist(), recv_counts[:, c].sum(1).tolist()) for c in range(chunks)]
+        back = pipelined_round_trip(comm, rail, parts, splits,
+                                    lambda c, got, _: self._shards(got, recv_counts[:, c], experts, weights))
+        return torch.cat(back)[torch.argsort(order)]
 
 
 def _tp_plan(model: nn.Module) -> dict[str, object]:

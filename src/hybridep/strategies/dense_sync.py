@@ -96,8 +96,9 @@ def check_rank(text: str, shapes) -> None:
 
 
 def candidates(allow: list[str]) -> list[DenseSync]:
-    """The modes the planner chooses among: the exact ones and the lossy ones ``allow`` names."""
-    allowed = [parse_dense_sync(a) for a in allow if a not in ("shortcut", "sr")]  # (model choices, not sync modes)
+    """The modes the planner chooses among: the exact ones and the lossy ones ``allow`` names (dense-sync
+    modes only)."""
+    allowed = [parse_dense_sync(a) for a in allow]
     return [DenseSync(m) for m in EXACT] + [s for s in allowed if s.mode not in EXACT]
 
 
