@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybridep.compute_probe import measure_expert_weight_s_per_byte
+from hybridep.compute_probe import measure_expert_weight_cost
 from hybridep.lm.model import LMConfig
 from hybridep.lm.train import RunSpec, run
 from hybridep.parallel.comm import Communicator
-from hybridep.topology import Topology
+from hybridep.topology import Domains, Topology
 
 
 def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0, reps: int = 7,
@@ -51,7 +51,6 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     from hybridep.config import CostTerms
     from hybridep.costmodel import Network, Workload
     from hybridep.strategies.hybridep import predict
-    from hybridep.topology import Domains
 
     topo = comm.topology
     off = CostTerms(backward=False, latency=False, expert_compute=False, grad_sync=False, overlap=False)
@@ -146,6 +145,101 @@ def measure_message_s(comm: Communicator, messages: int = 64, reps: int = 7) -> 
     return ranks_median(max(0.0, many - one) / (2 * len(peers) * (messages - 1)))
 
 
+def measure_rendezvous_s(comm: Communicator, calls: int = 8, reps: int = 7) -> float:
+    """Seconds one blocking exchange costs beyond its bytes when the ranks compute between such
+    calls (``topology.rendezvous``), as the inner stages of a pipelined staged exchange do: every
+    rank runs ``calls`` pieces of compute (~ms each) with a tiny all-to-all among its innermost
+    siblings (the ranks differing only at the innermost level with more than one) after each, and
+    the same pieces without; the extra time of the median repetition over ``calls`` (pieces with
+    and without alternate, ``reps`` each after one warm-up), median over ranks. 0 with one rank."""
+    import time
+
+    topo = comm.topology
+    level = max((lv for lv, n in enumerate(topo.counts) if n > 1), default=None)
+    if level is None:
+        return 0.0
+    sizes = tuple(n if lv == level else 1 for lv, n in enumerate(topo.counts))
+    groups = Domains(topo, sizes).stage_groups(level)
+    comm.create_groups(groups)
+    group = next(g for g in groups if comm.rank in g)
+    a, b = torch.randn(256, 1024), torch.randn(1024, 256)
+    inp, out = torch.zeros(len(group)), torch.empty(len(group))
+    split = [1] * len(group)
+
+    def pieces(rendezvous: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            (a @ b).sum().item()
+            if rendezvous:
+                comm.all_to_all(out, inp, split, split, group, "calibrate")
+        return time.perf_counter() - start
+
+    pieces(True), pieces(False)
+    pairs = [(pieces(True), pieces(False)) for _ in range(reps)]
+    comm.traffic.reset()
+    extra = statistics.median(w - wo for w, wo in pairs) / calls
+    return ranks_median(max(0.0, extra))
+
+
+def measure_overlap_efficiency(comm: Communicator, cfg: LMConfig, copies: int, reps: int = 7) -> dict:
+    """How much of a token exchange this host's ranks hide behind their expert compute (the cost
+    model's ``overlap_efficiency``, see :class:`~hybridep.costmodel.Network`): every rank times,
+    all at once, an all-to-all of rows among all ranks alone (T), the expert computation of one
+    MoE layer of the bench model -- ``copies`` token copies over its experts, forward + backward --
+    alone (X), and both at once: the all-to-all issued, the experts computed, the all-to-all waited
+    for (B). The all-to-all's rows are scaled so that T is about X. Efficiency = (T + X - B) /
+    min(T, X), clipped to [0, 1]: 1 when B = max(T, X), 0 when B = T + X; per rank from the
+    medians of ``reps`` timed repetitions, then the median over ranks. Returns the efficiency and
+    rank 0's medians (seconds)."""
+    import time
+
+    from hybridep.moe.experts import GroupedExperts
+
+    world = list(range(comm.world_size))
+    comm.create_groups([world])
+    n = len(world)
+    experts = GroupedExperts(experts_per_rank(cfg, n), cfg.hidden, cfg.ffn, cfg.expert_kind)
+    x = torch.randn(copies, cfg.hidden, requires_grad=True)
+    m = experts.num_experts
+    counts = [copies // m + (1 if i < copies % m else 0) for i in range(m)]
+
+    def compute() -> None:
+        experts.compute(experts.weights(), x, counts).square().sum().backward()
+
+    def exchange(rows: int):
+        inp, out = torch.zeros(rows * n, cfg.hidden), torch.empty(rows * n, cfg.hidden)
+        return lambda: comm.all_to_all_start(out, inp, [rows] * n, [rows] * n, world, "calibrate")
+
+    def median_s(op) -> float:
+        times = []
+        for _ in range(reps + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    def both(start) -> None:
+        work = start()
+        compute()
+        comm.wait(work, "calibrate", world)
+
+    rows = max(1, copies // n)
+    probe = exchange(rows)
+    t1 = ranks_median(median_s(lambda: comm.wait(probe(), "calibrate", world)))
+    x1 = ranks_median(median_s(compute))
+    rows = max(1, round(rows * x1 / max(t1, 1e-6)))  # the same on every rank: medians over ranks
+    x_s = median_s(compute)
+    start = exchange(rows)
+    t_s = median_s(lambda: comm.wait(start(), "calibrate", world))
+    b_s = median_s(lambda: both(start))
+    comm.traffic.reset()
+    hidden = (t_s + x_s - b_s) / max(min(t_s, x_s), 1e-9)
+    return {"overlap_efficiency": ranks_median(min(1.0, max(0.0, hidden))),
+            "overlap_seconds": {"transfer": t_s, "compute": x_s, "both": b_s, "rows_per_peer": rows}}
+
+
 def _while_computing(comm: Communicator, group: list[int], op) -> None:
     """Run ``op`` (a blocking collective in ``group``) as a background chain and multiply
     matrices on this thread until it has landed."""
@@ -217,11 +311,21 @@ def main(spec_path: str, out_dir: str) -> int:
     calibration["message_s"] = measure_message_s(comm)
     if rank == 0:
         print(f"[calibrate] per-message overhead: {calibration['message_s'] * 1e6:.1f} us", flush=True)
+    calibration["rendezvous_s"] = measure_rendezvous_s(comm)
+    if rank == 0:
+        print(f"[calibrate] blocking exchange between computations: {calibration['rendezvous_s'] * 1e3:.2f} ms",
+              flush=True)
+    copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k  # one MoE layer's token copies per rank
+    calibration.update(measure_overlap_efficiency(comm, cfg, copies))
+    if rank == 0:
+        print(f"[calibrate] exchange hidden behind compute: {calibration['overlap_efficiency']:.2f}", flush=True)
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
-    copies = spec["runs"][0]["batch_size"] * cfg.seq_len * cfg.top_k
-    calibration["expert_weight_s_per_byte"] = ranks_median(
-        measure_expert_weight_s_per_byte(cfg.hidden, cfg.ffn, cfg.expert_kind, copies, repeats=9))
+    rate, forward_share, backward_factor = measure_expert_weight_cost(cfg.hidden, cfg.ffn, cfg.expert_kind, copies,
+                                                                      repeats=9)
+    calibration["expert_weight_s_per_byte"] = ranks_median(rate)
+    calibration["expert_weight_forward_share"] = ranks_median(forward_share)
+    calibration["expert_backward_factor"] = ranks_median(backward_factor)
     sr_runs = [r for r in spec["runs"] if r.get("sr_ratio")]
     if sr_runs:  # every rank at once, as in training: the contended encode/decode time
         calibration["codec_expert_s"] = ranks_median(codec_time(cfg, sr_runs[0], topo.world_size))

@@ -46,7 +46,7 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     ranks (their optimizer step over all experts and the per-expert cost of the expert computation,
     both measured), each level's links by its probed rate times the measured all-to-all efficiency
     (the expert gather's measured efficiency relative to it, and its measured delay per stage
-    while every rank computes), the measured per-message overhead, latency zero (what the testbed
+    while every rank computes), the measured per-message overhead and rendezvous cost, latency zero (what the testbed
     has; the configured latencies apply to the real WAN)."""
     if COMPUTE_ONLY not in results:
         return None
@@ -62,10 +62,14 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     delay = cal.get("gather_delay_s_by_level")  # the gathers run while the ranks compute
     net = Network(topo, tuple(r / 8 * e for r, e in zip(rates_bps, efficiency, strict=True)),
                   (0.0,) * topo.num_levels, net0.dc_link_bytes_per_s, relative,
-                  tuple(delay) if delay else None, message_s=cal.get("message_s") or 0.0)
-    # the FLOP-proportional compute only (the fixed-cost terms are charged separately below)
-    w = dataclasses.replace(workload_from_config(cfg, flops=1.0), optimizer_s_per_byte=0.0,
-                            expert_weight_s_per_byte=0.0, codec_expert_s=0.0)
+                  tuple(delay) if delay else None, message_s=cal.get("message_s") or 0.0,
+                  rendezvous_s=cal.get("rendezvous_s") or 0.0)
+    # the FLOP-proportional compute only (the fixed-cost terms are charged separately below), the
+    # experts' backward as measured
+    w = workload_from_config(cfg, flops=1.0)
+    w = dataclasses.replace(w, optimizer_s_per_byte=0.0, expert_weight_s_per_byte=0.0, codec_expert_s=0.0,
+                            expert_backward_factor=_configured_or_measured(
+                                cfg, cal, "expert_backward_factor", w.expert_backward_factor))
     flops = evaluate(HybridEPSpec.ep(topo).schedule(w), net, cfg.terms).compute_s
     fixed = all_experts_fixed_s(dataclasses.replace(
         w, optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
@@ -86,6 +90,16 @@ def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
     return measured(calibration, key) or 0.0
 
 
+def _configured_or_measured(cfg: Config, calibration: dict, key: str, default: float) -> float:
+    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else
+    ``default`` (``expert_weight_forward_share``, ``expert_backward_factor``)."""
+    configured = getattr(cfg.compute, key)
+    if configured is not None:
+        return configured
+    value = calibration.get(key)
+    return default if value is None else value
+
+
 def measured_workload(cfg: Config, flops: float, spec: HybridEPSpec, result: dict,
                       calibration: dict | None = None) -> Workload:
     """The workload of a measured run: dimensions from the configuration, routing as measured --
@@ -101,6 +115,10 @@ def measured_workload(cfg: Config, flops: float, spec: HybridEPSpec, result: dic
     w = dataclasses.replace(w, codec_expert_s=measured_rate(cfg, cal, "codec_expert_s"),
                             optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
                             expert_weight_s_per_byte=measured_rate(cfg, cal, "expert_weight_s_per_byte"),
+                            expert_weight_forward_share=_configured_or_measured(
+                                cfg, cal, "expert_weight_forward_share", w.expert_weight_forward_share),
+                            expert_backward_factor=_configured_or_measured(
+                                cfg, cal, "expert_backward_factor", w.expert_backward_factor),
                             expert_recompute=spec.compressed and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):

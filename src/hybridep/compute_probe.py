@@ -7,6 +7,7 @@ The cache is a small JSON file keyed by torch version, device and thread count, 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -38,25 +39,52 @@ def median_seconds(fn, repeats: int) -> float:
     return sorted(times)[repeats // 2]
 
 
-def measure_expert_weight_s_per_byte(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
-                                 repeats: int = 5) -> float:
-    """Seconds per byte of expert weights held, per forward + backward of one MoE layer's expert
-    computation, beyond its FLOPs: the same ``tokens`` spread over ``many`` instead of ``few``
-    experts (same FLOPs, more and smaller matmuls, more weight gradients); the slope of the median
-    times over the extra experts' bytes (0 if not positive)."""
+def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
+                               repeats: int = 5) -> tuple[float, float, float]:
+    """(seconds per byte of expert weights held, per forward + backward of one MoE layer's expert
+    computation, beyond its FLOPs; the share of it in the forward; the backward's time in multiples
+    of the forward's with ``few`` experts -- 2 in FLOPs). The same ``tokens`` spread over
+    ``many`` instead of ``few`` experts (same FLOPs, more and smaller matmuls, more weight
+    gradients): the slope of the median times over the extra experts' bytes (0 if not positive),
+    and the same slope of the forward alone (no autograd graph) over it, clipped to [0, 1] (1/3 when
+    the slope is 0). Forward + backward and forward of both cases are timed in turn, ``repeats``
+    times each after one warm-up, so that whatever else runs on the cores meanwhile (the other
+    ranks' probes) slows all alike (timed one case after the other, the slope was 0 in one of three
+    bench runs of one configuration, 2.3e-9 s/B in the other two; on this CPU host the forward
+    share is about 0: the cost is the backward's weight gradients)."""
     import torch
 
     from hybridep.moe.experts import GroupedExperts
 
-    def median_s(n: int) -> tuple[float, int]:
+    def case(n: int):
         ex = GroupedExperts(n, hidden, ffn, kind)
         x = torch.randn(tokens, hidden, requires_grad=True)
         counts = [tokens // n + (1 if i < tokens % n else 0) for i in range(n)]
-        seconds = median_seconds(lambda: ex.compute(ex.weights(), x, counts).square().sum().backward(), repeats)
-        return seconds, sum(p.numel() * p.element_size() for p in ex.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in ex.parameters())
 
-    (t_few, b_few), (t_many, b_many) = median_s(few), median_s(many)
-    return max(0.0, (t_many - t_few) / (b_many - b_few))
+        def forward() -> None:
+            with torch.no_grad():
+                ex.compute(ex.weights(), x, counts).sum()
+
+        return (lambda: ex.compute(ex.weights(), x, counts).square().sum().backward()), forward, nbytes
+
+    (both_few, fwd_few, b_few), (both_many, fwd_many, b_many) = case(few), case(many)
+    runs = (both_few, both_many, fwd_few, fwd_many)
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for fn in runs:
+        fn()
+    rounds = [[seconds(fn) for fn in runs] for _ in range(repeats)]
+    t = [statistics.median(r[i] for r in rounds) for i in range(len(runs))]
+    backward_factor = max(t[0] - t[2], 0.0) / t[2]
+    total = (t[1] - t[0]) / (b_many - b_few)
+    if total <= 0:
+        return 0.0, 1.0 / 3.0, backward_factor
+    return total, min(1.0, max(0.0, (t[3] - t[2]) / (b_many - b_few) / total)), backward_factor
 
 
 def probe_flops(cache: Path | None = DEFAULT_CACHE, device: str = "cpu") -> float:

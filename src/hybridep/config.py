@@ -183,6 +183,12 @@ class TopologyConfig(_Strict):
     beyond the message's bytes (LogGP's overhead o: posting, matching, completing one transfer);
     messages pass a rank's engine one at a time, so an exchange with n peers takes at least
     2 n o. 0 = not charged. ``hybridep bench`` measures it on its ranks."""
+    rendezvous_s: TimeS = Field(default=0.0, alias="rendezvous")
+    """Seconds one blocking exchange between ranks costs beyond its bytes when they compute between
+    such calls (they reach it at different times; on shared cores they also wait to be scheduled):
+    charged per blocking call of the staged (hierarchical) exchange, whose inner stages run chunk by
+    chunk between expert computations. 0 = not charged (dedicated cores, one rank per GPU).
+    ``hybridep bench`` measures it on its ranks."""
 
     @model_validator(mode="after")
     def _check(self) -> TopologyConfig:
@@ -310,6 +316,14 @@ class ComputeConfig(_Strict):
     """Seconds per byte of expert weights a device holds for a layer, per forward + backward of the
     layer (the expert computation's cost beyond FLOPs); None = not charged (``hybridep bench``
     measures it on its ranks)."""
+    expert_backward_factor: _real(0, 100.0, lo_open=True) | None = None
+    """The expert computation's backward in multiples of its forward; None = 2 (the FLOP ratio;
+    ``hybridep bench`` measures it on its ranks: 2.4-2.8 on a CPU host, its weight gradients
+    memory-bound)."""
+    expert_weight_forward_share: _real(0, 1.0) | None = None
+    """Share of ``expert_weight_s_per_byte`` spent in the forward (the rest in the backward's weight
+    gradients); None = 1/3, in proportion to the FLOPs (``hybridep bench`` measures it: about 0 on
+    a CPU host)."""
 
 
 class CostTerms(_Strict):

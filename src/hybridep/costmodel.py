@@ -101,6 +101,12 @@ class Workload:
     """Seconds per byte of expert weights a device holds for a layer (its domain's experts), per
     forward + backward of that layer: the expert computation's cost beyond its FLOPs (more, smaller
     matmuls and weight gradients per expert held), see :func:`held_weights_s`."""
+    expert_backward_factor: float = 2.0
+    """The expert computation's backward in multiples of its forward (2 in FLOPs; memory-bound weight
+    gradients make it more, measured by ``hybridep bench``)."""
+    expert_weight_forward_share: float = 1.0 / 3.0
+    """Share of ``expert_weight_s_per_byte`` in the forward (the rest in the backward); 1/3 = in
+    proportion to the FLOPs."""
     expert_recompute: bool = False
     """The expert forward runs again in the backward pass, with its decode (compressed experts
     decoded one at a time under activation checkpointing, ``sr_decode="expert"``)."""
@@ -242,6 +248,10 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         codec_expert_s=cfg.compute.codec_expert_s or 0.0,
         optimizer_s_per_byte=cfg.compute.optimizer_s_per_byte or 0.0,
         expert_weight_s_per_byte=cfg.compute.expert_weight_s_per_byte or 0.0,
+        expert_weight_forward_share=(1.0 / 3.0 if cfg.compute.expert_weight_forward_share is None
+                                     else cfg.compute.expert_weight_forward_share),
+        expert_backward_factor=(2.0 if cfg.compute.expert_backward_factor is None
+                                else cfg.compute.expert_backward_factor),
         a2a_chunks=m.a2a_chunks,
         shortcut_s=(fl["attention"] / flops, fl["dense_ffn"] / flops) if shortcut else (0.0, 0.0),
         dense_outputs_bytes=m.tokens_per_gpu * m.hidden * m.dtype_bytes * (2 * m.blocks_before_moe + 1 + shortcut),
@@ -271,6 +281,11 @@ class Network:
     """Seconds a rank's communication engine is busy per message it sends or receives
     (``topology.message_overhead``; see :func:`engine_s`)."""
 
+    rendezvous_s: float = 0.0
+    """Seconds one blocking exchange costs beyond its bytes when the ranks compute between such
+    calls (``topology.rendezvous``): the peers reach it at different times and, on shared cores,
+    wait to be scheduled (see :func:`exchange_delay_s`)."""
+
     def gather_rate_factor(self, level: int) -> float:
         return 1.0 if self.gather_efficiency is None else self.gather_efficiency[level]
 
@@ -285,7 +300,7 @@ class Network:
         if cfg.topology.dc_bandwidth is not None:
             matrix = np.asarray(cfg.topology.dc_bandwidth, dtype=float) / 8.0
         return cls(topo, tuple(x.bandwidth_bps / 8.0 for x in lv), tuple(x.latency_s for x in lv), matrix,
-                   message_s=cfg.topology.message_overhead_s)
+                   message_s=cfg.topology.message_overhead_s, rendezvous_s=cfg.topology.rendezvous_s)
 
 
 @dataclass
@@ -359,8 +374,9 @@ def exchange_delay_s(ex: Exchange, net: Network) -> float:
     largest measured per-stage delay (:attr:`Network.stage_delay_s`) of its ``delay_levels``. Such an
     exchange (a rail inside each DC while the communication threads run gather chains) is made of
     short transfers that each wait for their threads to be scheduled, as the measured gather stages
-    do; one over the shaped top-level links pays none (measured on the testbed)."""
-    return max((net.stage_delay(lv) for lv in ex.delay_levels), default=0.0)
+    do; one over the shaped top-level links pays none (measured on the testbed). Plus its blocking
+    calls' rendezvous (:attr:`Exchange.calls` x :attr:`Network.rendezvous_s`)."""
+    return max((net.stage_delay(lv) for lv in ex.delay_levels), default=0.0) + ex.calls * net.rendezvous_s
 
 
 def interleaved(ex: Exchange, terms: CostTerms) -> bool:
@@ -382,13 +398,28 @@ def _a2a_phase(ex: Exchange, net: Network, terms: CostTerms) -> tuple[float, lis
         return parts[0]
     seconds = sum(t for t, _, _ in parts)
     if ex.chunks > 1:
-        tau = [_stage_phase(_one_chunk(stage, ex.chunks), net, terms)[0] for stage in stages]
+        tau = _chunk_stages_s(stages, ex.chunks, net, terms)
         level0 = next((lv for lv, n in enumerate(stages[0].peers_by_level) if n > 0), 0)
         a0 = net.latency_s[level0] if terms.latency else 0.0
         b0, w = max(0.0, tau[0] - a0), sum(tau[1:])
         seconds = a0 + b0 + w + (ex.chunks - 1) * max(b0, w)
     return (seconds, [float(sum(x)) for x in zip(*(b for _, b, _ in parts), strict=True)],
             [float(sum(x)) for x in zip(*(b for _, _, b in parts), strict=True)])
+
+
+def _chunk_stages_s(stages: list[Exchange], chunks: int, net: Network, terms: CostTerms) -> list[float]:
+    """Seconds of one phase of each stage as one of ``chunks`` equal chunks carries it."""
+    return [_stage_phase(_one_chunk(stage, chunks), net, terms)[0] for stage in stages]
+
+
+def on_thread_s(ex: Exchange, net: Network, terms: CostTerms) -> float:
+    """Seconds per phase the compute thread spends in a pipelined exchange in stages: every chunk's
+    stages past the first run on it, between the experts of the chunks before and after (C times
+    their one-chunk time); 0 for other exchanges (their transfers travel while the thread works)."""
+    stages = ex.stages()
+    if ex.chunks == 1 or len(stages) == 1:
+        return 0.0
+    return ex.chunks * sum(_chunk_stages_s(stages[1:], ex.chunks, net, terms))
 
 
 def _one_chunk(ex: Exchange, chunks: int) -> Exchange:
@@ -490,16 +521,26 @@ def optimizer_s(w: Workload, expert_copies: int = 1) -> float:
 
 
 def held_weights_s(w: Workload, experts_held: float) -> float:
-    """Forward share (1/3; the backward takes 2/3) of the per-layer cost of holding
-    ``experts_held`` times a device's own experts (the domain size; G for the compute-only run)."""
-    return w.expert_weight_s_per_byte * experts_held * w.expert_bytes / 3.0
+    """Seconds per layer, forward + backward, of holding ``experts_held`` times a device's own
+    experts (the domain size; G for the compute-only run)."""
+    return w.expert_weight_s_per_byte * experts_held * w.expert_bytes
+
+
+def held_weights_split(w: Workload, experts_held: float) -> tuple[float, float]:
+    """:func:`held_weights_s` as a schedule charges it: (forward seconds, its share
+    ``expert_weight_forward_share``, added to the expert compute; backward extra seconds, what the
+    backward adds beyond ``expert_backward_factor`` times that forward part). (1/3, 0) of the total
+    with the default share and factor 2."""
+    total = held_weights_s(w, experts_held)
+    forward = w.expert_weight_forward_share * total
+    return forward, total - forward - w.expert_backward_factor * forward
 
 
 def all_experts_fixed_s(w: Workload, world: int) -> float:
     """Seconds per iteration a device that holds and updates every expert (the compute-only
     reference) spends beyond its FLOPs: the optimizer step over all experts and the cost of holding
     them in the expert computation (forward + backward, every layer and micro-batch)."""
-    held = 3.0 * held_weights_s(w, world) * w.layers * w.micro_batches
+    held = held_weights_s(w, world) * w.layers * w.micro_batches
     return optimizer_s(w, world) + held
 
 
@@ -570,17 +611,20 @@ class _Streams:
     """Per layer: one dispatch's (seconds, cluster-wide bytes per level, busiest port's seconds per level)."""
     e: list[float]
     """Per layer: the busiest rank's forward expert compute (seconds)."""
+    thread: list[float]
+    """Per layer: seconds per phase its exchange keeps the compute thread (:func:`on_thread_s`)."""
     tp_s: float = 0.0
     """Per layer and micro-batch: the tensor-parallel groups' blocking collectives, one way (seconds)."""
 
     @classmethod
     def of(cls, s: Schedule, net: Network, terms: CostTerms) -> _Streams:
         cache: dict[int, tuple[float, list[float], list[float]]] = {}  # layers often share one exchange
+        thread: dict[int, float] = {}
         for ex in s.exchanges:
             if id(ex) not in cache:
-                cache[id(ex)] = _a2a_phase(ex, net, terms)
+                cache[id(ex)], thread[id(ex)] = _a2a_phase(ex, net, terms), on_thread_s(ex, net, terms)
         return cls(s, net, terms, [cache[id(ex)] for ex in s.exchanges], _expert_s(s, terms),
-                   _stages_time(s, s.tp_stages, net, terms))
+                   [thread[id(ex)] for ex in s.exchanges], _stages_time(s, s.tp_stages, net, terms))
 
     @property
     def a2a(self) -> list[float]:
@@ -614,15 +658,18 @@ class _Streams:
         d, c = self.s.overlap_s
         return 2 * c, 2 * d
 
-    def exchange(self, a: float, x: float, hidden: tuple[float, float] = (0.0, 0.0)) -> float:
+    def exchange(self, a: float, x: float, hidden: tuple[float, float] = (0.0, 0.0), w: float = 0.0) -> float:
         """Dispatch (``a``), experts (``x``) and combine (``a``), with ``hidden`` seconds of compute
         beside the dispatch and beside the combine: max(a, h0) + x + max(a, h1). Pipelined in C
         chunks (no compute beside them) the experts of one chunk overlap the others' transfers:
-        max(2a + x/C, x + 2a/C)."""
+        max(2a + x/C, x + 2w + 2a/C) -- the transfers and one chunk's experts, or the compute thread's
+        work: the experts and the later stages of both phases (``w`` seconds each, see
+        :func:`on_thread_s`; ``a`` holds one chunk's of them already) between the first chunk's
+        arrival and the last one's return."""
         c = self.chunks
         if c == 1:
             return max(a, hidden[0]) + x + max(a, hidden[1])
-        return max(2 * a + x / c, x + 2 * a / c) + sum(hidden)
+        return max(2 * a + x / c, x + 2 * w + 2 * a / c) + sum(hidden)
 
     def beside(self, left: list[float], phase: list[float]) -> tuple[float, list[float]]:
         """An all-to-all phase keeping each level's busiest port busy ``phase[lv]`` seconds alone,
@@ -648,13 +695,14 @@ def _forward(st: _Streams, ag_t: float, ag_busy: list[float]) -> tuple[float, li
     combine and layer l+1's dispatch -- share the ports it uses (see :meth:`_Streams.beside`).
     Without: the paper's max(Lat_PE, Lat_AG) + 2 Lat_A2A per layer."""
     s, pf, a2a, a2a_busy, codec, hid = st.s, st.pf, st.a2a, st.a2a_busy, st.s.codec_s, st.hidden_forward
-    steps = [pf + st.exchange(a, x, hid) for a, x in zip(a2a, st.e, strict=True)]
+    steps = [pf + st.exchange(a, x, hid, w) for a, x, w in zip(a2a, st.e, st.thread, strict=True)]
     rest = (s.micro_batches - 1) * sum(steps)  # the later micro-batches: their gathers are in
     if not st.terms.overlap:
-        return sum(max(pf, ag_t) + codec + st.exchange(a, x, hid) for a, x in zip(a2a, st.e, strict=True)) + rest, steps
+        return sum(max(pf, ag_t) + codec + st.exchange(a, x, hid, w)
+                   for a, x, w in zip(a2a, st.e, st.thread, strict=True)) + rest, steps
     slow_d, left = st.beside(_alone(ag_busy, pf), a2a_busy[0])
     t_c, ag_start, yielded = 0.0, 0.0, slow_d
-    for i, (a, x) in enumerate(zip(a2a, st.e, strict=True)):
+    for i, (a, x, w) in enumerate(zip(a2a, st.e, st.thread, strict=True)):
         # the chunked exchange takes the experts before its dispatch
         taken = max(a, hid[0]) if st.chunks == 1 else 0.0
         ag_start = max(t_c + pf + taken + slow_d, ag_start + ag_t + yielded)  # = next gather issued
@@ -663,7 +711,7 @@ def _forward(st: _Streams, ag_t: float, ag_busy: list[float]) -> tuple[float, li
         if i + 1 < s.layers:
             slow_d, left = st.beside(_alone(left, a - max(a2a_busy[i]) + pf), a2a_busy[i + 1])
         yielded = slow_c + slow_d
-        t_c = ag_start + codec + st.exchange(a, x, hid) - taken + slow_c
+        t_c = ag_start + codec + st.exchange(a, x, hid, w) - taken + slow_c
     return t_c + rest, steps
 
 
@@ -690,7 +738,7 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
     # the pre-expert backward (its tensor-parallel collectives once more): 2 pe per layer below
     s, pe, a2a, a2a_busy, hid = st.s, st.s.pre_dispatch_s + st.tp_s / 2, st.a2a, st.a2a_busy, st.hidden_backward
     factor, extra = s.backward_factor, s.backward_extra_s
-    steps = [st.exchange(a, factor * x + extra, hid) + 2 * pe for a, x in zip(a2a, st.e, strict=True)]
+    steps = [st.exchange(a, factor * x + extra, hid, w) + 2 * pe for a, x, w in zip(a2a, st.e, st.thread, strict=True)]
     compute = s.micro_batches * sum(2 * s.pre_expert_s + factor * x + extra for x in st.e)
     last_start = (s.micro_batches - 1) * sum(steps)
     if not st.terms.overlap:
@@ -705,7 +753,7 @@ def _backward(st: _Streams, rs_t: float, rs_busy: list[float]) -> _Backward:
             m2, _ = st.beside(_alone(left, a2a[i] - max(a2a_busy[i]) + x), a2a_busy[i])
             rs_free += m1 + m2
             t += 2 * pe + m1 + m2
-        t += st.exchange(a2a[i], x, hid)
+        t += st.exchange(a2a[i], x, hid, st.thread[i])
         issued = max(t, rs_free)
         rs_free = issued + rs_t
     t += 2 * pe

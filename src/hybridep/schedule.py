@@ -19,8 +19,8 @@ The iteration the evaluators run (streams and dependencies):
   terms' ``overlap``) layer 0's is issued at the start and layer l+1's when layer l takes its
   experts, else each at its layer's forward start;
 * backward, per micro-batch and layer (last first): the exchange again with ``backward_factor``
-  times the expert compute (plus ``backward_extra_s``), then ``2 pre_expert_s + backward_extra_s``
-  (a shortcut block computes twice its overlapped parts beside the mirrors of combine and dispatch);
+  times the expert compute plus ``backward_extra_s``, then ``2 pre_expert_s`` (a shortcut block
+  computes twice its overlapped parts beside the mirrors of combine and dispatch);
   after the last micro-batch's expert backward of each layer, its :attr:`Schedule.reduce_scatter`
   chain (stages in their order), one chain after the other;
 * the dense gradients' synchronisation (:attr:`Schedule.grad_sync`: DDP's buckets, each through
@@ -80,6 +80,11 @@ class Exchange:
     then: Exchange | None = None
     """The next stage of a dispatch in stages (each stage's all-to-all waits for the previous one;
     the combine retraces them, last first), or None: this is the last (or only) stage."""
+    calls: float = 0.0
+    """Blocking exchanges the compute thread makes with the stage's peers per chunk, per phase
+    (dispatch, combine and their backwards, averaged): each a rendezvous that costs the network's
+    ``rendezvous_s`` beyond its bytes (0: the phase's transfers are issued and waited for once,
+    while its bytes travel)."""
 
     def stages(self) -> list[Exchange]:
         """This exchange and the stages that follow it, in dispatch order."""
@@ -196,8 +201,9 @@ class Schedule:
     backward_factor: float
     """The backward's expert compute in multiples of the forward's (2, or 3 with recomputation)."""
     backward_extra_s: float
-    """Compute the backward adds per layer and micro-batch to the experts and to the pre-expert part
-    each (decoding again under recomputation)."""
+    """Compute the backward adds per layer and micro-batch to every rank's expert compute (decoding
+    again under recomputation; the weight gradients' cost of the experts held beyond
+    ``backward_factor`` times its forward share)."""
     exchanges: tuple[Exchange, ...]
     """Per layer."""
     counts: CountExchange | None

@@ -173,6 +173,7 @@ class IterationSim:
         n_cls = 0
         peers_by_level = self._a2a_peers if stage is None else stage.peers_by_level
         flow_bytes = self.flow_bytes[layer] if stage is None else stage.flow_bytes
+        a2a_lat = self.a2a_lat if stage is None else [x + exchange_delay_s(stage, self.net) for x in self.lat]
         for lv in range(self.L):
             n = peers_by_level[lv]
             if n == 0:
@@ -181,7 +182,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(ranks))
                 sizes.append(flow_bytes[ranks] * scale)
                 counts.append(np.full(len(ranks), float(n)))
-                lats.append(np.full(len(ranks), self.a2a_lat[lv]))
+                lats.append(np.full(len(ranks), a2a_lat[lv]))
                 rel.append(release)
                 owner.append(ranks)
                 other.append(np.full(len(ranks), -1))  # folded: the senders are not tracked
@@ -200,7 +201,7 @@ class IterationSim:
                 cls = n_cls + np.arange(len(b))
                 sizes.append(flow_bytes[b] * scale)
                 counts.append(np.ones(len(b)))
-                lats.append(np.full(len(b), self.a2a_lat[lv]))
+                lats.append(np.full(len(b), a2a_lat[lv]))
                 rel.append(np.repeat(release, n))
                 owner.append(b)
                 other.append(a)
@@ -345,7 +346,7 @@ class IterationSim:
         batch = self._stage_batch(op, stage, f"{label} {self.topology.names[stage.level]}")
         self._collective(batch, op, lambda t: self._staged(op, rest, label, then))
 
-    def _staged_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
+    def _staged_step(self, layer: int, name: str, work: np.ndarray, need_experts: int | None, then,
                      on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
         """A dispatch in stages (:attr:`~hybridep.schedule.Exchange.then`): each stage's all-to-all
         once the previous one is delivered everywhere, every rank's experts once the last stage is in
@@ -354,7 +355,7 @@ class IterationSim:
         :meth:`_pipelined_stages`."""
         stages = self.s.exchanges[layer].stages()
         if stages[0].chunks > 1:
-            return self._pipelined_stages(layer, name, compute_factor, need_experts, then, on_experts, on_launch,
+            return self._pipelined_stages(layer, name, work, need_experts, then, on_experts, on_launch,
                                           hidden)
         start, ranks = self.eng.now, np.arange(self.G)
         done = {"experts": start}
@@ -376,7 +377,7 @@ class IterationSim:
         def launch(t: float) -> None:
             if on_launch is not None:
                 on_launch(t)
-            end = t + float((compute_factor * self.expert_s[layer]).max())
+            end = t + float(work.max())
             self._span("compute", f"experts {name}", t, end)
             if on_experts is not None:
                 on_experts(end)
@@ -393,7 +394,7 @@ class IterationSim:
 
         dispatch(0, start)
 
-    def _pipelined_stages(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
+    def _pipelined_stages(self, layer: int, name: str, work: np.ndarray, need_experts: int | None, then,
                           on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
         """A dispatch in stages pipelined in C chunks (MoNTA), as the runtime runs it: the chunks'
         first (outermost) stage one after the other on its connections (1/C of the bytes each); one
@@ -445,7 +446,7 @@ class IterationSim:
         def compute(c: int, t: float) -> None:
             if c == 0 and on_launch is not None:
                 on_launch(t)
-            end = t + float((compute_factor * self.expert_s[layer]).max()) / chunks
+            end = t + float(work.max()) / chunks
             st["expert_start"], st["expert_end"] = min(st["expert_start"], t), end
             if c == chunks - 1:
                 self._span("compute", f"experts {name}", st["expert_start"], end)
@@ -473,7 +474,7 @@ class IterationSim:
         else:
             then(t)
 
-    def _moe_step(self, layer: int, name: str, compute_factor: float, need_experts: int | None, then,
+    def _moe_step(self, layer: int, name: str, work: np.ndarray, need_experts: int | None, then,
                   on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
         """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks;
         ``hidden``: seconds every rank computes beside the dispatch (its experts start no earlier
@@ -488,7 +489,7 @@ class IterationSim:
         has started its last chunk); ``on_launch(t)`` when the first rank starts its experts (its
         tokens in, its layer's experts gathered)."""
         if self.s.exchanges[layer].then is not None:
-            return self._staged_step(layer, name, compute_factor, need_experts, then, on_experts, on_launch, hidden)
+            return self._staged_step(layer, name, work, need_experts, then, on_experts, on_launch, hidden)
         start = self.eng.now
         ranks = np.arange(self.G)
         chunks = self._chunks if any(self._a2a_peers) else 1
@@ -524,7 +525,7 @@ class IterationSim:
             if st["launched"] == 0 and on_launch is not None:
                 on_launch(t)
             begin = np.maximum(t, busy[bs])
-            end = begin + compute_factor * self.expert_s[layer, bs] / chunks
+            end = begin + work[bs] / chunks
             busy[bs] = end
             st["launched"] += len(bs)
             st["expert_start"] = min(st["expert_start"], t)
@@ -624,7 +625,8 @@ class IterationSim:
             t = self.eng.now
             self._span("a2a", f"row counts L{layer} mb{m}", t, t + self._counts_s)
             self.eng.at(t + self._counts_s, lambda: self._moe_step(
-                layer, f"L{layer} mb{m}", 1.0, need, lambda t: self._forward(m, layer + 1), on_launch=on_launch,
+                layer, f"L{layer} mb{m}", self.expert_s[layer], need, lambda t: self._forward(m, layer + 1),
+                on_launch=on_launch,
                 hidden=s.overlap_s))
 
         self.eng.at(t0 + pre, lambda: self._staged("tp", s.tp_stages, f"tp L{layer} mb{m}", lambda t: exchange()))
@@ -647,13 +649,14 @@ class IterationSim:
                 self.eng.at(t, lambda: (self._rs_queue.append(layer), self._next_rs()))
 
         def after(t: float) -> None:
-            span = 2 * s.pre_dispatch_s + s.backward_extra_s  # (with recompute: the decode again)
+            span = 2 * s.pre_dispatch_s
             self._span("compute", f"pre-expert bwd L{layer} mb{m}", t, t + span)
             self.eng.at(t + span, lambda: self._staged("tp", s.tp_stages, f"tp bwd L{layer} mb{m}",
                                                       lambda tt: self._backward(m, layer - 1)))
 
         d, c = s.overlap_s  # the mirrors of the combine, then of the dispatch
-        self._moe_step(layer, f"bwd L{layer} mb{m}", s.backward_factor, None, after, experts_done,
+        work = s.backward_factor * self.expert_s[layer] + s.backward_extra_s
+        self._moe_step(layer, f"bwd L{layer} mb{m}", work, None, after, experts_done,
                        hidden=(2 * c, 2 * d))
 
     def _next_micro_batch(self, m: int) -> None:

@@ -227,6 +227,12 @@ def crossings_per_token(dom: Domains, w: Workload, dedup: tuple[int, ...], layer
             for lv, hits in destination_hits(dom, w, dedup, layer).items()}
 
 
+STAGE_CALLS = 1.5
+"""Blocking exchanges per stage, chunk and phase of the runtime's staged exchange
+(:class:`~hybridep.parallel.hierarchical.HierarchicalStyle`): the dispatch's row counts, rows and
+expert ids, the combine's rows, one each in the backward -- 6 over the 4 phases."""
+
+
 def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Exchange | None,
            chunks: int = 1) -> Exchange:
     """The all-to-all of one stage over ``lv`` (``hits``: :func:`destination_hits` there;
@@ -234,7 +240,10 @@ def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Ex
     with domain ids X receives the crossings into X from origins elsewhere at l and sends those of
     the tokens it holds into X's siblings, shared by the workers alike but for their offsets; two
     messages to and from each stage peer (the rows, the ids) per chunk; ``then``: the next stage;
-    ``chunks``: the stages pipelined in that many chunks."""
+    ``chunks``: the stages pipelined in that many chunks. Each stage makes :data:`STAGE_CALLS`
+    blocking calls per chunk and phase, but the first of a pipelined exchange: its chunks are
+    issued at once (their row counts in one exchange, priced apart) and travel while the compute
+    thread works."""
     topo = dom.topology
     g, r = topo.world_size, dom.rail_factors[lv]
     alike = math.prod(dom.sizes[: lv + 1])  # topology workers per destination worker
@@ -252,7 +261,8 @@ def _stage(dom: Domains, lv: int, hits: np.ndarray, token_bytes: float, then: Ex
     return Exchange(ports=tuple(ports), peers_by_level=tuple(r - 1 if x == lv else 0 for x in range(topo.num_levels)),
                     flow_bytes=flow, groups=functools.partial(dom.rail_stage_groups, lv),
                     top_pair_bytes=functools.partial(_top_pairs, dom, lv, float(ingress.mean()) / (r - 1)),
-                    messages=4 * (r - 1) * chunks, chunks=chunks, interleaved_top=False, delay_levels=(), then=then)
+                    messages=4 * (r - 1) * chunks, chunks=chunks, interleaved_top=False, delay_levels=(), then=then,
+                    calls=0.0 if chunks > 1 and lv == dom.rail_levels()[0] else STAGE_CALLS)
 
 
 def _top_pairs(dom: Domains, lv: int, pair_bytes: float) -> np.ndarray:

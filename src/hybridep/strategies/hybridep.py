@@ -41,7 +41,7 @@ from hybridep.costmodel import (
     Workload,
     device_expert_s,
     evaluate,
-    held_weights_s,
+    held_weights_split,
     optimizer_s,
     workload_from_config,
 )
@@ -441,7 +441,7 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
     grids = [domain_load_grid(dom, w, lv) for lv in distinct]
     shares = [grid[dom_ids] for grid in grids]
     exchanges = [_exchange(dom, w, grid, share, chunks) for grid, share in zip(grids, shares, strict=True)]
-    held = held_weights_s(w, dom.domain_size) * chunks  # once per chunk
+    held, held_bwd = (chunks * s for s in held_weights_split(w, dom.domain_size))  # once per chunk
     expert_s = np.stack([device_expert_s(w, share * dom.rail_size, g) + held for share in shares])
     if not w.per_layer:
         exchanges, expert_s = exchanges * w.layers, np.repeat(expert_s, w.layers, axis=0)
@@ -449,7 +449,8 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
     levels = dom.rail_levels()
     return Schedule(
         topology=topo, layers=w.layers, micro_batches=w.micro_batches, pre_expert_s=w.pre_expert_s,
-        codec_s=codec_s(dom, w), expert_s=expert_s, backward_factor=2.0 + rc, backward_extra_s=redo,
+        codec_s=codec_s(dom, w), expert_s=expert_s, backward_factor=w.expert_backward_factor + rc,
+        backward_extra_s=redo + held_bwd,
         exchanges=tuple(exchanges),
         counts=CountExchange(tuple(levels), 2 * (dom.rail_size - 1)) if levels else None,
         gather=_stages(dom, lambda lv: w.sent_expert_bytes),

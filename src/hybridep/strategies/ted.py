@@ -39,7 +39,7 @@ import numpy as np
 from torch import nn
 
 from hybridep.config import Config
-from hybridep.costmodel import Workload, held_weights_s
+from hybridep.costmodel import Workload, held_weights_split
 from hybridep.migration.sr import SRSettings
 from hybridep.parallel.comm import Communicator
 from hybridep.schedule import Schedule, Stage
@@ -123,12 +123,15 @@ class TedSpec(HybridEPSpec):
         group wait for each other at every layer's TP collectives)."""
         dom = self.exchange_domains()
         base = build_schedule(dom, w)
-        surplus = held_weights_s(w, dom.domain_size - math.prod(self.domain_sizes))
+        chunks = base.exchanges[0].chunks if base.exchanges else 1  # HybridEP charges holding once per chunk
+        extra_held = dom.domain_size - math.prod(self.domain_sizes)
+        surplus, surplus_bwd = (chunks * s for s in held_weights_split(w, extra_held))
         # the TP groups' collectives keep their members' rails in lockstep: no drifting apart
         exchanges = tuple(replace(ex, interleaved_top=False) for ex in base.exchanges)
         return replace(base, exchanges=exchanges, gather=self.shard_stages(base.gather),
                        reduce_scatter=self.shard_stages(base.reduce_scatter),
-                       expert_s=base.expert_s - surplus, codec_s=0.0, tp_stages=self.tp_stages(w),
+                       expert_s=base.expert_s - surplus, backward_extra_s=base.backward_extra_s - surplus_bwd,
+                       codec_s=0.0, tp_stages=self.tp_stages(w),
                        backward_factor=base.backward_factor + (1.0 if self.cac else 0.0))
 
     def shard_stages(self, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
