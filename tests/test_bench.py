@@ -68,6 +68,8 @@ def test_bench_smoke(tmp_path):
         assert strategies[name]["dense_bytes_by_level"]["dc"] > 0
     cal = report["calibration"]
     assert cal["processors"] >= 1 and cal["optimizer_s_per_byte"] > 0 and cal["expert_weight_s_per_byte"] >= 0
+    assert 0 <= cal["expert_weight_forward_share"] <= 1 and cal["expert_backward_factor"] > 0
+    assert cal["rendezvous_s"] >= 0 and 0 <= cal["overlap_efficiency"] <= 1
     assert (tmp_path / "run" / "bench.png").stat().st_size > 1000
     # the measured timelines: every rank's forward, backward and optimizer step in each timed step, and
     # the expert gathers and reduce-scatters of full-domain HybridEP on the communication thread
@@ -162,6 +164,9 @@ def test_link_calibration_measures_the_gather_while_computing():
         assert [len(t) for t in cal["busy_gather_seconds_by_level"]] == [2, 2]
         assert all(t > 0 for level in cal["busy_gather_seconds_by_level"] for t in level)
         assert 0 < cal["message_s"] < 0.01  # gloo over loopback: microseconds per message, not ms
+        assert 0 <= cal["rendezvous_s"] < 1.0 and 0 <= cal["overlap_efficiency"] <= 1
+        seconds = cal["overlap_seconds"]  # the exchange sized to take about as long as the experts
+        assert min(seconds["transfer"], seconds["compute"], seconds["both"]) > 0 and seconds["rows_per_peer"] >= 1
 
 
 def test_bench_candidates_runs_the_best_of_every_family_instead_of_every_size():

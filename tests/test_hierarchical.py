@@ -93,6 +93,36 @@ def test_pipelined_stages_overlap_the_slow_stage_in_the_model_and_the_simulator(
     assert iters[4][0] < iters[1][0] and iters[4][1] < iters[1][1]
 
 
+def test_each_blocking_call_of_the_stages_pays_the_rendezvous_in_the_model_and_the_simulator():
+    """``topology.rendezvous`` r: every stage of the staged exchange makes 1.5 blocking calls per
+    phase (counts, rows, ids; the combine's rows; one each in the backward), so the unchunked
+    hierarchical exchange on 2 levels takes 4 phases x 2 stages x 1.5 r longer per layer in both
+    evaluators; the one-stage exchange makes none. Pipelined, the inner stages run on the compute
+    thread: with experts longer than the transfers, every chunk's calls add to the iteration (C x
+    the unchunked inner stage's), in both evaluators."""
+    from hybridep.sim.iteration import run_schedule
+
+    r = 2e-3
+    for flops, chunks in (("20TFLOP/s", 1), ("500MFLOP/s", 4)):
+        cfgs = [load_config(None, ["moe.top_k=4", f"compute.flops={flops}", f"topology.rendezvous={x}"])
+                for x in (0.0, r)]
+        topo = cfgs[0].topology.as_topology()
+        layers = cfgs[0].moe.layers
+        for name, calls in (("ep", 0.0), ("hierarchical" if chunks == 1 else f"ep+chunks{chunks}+hier", 1.5)):
+            spec = parse(name, topo)
+            s = spec.schedule(spec.workload(cfgs[0]))
+            model = [evaluate(s, Network.from_config(c), c.terms).iteration_s for c in cfgs]
+            sim = [run_schedule(s, Network.from_config(c), c.terms).iteration_s for c in cfgs]
+            if chunks == 1:
+                extra = 4 * 2 * calls * r * layers
+                assert model[1] - model[0] == pytest.approx(extra, abs=1e-9), name
+                assert sim[1] - sim[0] == pytest.approx(extra, rel=1e-3, abs=1e-9), name
+            else:  # the inner stage's calls of every chunk, forward and backward, on the compute thread
+                assert model[1] - model[0] >= 4 * chunks * calls * r * layers - 1e-9
+                assert sim[1] - sim[0] >= 4 * chunks * calls * r * layers - 1e-9
+                assert model[1] == pytest.approx(sim[1], rel=0.1)
+
+
 def test_the_cost_model_charges_the_stages_bytes():
     """Top-4 over 4 DCs x 1: the model's cross-DC all-to-all bytes of ``hierarchical`` are EP's times
     E[distinct other DCs] / E[other-DC pairs] (and per crossing the mean of the four directions' k

@@ -57,3 +57,17 @@ def test_planning_1000_dcs_over_the_whole_space_stays_interactive():
     start = time.perf_counter()
     result = plan(cfg)
     assert len(result.candidates) > 100 and time.perf_counter() - start < 60
+
+
+def test_a_ted_candidate_reports_its_rails_and_holders_not_its_position_sizes_as_ranks():
+    """TED's domain sizes partition the EP positions: its plan row's p is the positions' (share of
+    the experts a position does not hold), its token pairs are its rails' among the ranks (one TP
+    index each) and its gather pairs every TP index's among the positions."""
+    cfg = load_config(None, ["topology.levels.1.count=4", "moe.experts=16"])
+    rows = [c for c in plan(cfg).candidates if c.tp == 2]
+    assert rows
+    for c in rows:
+        row, ranks, positions, held = c.to_dict(), 8, 4, c.domains.domain_size  # positions per domain
+        assert row["p"] == pytest.approx(1 - held / positions)
+        assert row["a2a_pairs"] == ranks * (positions // held - 1)  # a rail: one rank of each domain
+        assert row["ag_pairs"] == 2 * positions * (held - 1)  # each TP index's positions gather apart

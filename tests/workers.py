@@ -288,12 +288,22 @@ def sr_checks(rank, world, sizes):
 
 
 def link_calibration(rank, world):
-    """The bench's link calibration on loopback (2 DCs x 2 ranks), with the busy gather."""
-    from hybridep.bench_worker import calibrate_links, measure_message_s
+    """The bench's link calibration on loopback (2 DCs x 2 ranks), with the busy gather; the
+    rendezvous and overlap probes on a small expert model."""
+    from hybridep.bench_worker import (
+        calibrate_links,
+        measure_message_s,
+        measure_overlap_efficiency,
+        measure_rendezvous_s,
+    )
+    from hybridep.lm.model import LMConfig
 
     comm = Communicator(Topology(("dc", "gpu"), (2, 2)), 60.0)
     out = calibrate_links(comm, [1e8, 1e9], mib=0.25, reps=2, shard_bytes=8192)
     out["message_s"] = measure_message_s(comm, reps=3)
+    out["rendezvous_s"] = measure_rendezvous_s(comm, calls=4, reps=3)
+    lm = LMConfig(vocab=64, hidden=32, ffn=64, experts=8, top_k=2, layers=1, seq_len=16)
+    out.update(measure_overlap_efficiency(comm, lm, 256, reps=3))
     return out
 
 

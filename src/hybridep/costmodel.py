@@ -32,8 +32,8 @@ Streams (per MoE layer, per micro-batch; the paper's eq. for the forward pass):
 * optimizer step (``full``, when ``optimizer_s_per_byte`` is known): after the backward pass, over the
   device's dense parameters and the experts it owns (:func:`optimizer_s`).
 * port sharing (``full``): overlapped streams still share the ports, so the iteration is at least
-  the busiest level's bytes per port over its rate (the flow simulator shows the contention the
-  two-stream recurrence alone misses).
+  the busiest level's bytes per port over its rate, the dense gradients' sync included (the flow
+  simulator shows the contention the two-stream recurrence alone misses).
 
 ``paper`` mode = the same code with backward, latency, expert compute and gradient sync off.
 The exchange, gather and reduce-scatter are whatever the Schedule says: the HybridEP family's
@@ -322,7 +322,8 @@ class Prediction:
     ag_phase_s: float
     """One layer's expert all-gather."""
     port_bound_s: float = 0.0
-    """The average port of the busiest level busy with all its bytes (see ``port_sharing``)."""
+    """The average port of the busiest level busy with all its bytes, the dense sync's included (see
+    ``port_sharing``)."""
     bytes_by_level: dict[str, dict[str, float]] = field(default_factory=dict)
     """Cluster-wide bytes crossing each level's ports per iteration: {level: {a2a, ag, rs, total}}."""
 
@@ -845,11 +846,12 @@ def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Predict
     The larger of (a) the critical path of compute and message latency -- every layer and
     micro-batch runs its pre-expert compute, then the busiest rank's expert compute between a
     dispatch and a combine that each take at least the smallest latency of a level carrying
-    all-to-all traffic or the compute a shortcut block runs beside it (twice that for the backward,
-    with compute doubled) -- and (b) the time the
-    average port of each level needs for the bytes the port model charges to it (all-to-all,
-    gather and reduce-scatter; gradient sync left out). Both hold whatever the overlap, contention
-    or fairness, so the simulator's iteration may never fall below it. ``prediction``: this
+    all-to-all traffic or the compute a shortcut block runs beside it (for the backward twice
+    that, with the expert compute ``backward_factor`` times plus ``backward_extra_s``) -- and (b)
+    the time the average port of each level needs for the bytes the port model charges to it
+    (all-to-all, gather, reduce-scatter, tensor-parallel collectives and the dense gradients'
+    sync). Both hold whatever the overlap, contention or fairness, so the simulator's iteration
+    may never fall below it. ``prediction``: this
     schedule's :func:`evaluate` result, if already at hand.
     """
     e = sum(_expert_s(s, terms))  # all layers
@@ -860,20 +862,23 @@ def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Predict
     d, c = s.overlap_s  # a shortcut block's compute beside its dispatch and combine
     path = steps * (s.pre_dispatch_s + max(lat, d) + max(lat, c)) + s.micro_batches * e
     if terms.backward:
-        path += steps * (2 * s.pre_dispatch_s + max(lat, 2 * c) + max(lat, 2 * d)) + s.micro_batches * 2 * e
+        path += steps * (2 * s.pre_dispatch_s + max(lat, 2 * c) + max(lat, 2 * d) + s.backward_extra_s)
+        path += s.micro_batches * s.backward_factor * e
     prediction = prediction or evaluate(s, net, terms)
     return max(path, prediction.port_bound_s)
 
 
 def _port_bound(topo: Topology, by_level: dict[str, dict[str, float]], net: Network) -> float:
-    """max over levels of (bytes charged to the level / its number of ports) / port rate (seconds).
-    Zero with a pairwise DC link matrix (no shared top-level port)."""
+    """max over levels of (bytes charged to the level -- the expert exchanges', the collectives' and
+    the dense gradients' sync -- / its number of ports) / port rate (seconds). Zero with a pairwise
+    DC link matrix (no shared top-level port)."""
     if net.dc_link_bytes_per_s is not None:
         return 0.0
     out = 0.0
     for lv, name in enumerate(topo.names):
         workers = math.prod(topo.counts[: lv + 1])
-        out = max(out, by_level[name]["total"] / workers / net.port_bytes_per_s[lv])
+        level = by_level[name]
+        out = max(out, (level["total"] + level["dense"]) / workers / net.port_bytes_per_s[lv])
     return out
 
 

@@ -65,25 +65,36 @@ class Candidate:
             return HierarchicalSpec(topo, sizes, a2a_chunks=self.a2a_chunks, shortcut=self.shortcut)
         return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
 
+    def shares(self) -> tuple[Domains, Domains, int]:
+        """(the partition whose rails exchange tokens, the partition of expert holders, how many
+        holders' partitions there are): this candidate's domains, its domains, 1 -- for TED the
+        ranks' partition of its rails (:meth:`~hybridep.strategies.ted.TedSpec.exchange_domains`),
+        its domains over the EP positions, and ``tp`` (one per TP index, each gathering its shards)."""
+        if self.tp == 1:
+            return self.domains, self.domains, 1
+        topo = self.domains.topology
+        return self.spec.exchange_domains(), Domains(position_topology(topo, self.tp), self.domains.sizes), self.tp
+
     def to_dict(self) -> dict:
         names = self.domains.topology.names
         pred = self.prediction
+        rails, holders, copies = self.shares()
         return {
             "strategy": str(self.spec),
             "family": self.spec.family,
             "dense_sync": self.dense_sync,
             "domain_sizes": dict(zip(names, self.domains.sizes, strict=True)),
             "tp": self.tp,
-            "p": self.domains.p,
-            "p_volume": self.domains.p_volume,
+            "p": holders.p,
+            "p_volume": holders.p_volume,
             "predicted_iteration_s": pred.iteration_s,
             "breakdown_s": {
                 "compute": pred.compute_s, "a2a": pred.a2a_s, "ag": pred.ag_s, "rs": pred.rs_s,
                 "grad_sync": pred.grad_sync_s, "exposed_ag": pred.exposed_ag_s,
                 "exposed_rs": pred.exposed_rs_s, "exposed_grad_sync": pred.exposed_grad_sync_s,
             },
-            "a2a_pairs": self.domains.a2a_pairs(),
-            "ag_pairs": self.domains.ag_pairs(),
+            "a2a_pairs": rails.a2a_pairs(),
+            "ag_pairs": copies * holders.ag_pairs(),
             "bytes_by_level": pred.bytes_by_level,
         }
 
@@ -126,7 +137,7 @@ class PlanResult:
                 "strategy": str(self.choice.spec),
                 "dense_sync": self.choice.dense_sync,
                 "domain_sizes": dict(zip(names, self.choice.domains.sizes, strict=True)),
-                "p": self.choice.domains.p,
+                "p": self.choice.shares()[1].p,
                 "predicted_iteration_s": self.choice.prediction.iteration_s,
             },
             "ep_predicted_iteration_s": self.ep.prediction.iteration_s,
