@@ -71,3 +71,29 @@ def test_a_ted_candidate_reports_its_rails_and_holders_not_its_position_sizes_as
         assert row["p"] == pytest.approx(1 - held / positions)
         assert row["a2a_pairs"] == ranks * (positions // held - 1)  # a rail: one rank of each domain
         assert row["ag_pairs"] == 2 * positions * (held - 1)  # each TP index's positions gather apart
+
+
+def test_prefetch_is_weighed_where_it_can_win_and_unprefetched_gathers_are_exposed_alike():
+    """Unprefetched, each layer's gather runs when its experts are needed, alone: the model and the
+    simulator agree and expose every gather second; the planner weighs the unprefetched twin only
+    where the prefetched forward exposes more than all its gathers (none on the default
+    configuration), and with ``bench.prefetch: false`` chooses the prefetched twin of the best."""
+    from hybridep.sim.iteration import run_schedule
+    from hybridep.strategies import parse
+
+    cfg = load_config(None, ["moe.top_k=4"])
+    net = Network.from_config(cfg)
+    for name in ("hybridep+noprefetch(dc=2,gpu=2)", "hybridep+chunks2+noprefetch(dc=1,gpu=2)+hier"):
+        spec = parse(name, net.topology)
+        s = spec.schedule(spec.workload(cfg))
+        assert not s.prefetch
+        pr = evaluate(s, net, cfg.terms)
+        assert pr.exposed_ag_s == pytest.approx(pr.ag_s)  # every gather second exposed
+        assert run_schedule(s, net, cfg.terms).iteration_s == pytest.approx(pr.iteration_s, rel=0.02)
+        prefetched = parse(name.replace("+noprefetch", "+prefetch"), net.topology)
+        assert evaluate(prefetched.schedule(prefetched.workload(cfg)), net, cfg.terms).iteration_s < pr.iteration_s
+    assert not any(c.prefetch is not None for c in plan(cfg).candidates)
+    off = plan(load_config(None, ["moe.top_k=4", "bench.prefetch=false"]))
+    assert off.choice.prefetch is True and "+prefetch" in str(off.choice.spec)
+    twins = [c for c in off.candidates if c.prefetch]
+    assert twins and all(c.domains.domain_size > 1 and c.tp == 1 for c in twins)

@@ -124,6 +124,9 @@ class Workload:
     """Shortcut-connected blocks (ScMoE): the forward compute per layer and micro-batch, within
     ``pre_expert_s``, that the block runs while its dispatch / its combine is in flight (its attention
     / its dense FFN), seconds; (0, 0): standard blocks."""
+    prefetch: bool = True
+    """The expert gathers are prefetched (see :attr:`~hybridep.schedule.Schedule.prefetch`;
+    ``bench.prefetch`` or the spec's ``+[no]prefetch``)."""
     processors: int | None = None
     """Processors (CPU cores) all ranks share, when fewer than the ranks (a CPU testbed); None = one
     per rank (GPUs). ``expert_s`` is then the time with every rank busy, see :func:`device_expert_s`."""
@@ -253,6 +256,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
         expert_backward_factor=(2.0 if cfg.compute.expert_backward_factor is None
                                 else cfg.compute.expert_backward_factor),
         a2a_chunks=m.a2a_chunks,
+        prefetch=cfg.bench.prefetch,
         shortcut_s=(fl["attention"] / flops, fl["dense_ffn"] / flops) if shortcut else (0.0, 0.0),
         dense_outputs_bytes=m.tokens_per_gpu * m.hidden * m.dtype_bytes * (2 * m.blocks_before_moe + 1 + shortcut),
     )
@@ -694,10 +698,14 @@ def _forward(st: _Streams, ag_t: float, ag_busy: list[float]) -> tuple[float, li
     of the iteration, layer l+1's when layer l takes its experts (after its dispatch); layer l's
     experts wait for its gather. The all-to-alls issued while a gather is in flight -- layer l's
     combine and layer l+1's dispatch -- share the ports it uses (see :meth:`_Streams.beside`).
-    Without: the paper's max(Lat_PE, Lat_AG) + 2 Lat_A2A per layer."""
+    Without: the paper's max(Lat_PE, Lat_AG) + 2 Lat_A2A per layer. Unprefetched
+    (:attr:`~hybridep.schedule.Schedule.prefetch` False): each layer's gather when its experts are
+    needed, alone: Lat_PE + Lat_AG + 2 Lat_A2A per layer."""
     s, pf, a2a, a2a_busy, codec, hid = st.s, st.pf, st.a2a, st.a2a_busy, st.s.codec_s, st.hidden_forward
     steps = [pf + st.exchange(a, x, hid, w) for a, x, w in zip(a2a, st.e, st.thread, strict=True)]
     rest = (s.micro_batches - 1) * sum(steps)  # the later micro-batches: their gathers are in
+    if st.terms.overlap and not s.prefetch:
+        return sum(step + ag_t + codec for step in steps) + rest, steps
     if not st.terms.overlap:
         return sum(max(pf, ag_t) + codec + st.exchange(a, x, hid, w)
                    for a, x, w in zip(a2a, st.e, st.thread, strict=True)) + rest, steps

@@ -8,10 +8,12 @@ every dense-sync mode the configuration allows (``dense_sync: auto``: ``ring``,
 (all sizes 1) is always among them, so the choice is never predicted slower than EP. TED with
 duplicate-token dropping (``ted(tp=N,dtd,...)``) is weighed at every TP group size the innermost
 level and the model divide by and every partition of its EP positions (at the same global batch:
-a TP group trains on its ranks' batches together). With
-``planner.allow: [shortcut]`` every candidate is also weighed on shortcut-connected MoE blocks (a
-different model, so only when allowed). Ties (within 1e-9 relative) go to no tensor parallelism,
-then to the smaller expert domain (less memory, closer to EP), then to the earlier dense-sync mode
+a TP group trains on its ranks' batches together). Every candidate with gathers is also weighed
+with them prefetched the other way than ``bench.prefetch`` where that can be faster (unprefetched:
+each layer's gather when its experts are needed). With ``planner.allow: [shortcut]`` every
+candidate is also weighed on shortcut-connected MoE blocks (a different model, so only when
+allowed). Ties (within 1e-9 relative) go to no tensor parallelism, then to the smaller expert
+domain (less memory, closer to EP), then to the earlier dense-sync mode
 (``ring`` first), then to the one-stage exchange, then to the standard blocks.
 """
 
@@ -54,16 +56,20 @@ class Candidate:
     tp: int = 1
     """TED (``ted(tp=N,dtd)``) with TP groups of this many ranks, ``domains`` then partitioning the
     EP positions; 1: not TED."""
+    prefetch: bool | None = None
+    """The gathers prefetched (True) or gathered when needed (False); None: as configured
+    (``bench.prefetch``)."""
 
     @property
     def spec(self) -> HybridEPSpec:
-        """The strategy this candidate is (prefetch as configured)."""
+        """The strategy this candidate is."""
         topo, sizes = self.domains.topology, self.domains.sizes
         if self.tp > 1:
             return TedSpec(topo, sizes, a2a_chunks=self.a2a_chunks, tp=self.tp, dtd=True, shortcut=self.shortcut)
         if self.hier:
-            return HierarchicalSpec(topo, sizes, a2a_chunks=self.a2a_chunks, shortcut=self.shortcut)
-        return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, None, self.shortcut)
+            return HierarchicalSpec(topo, sizes, a2a_chunks=self.a2a_chunks, prefetch=self.prefetch,
+                                    shortcut=self.shortcut)
+        return HybridEPSpec(topo, sizes, self.sr_ratio, "dense", self.a2a_chunks, self.prefetch, self.shortcut)
 
     def shares(self) -> tuple[Domains, Domains, int]:
         """(the partition whose rails exchange tokens, the partition of expert holders, how many
@@ -208,6 +214,7 @@ def plan(cfg: Config, flops: float | None = None, net: Network | None = None) ->
         if fields.get("a2a_chunks") is not None:  # chunks act on rails across the outermost level only
             more = [c for c in more if c.domains.exchange_chunks(fields["a2a_chunks"]) > 1]
         cands += [dataclasses.replace(c, **fields) for c in more]
+    cands += _prefetch_twins(cfg, flops, net, cands)
     if len(cands) == len(result.candidates):
         return result
     return PlanResult(cands, _choose(cands, modes), result.ep, result.closed_form)
@@ -254,6 +261,26 @@ def _ted_candidates(cfg: Config, flops: float | None, net: Network, modes: list[
                 spec = TedSpec(topo, sizes, a2a_chunks=chunks, tp=tp, shortcut=shortcut)
                 if spec.exchange_domains().exchange_chunks(chunks) > 1:  # else: the same strategy
                     out.append(candidate(spec, mode))
+    return out
+
+
+def _prefetch_twins(cfg: Config, flops: float | None, net: Network, cands: list[Candidate]) -> list[Candidate]:
+    """Each candidate with gathers (TED's as configured) with its gathers prefetched the other way
+    than ``bench.prefetch`` (exact: no permission needed) -- scored only where it can win: the
+    unprefetched forward is the prefetched one's steps plus every gather whole, so it is faster
+    only where the prefetched forward exposes more than all its gathers' seconds (its all-to-alls
+    slowed by the gathers sharing their ports). With ``bench.prefetch`` false every candidate with
+    gathers gets its prefetched twin."""
+    other, out = not cfg.bench.prefetch, []
+    for c in cands:
+        pr = c.prediction
+        if c.tp > 1 or c.domains.domain_size == 1 or c.prefetch is not None:
+            continue
+        if cfg.bench.prefetch and pr.exposed_ag_s <= pr.ag_s * (1 + 1e-9):
+            continue  # dominated: the unprefetched twin is never faster
+        twin = dataclasses.replace(c, prefetch=other)
+        w = dataclasses.replace(twin.spec.workload(cfg, flops), dense_sync=c.dense_sync)
+        out.append(dataclasses.replace(twin, prediction=evaluate(twin.spec.schedule(w), net, cfg.terms)))
     return out
 
 
@@ -312,9 +339,10 @@ def plan_workload(net: Network, w: Workload, terms: CostTerms, modes: list[str] 
 def _choose(cands: list[Candidate], modes: list[str]) -> Candidate:
     """The fastest candidate; ties (within 1e-9 relative) to the smaller expert domain, the earlier
     dense-sync mode, the one-stage exchange, the standard blocks, no compression, the configured
-    chunks."""
+    chunks and prefetch."""
     order = {m: i for i, m in enumerate(modes)}
     best_t = min(c.prediction.iteration_s for c in cands)
     tied = [c for c in cands if c.prediction.iteration_s <= best_t * (1 + 1e-9)]
     return min(tied, key=lambda c: (c.tp, c.domains.domain_size, c.domains.sizes, order[c.dense_sync], c.hier,
-                                    c.shortcut, c.sr_ratio is not None, c.a2a_chunks is not None))
+                                    c.shortcut, c.sr_ratio is not None, c.a2a_chunks is not None,
+                                    c.prefetch is not None))

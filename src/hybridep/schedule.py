@@ -16,8 +16,9 @@ The iteration the evaluators run (streams and dependencies):
   (:attr:`Schedule.overlap_s`) computes part of ``pre_expert_s`` while its dispatch travels and
   part while its combine travels;
 * background, the gather chains: one per layer, stages one after the other; with prefetch (the cost
-  terms' ``overlap``) layer 0's is issued at the start and layer l+1's when layer l takes its
-  experts, else each at its layer's forward start;
+  terms' ``overlap`` and :attr:`Schedule.prefetch`) layer 0's is issued at the start and layer
+  l+1's when layer l takes its experts; unprefetched, each when its layer needs its experts;
+  without ``overlap``, each at its layer's forward start;
 * backward, per micro-batch and layer (last first): the exchange again with ``backward_factor``
   times the expert compute plus ``backward_extra_s``, then ``2 pre_expert_s`` (a shortcut block
   computes twice its overlapped parts beside the mirrors of combine and dispatch);
@@ -221,6 +222,10 @@ class Schedule:
     """Forward compute per layer and micro-batch, within ``pre_expert_s``, that runs while the
     dispatch / the combine is in flight (a shortcut block's attention / dense FFN; the backward runs
     twice each while the combine's / the dispatch's mirror travels); (0, 0): none."""
+    prefetch: bool = True
+    """The gathers follow the prefetch chain (layer 0's at the start, layer l+1's when layer l takes
+    its experts); False: each layer's is issued when the layer needs its experts (after a one-stage
+    unchunked dispatch, before a chunked one) and the experts wait for it, nothing beside it."""
 
     @property
     def pre_dispatch_s(self) -> float:

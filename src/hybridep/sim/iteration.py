@@ -369,6 +369,7 @@ class IterationSim:
 
         def experts(t: float) -> None:
             t = max(t, start + hidden[0])
+            self._need(need_experts, t)
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: launch(tt)))
                 return
@@ -438,6 +439,7 @@ class IterationSim:
             self._collective(batch(c, i, True, t), "a2a", lambda tt: dispatch(c, i + 1, tt))
 
         def experts(c: int, t: float) -> None:
+            self._need(need_experts, t)
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: compute(c, tt)))
                 return
@@ -488,6 +490,9 @@ class IterationSim:
         results back; ``on_experts(t)`` when the last expert compute ends (known once every rank
         has started its last chunk); ``on_launch(t)`` when the first rank starts its experts (its
         tokens in, its layer's experts gathered)."""
+        if self._gathered_first(layer, need_experts, lambda: self._moe_step(
+                layer, name, work, need_experts, then, on_experts, on_launch, hidden)):
+            return
         if self.s.exchanges[layer].then is not None:
             return self._staged_step(layer, name, work, need_experts, then, on_experts, on_launch, hidden)
         start = self.eng.now
@@ -516,6 +521,7 @@ class IterationSim:
         def experts_ready(c: int, bs: np.ndarray, t: float) -> None:
             t = max(t, start + hidden[0])
             go = functools.partial(launch, c)
+            self._need(need_experts, t)
             if need_experts is not None and need_experts not in self.ag_done:
                 self.waiting.setdefault(need_experts, []).append((bs, t, go))
                 return
@@ -593,8 +599,9 @@ class IterationSim:
         # the buckets' all-reduces run one after the other on their process group: the last one once
         # the backward has ended and the earlier ones are through
         self._last_waits = {"ready"} | ({"early"} if s.grad_sync.grad_bytes - self._last_bucket > 0 else set())
-        if self.terms.overlap and self._gathers:
-            self._gather(0)
+        self._issued: set[int] = set()
+        if self.terms.overlap and self._gathers and s.prefetch:
+            self._issue(0)
         self._forward(0, 0)
         self.eng.run()
         iteration = max(self._end.values())
@@ -615,7 +622,7 @@ class IterationSim:
             self._end["bwd"] = t0
             return self._next_micro_batch(m)
         if m == 0 and not self.terms.overlap and self._gathers:
-            self._gather(layer)
+            self._issue(layer)
         pre = s.pre_dispatch_s + (s.codec_s if m == 0 else 0.0)
         self._span("compute", f"pre-expert L{layer} mb{m}", t0, t0 + pre)
         need = layer if self._gathers else None
@@ -675,9 +682,34 @@ class IterationSim:
     def _chain(self, layer: int) -> None:
         """Layer ``layer`` took its experts: the prefetch chain issues the next layer's gather (once:
         every rank that launches the layer's experts reports it)."""
-        if self.terms.overlap and layer + 1 < self.s.layers and layer not in self._chained:
+        if self.terms.overlap and self.s.prefetch and layer + 1 < self.s.layers and layer not in self._chained:
             self._chained.add(layer)
-            self._gather(layer + 1)
+            self._issue(layer + 1)
+
+    def _issue(self, layer: int) -> None:
+        """Issue layer ``layer``'s gather chain unless it is out already."""
+        if layer not in self._issued:
+            self._issued.add(layer)
+            self._gather(layer)
+
+    def _need(self, layer: int | None, t: float | None = None) -> None:
+        """Layer ``layer`` needs its experts at ``t`` (default now): unprefetched, its gather goes out
+        then (once)."""
+        if layer is None or not self.terms.overlap or self.s.prefetch or layer in self._issued:
+            return
+        self._after(self.eng.now if t is None else t, lambda _t: self._issue(layer))
+
+    def _gathered_first(self, layer: int, need: int | None, retry) -> bool:
+        """Unprefetched, a chunked exchange takes its layer's experts before its dispatch: if they
+        are not in, issue their gather and ``retry()`` the step when it lands (returns True)."""
+        if need is None or self.s.prefetch or not self.terms.overlap or need in self.ag_done:
+            return False
+        if self.s.exchanges[layer].chunks == 1:
+            return False
+        self._need(need)
+        self.waiting.setdefault(need, []).append((np.arange(self.G), self.eng.now, lambda _bs, t: self._after(
+            t, lambda _t: retry())))
+        return True
 
     def _take(self, layer: int) -> None:
         self._taken.add(layer)

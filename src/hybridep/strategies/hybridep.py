@@ -154,13 +154,15 @@ class HybridEPSpec:
                        prefetch=self.prefetch if self.prefetch is not None else prefetch)
 
     def workload(self, cfg: Config, flops: float | None = None) -> Workload:
-        """The cost model's workload of ``cfg`` run under this spec (its compression, chunks and
-        block form)."""
+        """The cost model's workload of ``cfg`` run under this spec (its compression, chunks,
+        prefetch and block form)."""
         if self.shortcut and (cfg.moe is None or cfg.moe.blocks_before_moe < 1):
             raise StrategyError(f"strategy {self}: +shortcut needs model dimensions (a moe section) with "
                                 "moe.blocks_before_moe >= 1 (an MoE block's shortcut reads the block before it)")
         w = workload_from_config(cfg, flops, self.sr_ratio, self.sr_grads if self.compressed else None,
                                  self.shortcut if cfg.moe is not None else None)
+        if self.prefetch is not None:
+            w = dataclasses.replace(w, prefetch=self.prefetch)
         return w if self.a2a_chunks is None else dataclasses.replace(w, a2a_chunks=self.a2a_chunks)
 
     def schedule(self, w: Workload) -> Schedule:
@@ -456,7 +458,7 @@ def build_schedule(dom: Domains, w: Workload) -> Schedule:
         gather=_stages(dom, lambda lv: w.sent_expert_bytes),
         reduce_scatter=_stages(dom, w.sent_grad_bytes, reverse=True),
         grad_sync=dense_sync.schedule(topo, w), optimizer_s=optimizer_s(w),
-        overlap_s=w.shortcut_s if chunks == 1 else (0.0, 0.0))
+        overlap_s=w.shortcut_s if chunks == 1 else (0.0, 0.0), prefetch=w.prefetch)
 
 
 def predict(dom: Domains, w: Workload, net: Network, terms: CostTerms) -> Prediction:
