@@ -183,8 +183,8 @@ def measure_rendezvous_s(comm: Communicator, calls: int = 8, reps: int = 7) -> f
 
 
 def measure_overlap_efficiency(comm: Communicator, cfg: LMConfig, copies: int, reps: int = 7) -> dict:
-    """How much of a token exchange this host's ranks hide behind their expert compute (the cost
-    model's ``overlap_efficiency``, see :class:`~hybridep.costmodel.Network`): every rank times,
+    """How much of a token exchange this host's ranks hide behind their expert compute (recorded in
+    the calibration, not used by the cost model, which credits overlaps whole): every rank times,
     all at once, an all-to-all of rows among all ranks alone (T), the expert computation of one
     MoE layer of the bench model -- ``copies`` token copies over its experts, forward + backward --
     alone (X), and both at once: the all-to-all issued, the experts computed, the all-to-all waited

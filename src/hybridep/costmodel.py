@@ -838,7 +838,7 @@ def evaluate(s: Schedule, net: Network, terms: CostTerms) -> Prediction:
         compute += s.optimizer_s
         a2a_sum *= 2
     by_level = _bytes_by_level(st, _stages_total(s, s.gather), _stages_total(s, s.reduce_scatter))
-    port_bound = _port_bound(s.topology, by_level, net)
+    port_bound = _port_bound(s.topology, by_level, net, terms.grad_sync)
     if terms.port_sharing:
         iteration = max(iteration, port_bound)
     return Prediction(
@@ -876,17 +876,17 @@ def lower_bound(s: Schedule, net: Network, terms: CostTerms, prediction: Predict
     return max(path, prediction.port_bound_s)
 
 
-def _port_bound(topo: Topology, by_level: dict[str, dict[str, float]], net: Network) -> float:
-    """max over levels of (bytes charged to the level -- the expert exchanges', the collectives' and
-    the dense gradients' sync -- / its number of ports) / port rate (seconds). Zero with a pairwise
-    DC link matrix (no shared top-level port)."""
+def _port_bound(topo: Topology, by_level: dict[str, dict[str, float]], net: Network, dense: bool) -> float:
+    """max over levels of (bytes charged to the level -- the expert exchanges', the collectives' and,
+    with ``dense``, the dense gradients' sync -- / its number of ports) / port rate (seconds). Zero
+    with a pairwise DC link matrix (no shared top-level port)."""
     if net.dc_link_bytes_per_s is not None:
         return 0.0
     out = 0.0
     for lv, name in enumerate(topo.names):
         workers = math.prod(topo.counts[: lv + 1])
         level = by_level[name]
-        out = max(out, (level["total"] + level["dense"]) / workers / net.port_bytes_per_s[lv])
+        out = max(out, (level["total"] + (level["dense"] if dense else 0.0)) / workers / net.port_bytes_per_s[lv])
     return out
 
 

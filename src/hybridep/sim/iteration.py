@@ -478,10 +478,10 @@ class IterationSim:
 
     def _moe_step(self, layer: int, name: str, work: np.ndarray, need_experts: int | None, then,
                   on_experts=None, on_launch=None, hidden: tuple[float, float] = (0.0, 0.0)) -> None:
-        """Dispatch -> each rank's expert compute -> combine from that rank, in ``a2a_chunks`` chunks;
-        ``hidden``: seconds every rank computes beside the dispatch (its experts start no earlier
-        than that after the step's start) and beside the combine (the step ends no earlier than that
-        after the last expert compute) -- a shortcut block's.
+        """Dispatch -> each rank's expert compute (``work``: seconds per rank) -> combine from that
+        rank, in ``a2a_chunks`` chunks; ``hidden``: seconds every rank computes beside the dispatch
+        (its experts start no earlier than that after the step's start) and beside the combine (the
+        step ends no earlier than that after the last expert compute) -- a shortcut block's.
 
         Chunk c's flows (1/C of the bytes) follow chunk c-1's on the same connection (a flow class
         is released when its predecessor is delivered); a rank computes chunk c (1/C of its expert
