@@ -51,7 +51,7 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     times each after one warm-up, so that whatever else runs on the cores meanwhile (the other
     ranks' probes) slows all alike (timed one case after the other, the slope was 0 in one of three
     bench runs of one configuration, 2.3e-9 s/B in the other two; on this CPU host the forward
-    share is about 0: the cost is the backward's weight gradients)."""
+    share is 0.02-0.22: the cost is mostly the backward's weight gradients)."""
     import torch
 
     from hybridep.moe.experts import GroupedExperts

@@ -318,12 +318,12 @@ class ComputeConfig(_Strict):
     measures it on its ranks)."""
     expert_backward_factor: _real(0, 100.0, lo_open=True) | None = None
     """The expert computation's backward in multiples of its forward; None = 2 (the FLOP ratio;
-    ``hybridep bench`` measures it on its ranks: 2.4-2.8 on a CPU host, its weight gradients
+    ``hybridep bench`` measures it on its ranks: 2.6-3.7 on a CPU host, its weight gradients
     memory-bound)."""
     expert_weight_forward_share: _real(0, 1.0) | None = None
     """Share of ``expert_weight_s_per_byte`` spent in the forward (the rest in the backward's weight
-    gradients); None = 1/3, in proportion to the FLOPs (``hybridep bench`` measures it: about 0 on
-    a CPU host)."""
+    gradients); None = 1/3, in proportion to the FLOPs (``hybridep bench`` measures it: 0.02-0.22
+    on a CPU host)."""
 
 
 class CostTerms(_Strict):
