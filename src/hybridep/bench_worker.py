@@ -46,7 +46,6 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     the idle gather's time for the same bytes -- on shared cores a transfer waits for its sender's
     and receiver's threads to be scheduled, a delay per transfer rather than a rate, which
     an idle probe does not see."""
-    import time
 
     from hybridep.config import CostTerms
     from hybridep.costmodel import Network, Workload
@@ -57,15 +56,8 @@ def calibrate_links(comm: Communicator, rates_bps: list[float], mib: float = 4.0
     net = Network(topo, tuple(r / 8 for r in rates_bps), (0.0,) * topo.num_levels)
 
     def timed(op) -> list[float]:
-        """Seconds of ``reps`` calls of ``op`` on all ranks at once, after one warm-up."""
-        times = []
-        for _ in range(reps + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            op()
-            dist.barrier()
-            times.append(time.perf_counter() - start)
-        return times[1:]
+        """Seconds of ``reps`` calls of ``op`` on all ranks at once, each until every rank is done."""
+        return timed_together(lambda: (op(), dist.barrier()), reps)
 
     efficiency, seconds, gather_eff, busy_delay, busy_seconds = [], [], [], [], []
     for level, count in enumerate(topo.counts):
@@ -192,7 +184,6 @@ def measure_overlap_efficiency(comm: Communicator, cfg: LMConfig, copies: int, r
     min(T, X), clipped to [0, 1]: 1 when B = max(T, X), 0 when B = T + X; per rank from the
     medians of ``reps`` timed repetitions, then the median over ranks. Returns the efficiency and
     rank 0's medians (seconds)."""
-    import time
 
     from hybridep.moe.experts import GroupedExperts
 
@@ -212,13 +203,7 @@ def measure_overlap_efficiency(comm: Communicator, cfg: LMConfig, copies: int, r
         return lambda: comm.all_to_all_start(out, inp, [rows] * n, [rows] * n, world, "calibrate")
 
     def median_s(op) -> float:
-        times = []
-        for _ in range(reps + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+        return statistics.median(timed_together(op, reps))
 
     def both(start) -> None:
         work = start()
@@ -238,6 +223,20 @@ def measure_overlap_efficiency(comm: Communicator, cfg: LMConfig, copies: int, r
     hidden = (t_s + x_s - b_s) / max(min(t_s, x_s), 1e-9)
     return {"overlap_efficiency": ranks_median(min(1.0, max(0.0, hidden))),
             "overlap_seconds": {"transfer": t_s, "compute": x_s, "both": b_s, "rows_per_peer": rows}}
+
+
+def timed_together(op, reps: int) -> list[float]:
+    """This rank's seconds of ``reps`` calls of ``op``, each started on all ranks at once (a barrier
+    before it), after one untimed warm-up call."""
+    import time
+
+    times = []
+    for _ in range(reps + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def _while_computing(comm: Communicator, group: list[int], op) -> None:

@@ -68,7 +68,7 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     # experts' backward as measured
     w = workload_from_config(cfg, flops=1.0)
     w = dataclasses.replace(w, optimizer_s_per_byte=0.0, expert_weight_s_per_byte=0.0, codec_expert_s=0.0,
-                            expert_backward_factor=_configured_or_measured(
+                            expert_backward_factor=measured_rate(
                                 cfg, cal, "expert_backward_factor", w.expert_backward_factor))
     flops = evaluate(HybridEPSpec.ep(topo).schedule(w), net, cfg.terms).compute_s
     fixed = all_experts_fixed_s(dataclasses.replace(
@@ -81,22 +81,15 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
     return net, flops / compute
 
 
-def measured_rate(cfg: Config, calibration: dict | None, key: str) -> float:
-    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else 0
-    (``optimizer_s_per_byte``, ``expert_weight_s_per_byte``, ``codec_expert_s``)."""
+def measured_rate(cfg: Config, calibration: dict | None, key: str, default: float = 0.0) -> float:
+    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]`` (a measured 0
+    included), else ``default`` (``optimizer_s_per_byte``, ``expert_weight_s_per_byte``,
+    ``codec_expert_s``: 0 = not charged; ``expert_weight_forward_share``, ``expert_backward_factor``:
+    the workload's)."""
     configured = getattr(cfg.compute, key)
     if configured is not None:
         return configured
-    return measured(calibration, key) or 0.0
-
-
-def _configured_or_measured(cfg: Config, calibration: dict, key: str, default: float) -> float:
-    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]``, else
-    ``default`` (``expert_weight_forward_share``, ``expert_backward_factor``)."""
-    configured = getattr(cfg.compute, key)
-    if configured is not None:
-        return configured
-    value = calibration.get(key)
+    value = measured(calibration, key)
     return default if value is None else value
 
 
@@ -115,9 +108,9 @@ def measured_workload(cfg: Config, flops: float, spec: HybridEPSpec, result: dic
     w = dataclasses.replace(w, codec_expert_s=measured_rate(cfg, cal, "codec_expert_s"),
                             optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
                             expert_weight_s_per_byte=measured_rate(cfg, cal, "expert_weight_s_per_byte"),
-                            expert_weight_forward_share=_configured_or_measured(
+                            expert_weight_forward_share=measured_rate(
                                 cfg, cal, "expert_weight_forward_share", w.expert_weight_forward_share),
-                            expert_backward_factor=_configured_or_measured(
+                            expert_backward_factor=measured_rate(
                                 cfg, cal, "expert_backward_factor", w.expert_backward_factor),
                             expert_recompute=spec.compressed and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
