@@ -35,7 +35,7 @@ def selection(path: str) -> dict:
     model = calibrate(path, report)
     rates = report["probed_rates_bps"] or [lv.bandwidth_bps for lv in cfg.topology.levels]
     net_flops = calibrated_model(cfg, report["strategies"], rates, report.get("calibration"))
-    calibrated = calibrated_choice(cfg, net_flops, measured)
+    calibrated = calibrated_choice(cfg, net_flops, measured, report.get("calibration"))
     errors = [abs(r["model_error"]) for r in model["strategies"]]
     for row in model["strategies"]:  # the exposed exchange measured beside the model's
         row["exposed_a2a_s_by_rank"] = report["strategies"][row["strategy"]].get("exposed_a2a_s_by_rank")

@@ -123,6 +123,32 @@ def test_compute_calibration_takes_the_compute_only_optimizer_step_out():
     assert flops2 == pytest.approx(flops0 * 0.5 / (0.5 - opt_all - held))
 
 
+def test_the_calibrated_planner_prices_what_the_predictions_price():
+    """The bench's measured compute costs reach the planner's calibrated choice as they reach the
+    predictions of the runs: unset ``compute`` keys from the calibration (configured ones kept, the
+    processors only when fewer than the ranks, earlier key names read)."""
+    from hybridep.bench import calibrated_choice, predictions
+    from hybridep.calibration import calibrated_config, calibrated_model
+
+    cfg = load_config(overrides=["compute.expert_backward_factor=2.5"])
+    cal = {"efficiency_by_level": [1.0, 0.9], "optimizer_byte_s": 4e-9, "expert_weight_s_per_byte": 3e-9,
+           "expert_weight_forward_share": 0.05, "expert_backward_factor": 3.0, "processors": 2}
+    got = calibrated_config(cfg, cal).compute
+    assert (got.optimizer_s_per_byte, got.expert_weight_s_per_byte, got.expert_weight_forward_share) == (4e-9, 3e-9, 0.05)
+    assert got.expert_backward_factor == 2.5 and got.processors == 2  # configured: kept
+    assert calibrated_config(cfg, {**cal, "processors": 64}).compute.processors is None
+    assert calibrated_config(cfg, {}) is cfg
+    rates = [lv.bandwidth_bps for lv in cfg.topology.levels]
+    results = {COMPUTE_ONLY: {"median_iter_s": 0.5}, "ep": {"median_iter_s": 0.4}}
+    model = calibrated_model(cfg, results, rates, cal)
+    predicted = predictions(cfg, model, results, cal)["ep"]
+    ep = [c for c in plan(calibrated_config(cfg, cal), model[1], model[0]).candidates if str(c.spec) == "ep"]
+    assert ep[0].prediction.iteration_s == pytest.approx(predicted)
+    uncalibrated = [c for c in plan(cfg, model[1], model[0]).candidates if str(c.spec) == "ep"]
+    assert uncalibrated[0].prediction.iteration_s < predicted  # the measured optimizer and held costs
+    assert calibrated_choice(cfg, model, results, cal) == "ep"
+
+
 def test_gather_stages_and_exchanges_inside_a_dc_pay_the_delay_measured_while_computing():
     from hybridep.calibration import calibrated_model
     from hybridep.costmodel import workload_from_config

@@ -66,6 +66,7 @@ def _with(path, value):
     (("topology", "message_overhead"), "-3us", "topology.message_overhead", "allowed"),
     (("bench", "sr_grads"), ["topk", "topk"], "bench.sr_grads", "each value once"),
     (("bench", "sr_ratios"), [50.0, 50.0], "bench.sr_ratios", "each value once"),
+    (("compute", "processors"), 0, "compute.processors", "greater than or equal to 1"),
 ])
 def test_errors_name_key_value_and_allowed(path, value, key, allowed):
     path = path if isinstance(path, tuple) else (path,)

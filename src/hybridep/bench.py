@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hybridep import trace
-from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_model, measured_workload
+from hybridep.calibration import COMPUTE_ONLY, PEERS, calibrated_config, calibrated_model, measured_workload
 from hybridep.config import Config, config_to_dict
 from hybridep.costmodel import Network, evaluate
 from hybridep.lm.model import LMConfig
@@ -199,10 +199,13 @@ def predictions(cfg: Config, model: tuple[Network, float] | None, results: dict,
     return out
 
 
-def calibrated_choice(cfg: Config, model: tuple[Network, float], ran: Collection[str]) -> str | None:
-    """The planner's choice on the calibrated ``model`` (network, FLOP/s) among the strategies that
-    ran (its whole search space, the configured workload), or None when none of them is a candidate."""
-    cands = [c for c in plan(cfg, model[1], model[0]).candidates if str(c.spec) in ran]
+def calibrated_choice(cfg: Config, model: tuple[Network, float], ran: Collection[str],
+                      calibration: dict | None = None) -> str | None:
+    """The planner's choice on the calibrated ``model`` (network, FLOP/s) and the bench's measured
+    compute costs (:func:`~hybridep.calibration.calibrated_config`) among the strategies that ran
+    (its whole search space, the configured workload), or None when none of them is a candidate."""
+    cands = [c for c in plan(calibrated_config(cfg, calibration), model[1], model[0]).candidates
+             if str(c.spec) in ran]
     return str(min(cands, key=lambda c: c.prediction.iteration_s).spec) if cands else None
 
 
@@ -218,7 +221,7 @@ def analyse(cfg: Config, results: dict, rates_bps: list[float] | None, config_ch
     preds = predictions(cfg, model, results, calibration)
     planner_choice = config_choice
     if model is not None and not from_plan:
-        planner_choice = calibrated_choice(cfg, model, results) or config_choice
+        planner_choice = calibrated_choice(cfg, model, results, calibration) or config_choice
     compute = results.get(COMPUTE_ONLY, {}).get("median_iter_s")
     top = cfg.topology.levels[0]
     n_uplinks = top.count

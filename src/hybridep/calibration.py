@@ -93,26 +93,28 @@ def measured_rate(cfg: Config, calibration: dict | None, key: str, default: floa
     return default if value is None else value
 
 
+MEASURED_COMPUTE = ("codec_expert_s", "optimizer_s_per_byte", "expert_weight_s_per_byte",
+                    "expert_weight_forward_share", "expert_backward_factor", "processors")
+"""The ``compute`` keys a bench measures on its ranks (``processors``: the cores they shared)."""
+
+
+def calibrated_config(cfg: Config, calibration: dict | None) -> Config:
+    """``cfg`` with every ``compute`` key it leaves unset taken from the bench's ``calibration``
+    where measured (the processors only when fewer than the ranks): the configuration the bench's
+    predictions and its calibrated planner price."""
+    cal, world = calibration or {}, cfg.topology.world_size
+    found = {key: measured(cal, key) for key in MEASURED_COMPUTE if getattr(cfg.compute, key) is None}
+    found = {key: v for key, v in found.items() if v is not None and not (key == "processors" and v >= world)}
+    return cfg.model_copy(update={"compute": cfg.compute.model_copy(update=found)}) if found else cfg
+
+
 def measured_workload(cfg: Config, flops: float, spec: HybridEPSpec, result: dict,
                       calibration: dict | None = None) -> Workload:
     """The workload of a measured run: dimensions from the configuration, routing as measured --
-    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and from
-    the bench's ``calibration``: the processors its ranks shared (the host's cores, when fewer than
-    ranks) and the measured SR encode/decode seconds per expert; compression and chunks as ``spec``
-    ran them."""
-    w = spec.workload(cfg, flops)
-    cal = calibration or {}
-    processors = cal.get("processors")
-    if processors is not None and processors < cfg.topology.world_size:
-        w = dataclasses.replace(w, processors=processors)
-    w = dataclasses.replace(w, codec_expert_s=measured_rate(cfg, cal, "codec_expert_s"),
-                            optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
-                            expert_weight_s_per_byte=measured_rate(cfg, cal, "expert_weight_s_per_byte"),
-                            expert_weight_forward_share=measured_rate(
-                                cfg, cal, "expert_weight_forward_share", w.expert_weight_forward_share),
-                            expert_backward_factor=measured_rate(
-                                cfg, cal, "expert_backward_factor", w.expert_backward_factor),
-                            expert_recompute=spec.compressed and cfg.bench.sr_decode == "expert")
+    each MoE layer's expert-load histogram (``expert_tokens``) when the run recorded one -- and the
+    bench's ``calibration`` (:func:`calibrated_config`); compression and chunks as ``spec`` ran them."""
+    w = spec.workload(calibrated_config(cfg, calibration), flops)
+    w = dataclasses.replace(w, expert_recompute=spec.compressed and cfg.bench.sr_decode == "expert")
     tokens = result.get("expert_tokens")
     if not tokens or any(sum(row) <= 0 for row in tokens):
         return w

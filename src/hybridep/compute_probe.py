@@ -48,10 +48,12 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     gradients): the slope of the median times over the extra experts' bytes (0 if not positive),
     and the same slope of the forward alone (no autograd graph) over it, clipped to [0, 1] (1/3 when
     the slope is 0). Forward + backward and forward of both cases are timed in turn, ``repeats``
-    times each after one warm-up, so that whatever else runs on the cores meanwhile (the other
-    ranks' probes) slows all alike (timed one case after the other, the slope was 0 in one of three
-    bench runs of one configuration, 2.3e-9 s/B in the other two; on this CPU host the forward
-    share is 0.02-0.22: the cost is mostly the backward's weight gradients)."""
+    rounds after one warm-up, so that whatever else runs on the cores meanwhile (the other ranks'
+    probes) slows all alike, and each figure is the median over the rounds of its difference within
+    a round (timed one case after the other, the slope was 0 in one of three bench runs of one
+    configuration, 2.3e-9 s/B in the other two; as the difference of the cases' medians, 1.3e-9 in
+    one of three, 2.7-3.0e-9 in the others; on this CPU host the forward share is 0.02-0.22: the
+    cost is mostly the backward's weight gradients)."""
     import torch
 
     from hybridep.moe.experts import GroupedExperts
@@ -79,12 +81,13 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     for fn in runs:
         fn()
     rounds = [[seconds(fn) for fn in runs] for _ in range(repeats)]
-    t = [statistics.median(r[i] for r in rounds) for i in range(len(runs))]
-    backward_factor = max(t[0] - t[2], 0.0) / t[2]
-    total = (t[1] - t[0]) / (b_many - b_few)
+    held = b_many - b_few
+    backward_factor = statistics.median(max(r[0] - r[2], 0.0) / r[2] for r in rounds)
+    total = statistics.median(r[1] - r[0] for r in rounds) / held
     if total <= 0:
         return 0.0, 1.0 / 3.0, backward_factor
-    return total, min(1.0, max(0.0, (t[3] - t[2]) / (b_many - b_few) / total)), backward_factor
+    forward = statistics.median(r[3] - r[2] for r in rounds) / held
+    return total, min(1.0, max(0.0, forward / total)), backward_factor
 
 
 def probe_flops(cache: Path | None = DEFAULT_CACHE, device: str = "cpu") -> float:

@@ -324,6 +324,11 @@ class ComputeConfig(_Strict):
     """Share of ``expert_weight_s_per_byte`` spent in the forward (the rest in the backward's weight
     gradients); None = 1/3, in proportion to the FLOPs (``hybridep bench`` measures it: 0.02-0.22
     on a CPU host)."""
+    processors: Annotated[Int, Field(ge=1, le=MAX_COUNT)] | None = None
+    """Cores all ranks share when fewer than the ranks (a CPU testbed; ``compute.flops`` then the rate
+    of a rank while every rank computes: a rank with more expert work than the others gets the idle
+    ranks' cores); None = a device per rank (``hybridep bench`` records the cores its ranks shared
+    and prices its runs on them)."""
 
 
 class CostTerms(_Strict):
