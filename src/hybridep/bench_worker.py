@@ -321,7 +321,7 @@ def main(spec_path: str, out_dir: str) -> int:
     calibration["processors"] = len(os.sched_getaffinity(0))  # the cores this host's ranks share
     dist.barrier()  # the expert computation's cost per expert held (same tokens over 2 vs 8 experts)
     rate, forward_share, backward_factor = measure_expert_weight_cost(cfg.hidden, cfg.ffn, cfg.expert_kind, copies,
-                                                                      repeats=9)
+                                                                      repeats=9, sync=dist.barrier)
     calibration["expert_weight_s_per_byte"] = ranks_median(rate)
     calibration["expert_weight_forward_share"] = ranks_median(forward_share)
     calibration["expert_backward_factor"] = ranks_median(backward_factor)

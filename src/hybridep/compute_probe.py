@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_CACHE = Path.home() / ".cache" / "hybridep" / "compute_probe.json"
@@ -40,7 +41,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, few: int = 2, many: int = 8,
-                               repeats: int = 5) -> tuple[float, float, float]:
+                               repeats: int = 5,
+                               sync: Callable[[], object] | None = None) -> tuple[float, float, float]:
     """(seconds per byte of expert weights held, per forward + backward of one MoE layer's expert
     computation, beyond its FLOPs; the share of it in the forward; the backward's time in multiples
     of the forward's with ``few`` experts -- 2 in FLOPs). The same ``tokens`` spread over
@@ -53,7 +55,9 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     a round (timed one case after the other, the slope was 0 in one of three bench runs of one
     configuration, 2.3e-9 s/B in the other two; as the difference of the cases' medians, 1.3e-9 in
     one of three, 2.7-3.0e-9 in the others; on this CPU host the forward share is 0.02-0.22: the
-    cost is mostly the backward's weight gradients)."""
+    cost is mostly the backward's weight gradients). ``sync``: called before every timed call (the
+    bench's ranks: a barrier, so that every rank times the same case at once, as they compute in
+    training; timed each in its own turn, the slope ranged 1.7-2.7e-9 s/B over three runs)."""
     import torch
 
     from hybridep.moe.experts import GroupedExperts
@@ -74,6 +78,8 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     runs = (both_few, both_many, fwd_few, fwd_many)
 
     def seconds(fn) -> float:
+        if sync is not None:
+            sync()
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
