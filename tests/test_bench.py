@@ -134,7 +134,8 @@ def test_the_calibrated_planner_prices_what_the_predictions_price():
     cal = {"efficiency_by_level": [1.0, 0.9], "optimizer_byte_s": 4e-9, "expert_weight_s_per_byte": 3e-9,
            "expert_weight_forward_share": 0.05, "expert_backward_factor": 3.0, "processors": 2}
     got = calibrated_config(cfg, cal).compute
-    assert (got.optimizer_s_per_byte, got.expert_weight_s_per_byte, got.expert_weight_forward_share) == (4e-9, 3e-9, 0.05)
+    measured = (got.optimizer_s_per_byte, got.expert_weight_s_per_byte, got.expert_weight_forward_share)
+    assert measured == (4e-9, 3e-9, 0.05)
     assert got.expert_backward_factor == 2.5 and got.processors == 2  # configured: kept
     assert calibrated_config(cfg, {**cal, "processors": 64}).compute.processors is None
     assert calibrated_config(cfg, {}) is cfg
