@@ -112,3 +112,31 @@ def test_verify_runs_a_ted_plan_at_its_tp_and_partition():
     cases = make_cases(topo, ["ted"], ["float64"], 8, 0, only=[spec.domain_sizes], tp=spec.tp)
     assert cases and {(c.tp, c.domain_sizes) for c in cases} == {(4, (2, 1))}
     assert all(c.scenario.hidden % 4 == 0 and c.scenario.ffn % 4 == 0 for c in cases)
+
+
+def test_the_tp_groups_collectives_wait_for_the_rendezvous_not_the_gathers_delay():
+    """TED's TP collectives block the compute thread between two computations: each pays the
+    measured rendezvous (one per stage, forward and backward, every layer), at the all-to-all's rate
+    -- not the background gather chains' delay per stage or efficiency (both evaluators)."""
+    from hybridep.costmodel import Network, evaluate
+    from hybridep.sim.iteration import run_schedule
+
+    cfg = load_config(None, ["bench.heads=4"])
+    spec = parse("ted(tp=2,dtd)", TOPO)
+    s = spec.schedule(spec.workload(cfg, 1e12))
+    assert s.tp_stages and all(st.blocking for st in s.tp_stages) and not s.gather
+    rates, latency = (12.5e6, 125e6), (0.0, 0.0)
+
+    def net(delay: float, gather_efficiency: float, rendezvous: float) -> Network:
+        return Network(TOPO, rates, latency, None, (1.0, gather_efficiency), (delay, delay), rendezvous_s=rendezvous)
+
+    base, busy = net(0.0, 1.0, 0.002), net(0.05, 0.5, 0.002)
+    assert evaluate(s, busy, cfg.terms).iteration_s == pytest.approx(evaluate(s, base, cfg.terms).iteration_s)
+    assert run_schedule(s, busy, cfg.terms, False).iteration_s == pytest.approx(
+        run_schedule(s, base, cfg.terms, False).iteration_s)
+    calls = 2 * s.layers * s.micro_batches * len(s.tp_stages)
+    slower = net(0.0, 1.0, 0.012)
+    assert evaluate(s, slower, cfg.terms).iteration_s - evaluate(s, base, cfg.terms).iteration_s == pytest.approx(
+        calls * 0.010)
+    assert run_schedule(s, slower, cfg.terms, False).iteration_s - run_schedule(
+        s, base, cfg.terms, False).iteration_s == pytest.approx(calls * 0.010, rel=0.05)

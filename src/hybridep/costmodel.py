@@ -298,6 +298,16 @@ class Network:
     def stage_delay(self, level: int) -> float:
         return 0.0 if self.stage_delay_s is None else self.stage_delay_s[level]
 
+    def stage_rate_factor(self, st: Stage) -> float:
+        """The share of its level's rate a chain's stage gets: a background chain's measured gather
+        efficiency, a blocking stage's all-to-all rate (1)."""
+        return 1.0 if st.blocking else self.gather_rate_factor(st.level)
+
+    def stage_wait_s(self, st: Stage) -> float:
+        """Seconds a chain's stage waits beyond its transfer: a background chain's measured delay per
+        stage, a blocking stage's rendezvous (seconds)."""
+        return self.rendezvous_s if st.blocking else self.stage_delay(st.level)
+
     @classmethod
     def from_config(cls, cfg: Config) -> Network:
         lv = cfg.topology.levels
@@ -569,7 +579,7 @@ def _stage_port_bytes(s: Schedule, stages: tuple[Stage, ...], net: Network) -> l
 
 def _one_stage_port_bytes(s: Schedule, st: Stage, net: Network) -> float:
     """Bytes the busiest port of ``st``'s level carries in that stage, at the gather's rate."""
-    return s.topology.ranks_per_worker(st.level) * st.peers * st.flow_bytes / net.gather_rate_factor(st.level)
+    return s.topology.ranks_per_worker(st.level) * st.peers * st.flow_bytes / net.stage_rate_factor(st)
 
 
 def _stages_time(s: Schedule, stages: tuple[Stage, ...], net: Network, terms: CostTerms) -> float:
@@ -580,14 +590,14 @@ def _stages_time(s: Schedule, stages: tuple[Stage, ...], net: Network, terms: Co
     for st in stages:
         lv = st.level
         if lv < first:
-            rate_bytes = s.topology.ranks_per_worker(0) * st.flow_bytes / net.gather_rate_factor(0)
+            rate_bytes = s.topology.ranks_per_worker(0) * st.flow_bytes / net.stage_rate_factor(st)
             t0 = _top_link_time(net, np.full(net.dc_link_bytes_per_s.shape, rate_bytes), st.top_pairs())
-            t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_delay(0) if t0 > 0 else 0.0
+            t += t0 + (net.latency_s[0] if terms.latency else 0.0) + net.stage_wait_s(st) if t0 > 0 else 0.0
             continue
         port = _one_stage_port_bytes(s, st, net)
         t += (max(_phase_time([port if i == lv else 0.0 for i in range(s.topology.num_levels)], net, terms.latency),
                   engine_s(net, [lv], 2 * st.peers, terms.latency))
-              + (net.stage_delay(lv) if port > 0 else 0.0))
+              + (net.stage_wait_s(st) if port > 0 else 0.0))
     return t
 
 

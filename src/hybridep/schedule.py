@@ -109,6 +109,10 @@ class Stage:
     top_pairs: Callable[[], np.ndarray]
     """(workers x workers) of the top level: which pairs exchange in this stage (pairwise top-level
     links; asked only of a stage over the top level)."""
+    blocking: bool = False
+    """A blocking collective on the compute thread between two computations (a TP group's): it waits
+    for its peers to be scheduled (the network's rendezvous) and runs at the all-to-all's rate, not
+    the background chain's measured delay and efficiency."""
 
 
 @dataclass(frozen=True)

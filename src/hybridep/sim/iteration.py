@@ -230,7 +230,9 @@ class IterationSim:
     def _stage_batch(self, op: str, stage: Stage, label: str) -> Batch:
         """One stage of a gather (or reduce-scatter) chain over its level, at the network's gather
         efficiency of that level, each flow ending its stage delay after its last byte (on top of
-        the level's latency); every rank sends to and receives from each of its stage peers."""
+        the level's latency; a blocking stage: the all-to-all's rate and the rendezvous, see
+        :meth:`~hybridep.costmodel.Network.stage_wait_s`); every rank sends to and receives from
+        each of its stage peers."""
         lv = stage.level
         s = stage.peers + 1
         per_flow = stage.flow_bytes
@@ -251,11 +253,11 @@ class IterationSim:
                             src.append(a)
                             dst.append(b)
             batch = self._p2p_batch(op, np.asarray(src), np.asarray(dst), per_flow, lv, label)
-        factor = self.net.gather_rate_factor(lv)
+        factor = self.net.stage_rate_factor(stage)
         if factor != 1.0:
             batch.cost = np.full(batch.classes, 1.0 / factor)
-        if self.net.stage_delay(lv):
-            batch.latency = batch.latency + self.net.stage_delay(lv)
+        if self.net.stage_wait_s(stage):
+            batch.latency = batch.latency + self.net.stage_wait_s(stage)
         if self.fold:  # every rank sends to and receives from its S_l - 1 stage peers
             return self._engines(batch, mean=(np.zeros(1, int), np.array([2.0 * (s - 1)])))
         return self._p2p_engines(batch)

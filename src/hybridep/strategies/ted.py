@@ -160,12 +160,14 @@ class TedSpec(HybridEPSpec):
         other member): the dense part's all-reduces (a ring: 2/tp of the outputs to each); with DTD
         the all-gather of the received rows, the reduce-scatter of the partial outputs and the
         all-gather of the outputs (each about the rows one member sends, ``dispatch_bytes``), without
-        it the all-reduce of the partial outputs (2/tp of all rows)."""
+        it the all-reduce of the partial outputs (2/tp of all rows). Each blocks the compute thread
+        between two computations (:attr:`~hybridep.schedule.Stage.blocking`)."""
         tp, lv = self.tp, self.topology.num_levels - 1
         rows = w.dispatch_bytes * (1 if self.dtd else 2 / tp)
         per_peer = [2 * w.dense_outputs_bytes / tp] + ([rows] * 3 if self.dtd else [rows])
         groups = functools.partial(_tp_groups, self.topology.world_size, tp)
-        return tuple(Stage(lv, tp - 1, b, groups=groups, top_pairs=lambda: None) for b in per_peer if b > 0)
+        return tuple(Stage(lv, tp - 1, b, groups=groups, top_pairs=lambda: None, blocking=True)
+                     for b in per_peer if b > 0)
 
     def apply(self, model: nn.Module, comm: Communicator, sr: SRSettings | None, a2a_chunks: int) -> list:
         from hybridep.parallel.ted import parallelize_ted
