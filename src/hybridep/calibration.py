@@ -66,31 +66,15 @@ def calibrated_model(cfg: Config, results: dict, rates_bps: list[float],
                   rendezvous_s=cal.get("rendezvous_s") or 0.0)
     # the FLOP-proportional compute only (the fixed-cost terms are charged separately below), the
     # experts' backward as measured
-    w = workload_from_config(cfg, flops=1.0)
-    w = dataclasses.replace(w, optimizer_s_per_byte=0.0, expert_weight_s_per_byte=0.0, codec_expert_s=0.0,
-                            expert_backward_factor=measured_rate(
-                                cfg, cal, "expert_backward_factor", w.expert_backward_factor))
+    w = workload_from_config(calibrated_config(cfg, cal), flops=1.0)
+    fixed = all_experts_fixed_s(w, topo.world_size)
+    w = dataclasses.replace(w, optimizer_s_per_byte=0.0, expert_weight_s_per_byte=0.0, codec_expert_s=0.0)
     flops = evaluate(HybridEPSpec.ep(topo).schedule(w), net, cfg.terms).compute_s
-    fixed = all_experts_fixed_s(dataclasses.replace(
-        w, optimizer_s_per_byte=measured_rate(cfg, cal, "optimizer_s_per_byte"),
-        expert_weight_s_per_byte=measured_rate(cfg, cal, "expert_weight_s_per_byte")), topo.world_size)
     compute = results[COMPUTE_ONLY]["median_iter_s"] - fixed
     if compute <= 0:
         raise CalibrationError(f"the compute-only run ({results[COMPUTE_ONLY]['median_iter_s']:.3f} s) is not "
                                f"longer than its measured optimizer step and held-expert cost ({fixed:.3f} s)")
     return net, flops / compute
-
-
-def measured_rate(cfg: Config, calibration: dict | None, key: str, default: float = 0.0) -> float:
-    """``compute.KEY`` when configured, else the bench's measurement ``calibration[KEY]`` (a measured 0
-    included), else ``default`` (``optimizer_s_per_byte``, ``expert_weight_s_per_byte``,
-    ``codec_expert_s``: 0 = not charged; ``expert_weight_forward_share``, ``expert_backward_factor``:
-    the workload's)."""
-    configured = getattr(cfg.compute, key)
-    if configured is not None:
-        return configured
-    value = measured(calibration, key)
-    return default if value is None else value
 
 
 MEASURED_COMPUTE = ("codec_expert_s", "optimizer_s_per_byte", "expert_weight_s_per_byte",
@@ -100,8 +84,9 @@ MEASURED_COMPUTE = ("codec_expert_s", "optimizer_s_per_byte", "expert_weight_s_p
 
 def calibrated_config(cfg: Config, calibration: dict | None) -> Config:
     """``cfg`` with every ``compute`` key it leaves unset taken from the bench's ``calibration``
-    where measured (the processors only when fewer than the ranks): the configuration the bench's
-    predictions and its calibrated planner price."""
+    where measured (a measured 0 kept; the processors only when fewer than the ranks): the
+    configuration the bench's compute calibration, its predictions and its calibrated planner
+    price."""
     cal, world = calibration or {}, cfg.topology.world_size
     found = {key: measured(cal, key) for key in MEASURED_COMPUTE if getattr(cfg.compute, key) is None}
     found = {key: v for key, v in found.items() if v is not None and not (key == "processors" and v >= world)}

@@ -50,14 +50,13 @@ def measure_expert_weight_cost(hidden: int, ffn: int, kind: str, tokens: int, fe
     gradients): the slope of the median times over the extra experts' bytes (0 if not positive),
     and the same slope of the forward alone (no autograd graph) over it, clipped to [0, 1] (1/3 when
     the slope is 0). Forward + backward and forward of both cases are timed in turn, ``repeats``
-    rounds after one warm-up, so that whatever else runs on the cores meanwhile (the other ranks'
-    probes) slows all alike, and each figure is the median over the rounds of its difference within
-    a round (timed one case after the other, the slope was 0 in one of three bench runs of one
-    configuration, 2.3e-9 s/B in the other two; as the difference of the cases' medians, 1.3e-9 in
-    one of three, 2.7-3.0e-9 in the others; on this CPU host the forward share is 0.02-0.22: the
-    cost is mostly the backward's weight gradients). ``sync``: called before every timed call (the
-    bench's ranks: a barrier, so that every rank times the same case at once, as they compute in
-    training; timed each in its own turn, the slope ranged 1.7-2.7e-9 s/B over three runs)."""
+    rounds after one warm-up, and each figure is the median over the rounds of its difference within
+    a round, so that whatever else runs on the cores meanwhile slows both cases alike. ``sync``:
+    called before every timed call (the bench's ranks: a barrier, so that every rank times the same
+    case at once, as the ranks compute in training). Over three EP-wins bench runs the slope ranged
+    2.49-2.67e-9 s/B so (each rank's cases in its own turn: 1.68-2.71e-9; the cases timed one after
+    the other: 0 in one run of three); on this CPU host the forward share is 0-0.22: the cost is
+    mostly the backward's weight gradients."""
     import torch
 
     from hybridep.moe.experts import GroupedExperts

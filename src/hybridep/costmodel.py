@@ -257,8 +257,7 @@ def workload_from_config(cfg: Config, flops: float | None = None, sr_ratio: floa
                                 else cfg.compute.expert_backward_factor),
         a2a_chunks=m.a2a_chunks,
         prefetch=cfg.bench.prefetch,
-        processors=cfg.compute.processors if cfg.compute.processors is not None and
-        cfg.compute.processors < g else None,
+        processors=cfg.compute.processors if (cfg.compute.processors or g) < g else None,
         shortcut_s=(fl["attention"] / flops, fl["dense_ffn"] / flops) if shortcut else (0.0, 0.0),
         dense_outputs_bytes=m.tokens_per_gpu * m.hidden * m.dtype_bytes * (2 * m.blocks_before_moe + 1 + shortcut),
     )
