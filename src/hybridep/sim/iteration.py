@@ -370,12 +370,7 @@ class IterationSim:
             self._collective(batch, "a2a", lambda tt: dispatch(i + 1, tt))
 
         def experts(t: float) -> None:
-            t = max(t, start + hidden[0])
-            self._need(need_experts, t)
-            if need_experts is not None and need_experts not in self.ag_done:
-                self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: launch(tt)))
-                return
-            launch(max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+            self._with_experts(need_experts, ranks, max(t, start + hidden[0]), lambda _bs, tt: launch(tt))
 
         def launch(t: float) -> None:
             if on_launch is not None:
@@ -441,11 +436,7 @@ class IterationSim:
             self._collective(batch(c, i, True, t), "a2a", lambda tt: dispatch(c, i + 1, tt))
 
         def experts(c: int, t: float) -> None:
-            self._need(need_experts, t)
-            if need_experts is not None and need_experts not in self.ag_done:
-                self.waiting.setdefault(need_experts, []).append((ranks, t, lambda _bs, tt: compute(c, tt)))
-                return
-            compute(c, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+            self._with_experts(need_experts, ranks, t, lambda _bs, tt: compute(c, tt))
 
         def compute(c: int, t: float) -> None:
             if c == 0 and on_launch is not None:
@@ -521,13 +512,7 @@ class IterationSim:
         per_rank = np.bincount(combine[0].owner, minlength=self.G)
 
         def experts_ready(c: int, bs: np.ndarray, t: float) -> None:
-            t = max(t, start + hidden[0])
-            go = functools.partial(launch, c)
-            self._need(need_experts, t)
-            if need_experts is not None and need_experts not in self.ag_done:
-                self.waiting.setdefault(need_experts, []).append((bs, t, go))
-                return
-            go(bs, max(t, self.ag_done.get(need_experts, 0.0) if need_experts is not None else 0.0))
+            self._with_experts(need_experts, bs, max(t, start + hidden[0]), functools.partial(launch, c))
 
         def launch(c: int, bs: np.ndarray, t: float) -> None:
             if st["launched"] == 0 and on_launch is not None:
@@ -578,6 +563,15 @@ class IterationSim:
             dispatch[c].on_delivered = functools.partial(dispatched, c)
             self.eng.submit(dispatch[c])
             self.eng.submit(combine[c])
+
+    def _with_experts(self, need: int | None, ranks: np.ndarray, t: float, go) -> None:
+        """``go(ranks, t')`` once layer ``need``'s gathered experts are in: t' the later of ``t`` and
+        their arrival (at once without gathers); unprefetched, needing them issues their gather."""
+        self._need(need, t)
+        if need is not None and need not in self.ag_done:
+            self.waiting.setdefault(need, []).append((ranks, t, go))
+            return
+        go(ranks, max(t, self.ag_done.get(need, 0.0) if need is not None else 0.0))
 
     def _gather_done(self, layer: int, t: float) -> None:
         self.ag_done[layer] = t
